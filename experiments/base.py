@@ -1,0 +1,66 @@
+"""The main job: a small model on the embedded default corpus, ~10 min on 2 CPU cores.
+
+Run:
+  python -m hope_jax.train --config=experiments/base.py
+
+Override any key from the command line, e.g.
+  python -m hope_jax.train --config=experiments/base.py --config.training.num_steps=50
+"""
+
+from ml_collections import config_dict
+
+from hope_jax.config import ModelConfig
+
+
+def get_config() -> config_dict.ConfigDict:
+  """Returns the base experiment config (`model`, `training`, `data`)."""
+  cfg = config_dict.ConfigDict()
+
+  # Every ModelConfig field is present so any can be overridden from the CLI.
+  cfg.model = config_dict.ConfigDict(ModelConfig().to_dict())
+  cfg.model.block = "transformer_pp"
+  cfg.model.vocab_size = 256  # Byte-level tokens.
+  cfg.model.hidden_size = 128
+  cfg.model.num_layers = 2
+  cfg.model.num_heads = 4
+  cfg.model.chunk_other = 16
+  cfg.model.chunk_mem = 32
+  cfg.model.cms_chunks = (32, 64, 128)
+
+  cfg.training = config_dict.ConfigDict()
+  t = cfg.training
+  t.batch_size = 16
+  t.learning_rate = 3e-3  # Peak learning rate after warmup.
+  t.min_lr_ratio = 0.1  # Cosine decays to learning_rate * min_lr_ratio.
+  t.warmup_steps = 50
+  t.lr_schedule = "cosine"  # "cosine" | "constant"
+  t.weight_decay = 0.1  # AdamW; not applied to norms, biases and gate biases.
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.grad_clip = 1.0  # Global-norm clip of the outer gradient.
+  t.num_steps = 1500  # The step the run ends at (a total, not "this many more").
+  t.log_every = 25
+  t.eval_every = 250
+  t.eval_batches = 8  # Validation batches per evaluation.
+  t.seed = 0
+  t.checkpoint_dir = "./checkpoints"
+  t.save_every = 100
+  t.resume_from = config_dict.placeholder(str)  # Manifest path, "latest", or None.
+  t.keep_last = config_dict.placeholder(int)  # Keep only the newest N checkpoints.
+  t.keep_best = config_dict.placeholder(str)  # Metric to also keep the best by, e.g. "eval/loss".
+  t.keep_best_mode = "min"  # "min" | "max"
+  t.log_dir = config_dict.placeholder(str)  # Metrics JSONL + TensorBoard; None -> checkpoint_dir/logs.
+  t.progress_bar = True  # Only shown on an interactive terminal.
+
+  cfg.data = config_dict.ConfigDict()
+  d = cfg.data
+  d.data_type = "default"  # "default" | "random" | "text" | "books"
+  d.data_path = config_dict.placeholder(str)  # File or folder for "text" / "books".
+  d.tokenizer_path = config_dict.placeholder(str)  # vocab.json for character vocabularies.
+  d.tokenizer = "byte"  # "byte" | "char" (books/text with a vocab.json)
+  d.seq_len = 256
+  d.val_fraction = 0.05  # Tail of the token stream held out for validation.
+  d.preserve_structure = False  # books: keep chapter/paragraph markers.
+  d.enable_ocr = False  # books: OCR scanned PDFs with Tesseract.
+  d.ocr_lang = "eng"
+  return cfg

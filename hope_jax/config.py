@@ -1,0 +1,235 @@
+"""Typed, frozen model configuration and boundary validation.
+
+The experiment files (`experiments/*.py`) hold `ml_collections.ConfigDict`s;
+the model code never sees them. `ModelConfig.from_config(config.model)` turns
+the `model` section into a frozen dataclass and checks every field, raising
+`ConfigError` with the offending key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping
+
+BLOCKS = ("transformer_pp", "hope", "hope_attention", "titans_lmm")
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message names the key and what is wanted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a HOPE-family language model (see docs/configuration.md).
+
+  Field names follow the original tool where it had one (`hidden_size`,
+  `num_layers`, `num_heads`, `vocab_size`); the rest follow
+  `hope-spec.md` §9. A value of 0 for a width means "derive the default".
+  """
+
+  # Skeleton.
+  block: str = "hope"
+  vocab_size: int = 256
+  hidden_size: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # Compute dtype of the outer (static) matmuls.
+  param_dtype: str = "float32"
+  ffn_hidden: int = 0  # SwiGLU width; 0 -> 8D/3 rounded up to 64.
+  rope_theta: float = 10000.0
+
+  # Self-modifying Titans sublayer (spec §2).
+  mem_hidden_proj: int = 0  # E_p per head; 0 -> head_dim.
+  mem_hidden_mem: int = 0  # E_m per head; 0 -> 4 * head_dim.
+  chunk_other: int = 16  # C_o: chunk of the k/v/eta/alpha(/q) memories.
+  chunk_mem: int = 64  # C_m: chunk of the main memory.
+  adaptive_q: bool = False
+  frozen_memories: tuple[str, ...] = ()
+  memory_target: str = "self"  # "self" | "v"
+  memory_input: str = "proj"  # "proj" | "identity"
+  conv_position: str = "pre_memory"  # "pre_memory" | "post_memory"
+  conv_width: int = 4
+  dgd_precond: str = "input_layer"  # "input_layer" | "per_layer" | "none"
+  momentum: bool = True
+  use_alpha: bool = True
+  eta_max: float = 0.1
+  alpha_min: float = 0.1
+  inner_grad_clip: float = 1.0
+  read_mode: str = "chunk_start"  # "chunk_start" | "dual"
+  selfmod_meta_grad: str = "full"  # "full" | "first_order"
+  impl: str = "chunked"  # "chunked" | "reference"
+  remat: bool = True  # jax.checkpoint around the inner-loop scan bodies.
+  static_projections: bool = False  # Titans-LMM: k/v/eta/alpha from linear maps.
+
+  # Continuum Memory System (spec §3).
+  cms_chunks: tuple[int, ...] = (64, 256, 1024, 4096)
+  cms_hidden: int = 0  # Total SwiGLU width over levels; 0 -> 8D/3 rounded to 64.
+  cms_signal: str = "lm_grad"  # "lm_grad" | "static"
+  cms_mode: str = "in_context"  # "in_context" | "outer_freq"
+  cms_variant: str = "sequential"  # "sequential" | "nested" | "independent"
+  cms_meta_grad: str = "first_order"
+  cms_lr: float = 1e-4
+  cms_grad_clip: float = 1.0
+  cms_state_scope: str = "per_sequence"
+  cms_ablate: str = "none"  # "none" | "single_static" | "static_chain"
+  cms_order: str = "fast_first"  # "fast_first" | "slow_first"
+
+  # ---------------------------------------------------------------- derived
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def ffn_width(self) -> int:
+    return self.ffn_hidden or _round_up(8 * self.hidden_size // 3, 64)
+
+  @property
+  def cms_width(self) -> int:
+    return self.cms_hidden or _round_up(8 * self.hidden_size // 3, 64)
+
+  @property
+  def e_proj(self) -> int:
+    return self.mem_hidden_proj or self.head_dim
+
+  @property
+  def e_mem(self) -> int:
+    return self.mem_hidden_mem or 4 * self.head_dim
+
+  # ------------------------------------------------------------ conversion
+
+  @classmethod
+  def from_config(cls, model_cfg: Mapping[str, Any] | Any) -> "ModelConfig":
+    """Builds and validates a `ModelConfig` from the `model` config section.
+
+    Args:
+      model_cfg: a ConfigDict, FrozenConfigDict or plain mapping.
+
+    Raises:
+      ConfigError: unknown key, wrong type or impossible combination.
+    """
+    raw = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+      if key not in fields:
+        raise ConfigError(f"unknown config key 'model.{key}'{_did_you_mean(key, fields)}")
+      kwargs[key] = _coerce(f"model.{key}", value, fields[key].default)
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def validate(self) -> None:
+    """Raises `ConfigError` for impossible combinations."""
+    _choice("model.block", self.block, BLOCKS)
+    for key, options in (
+        ("memory_target", ("self", "v")),
+        ("memory_input", ("proj", "identity")),
+        ("conv_position", ("pre_memory", "post_memory")),
+        ("dgd_precond", ("input_layer", "per_layer", "none")),
+        ("read_mode", ("chunk_start", "dual")),
+        ("selfmod_meta_grad", ("full", "first_order")),
+        ("impl", ("chunked", "reference")),
+        ("cms_signal", ("lm_grad", "static")),
+        ("cms_mode", ("in_context", "outer_freq")),
+        ("cms_variant", ("sequential", "nested", "independent")),
+        ("cms_meta_grad", ("first_order",)),
+        ("cms_state_scope", ("per_sequence",)),
+        ("cms_ablate", ("none", "single_static", "static_chain")),
+        ("cms_order", ("fast_first", "slow_first")),
+        ("dtype", ("float32", "bfloat16")),
+        ("param_dtype", ("float32", "bfloat16")),
+    ):
+      _choice(f"model.{key}", getattr(self, key), options)
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_other",
+                "chunk_mem", "conv_width"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+    if self.hidden_size % self.num_heads:
+      raise ConfigError(
+          f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
+          f"({self.num_heads})")
+    if self.memory_input == "identity" and self.num_heads != 1:
+      raise ConfigError("model.memory_input='identity' requires model.num_heads=1")
+    big, small = max(self.chunk_other, self.chunk_mem), min(self.chunk_other, self.chunk_mem)
+    if big % small:
+      raise ConfigError(
+          f"model.chunk_mem ({self.chunk_mem}) and model.chunk_other ({self.chunk_other}) "
+          "must divide one another")
+    if self.eta_max > self.alpha_min:
+      raise ConfigError(
+          f"model.eta_max ({self.eta_max}) must not exceed model.alpha_min ({self.alpha_min}): "
+          "the DGD factor alpha - eta would go negative")
+    if not 0.0 < self.alpha_min <= 1.0:
+      raise ConfigError(f"model.alpha_min must be in (0, 1], got {self.alpha_min}")
+    bad = set(self.frozen_memories) - {"k", "v", "q", "eta", "alpha"}
+    if bad:
+      raise ConfigError(
+          f"model.frozen_memories has unknown memories {sorted(bad)}; "
+          "expected a subset of ('k', 'v', 'q', 'eta', 'alpha')")
+    if "q" in self.frozen_memories and not self.adaptive_q:
+      raise ConfigError("model.frozen_memories contains 'q' but model.adaptive_q is False")
+    if self.block in ("hope", "hope_attention"):
+      chunks = self.cms_chunks
+      if not chunks or any(c < 1 for c in chunks):
+        raise ConfigError(f"model.cms_chunks must be positive integers, got {chunks}")
+      if list(chunks) != sorted(set(chunks)):
+        raise ConfigError(f"model.cms_chunks must be strictly increasing, got {chunks}")
+      if any(c % chunks[0] for c in chunks):
+        raise ConfigError(
+            f"model.cms_chunks {chunks} must all be multiples of the first (fastest) level")
+      if self.block == "hope" and chunks[0] % big:
+        raise ConfigError(
+            f"model.cms_chunks[0] ({chunks[0]}) must be a multiple of model.chunk_other "
+            f"({self.chunk_other}) and model.chunk_mem ({self.chunk_mem})")
+
+
+def _round_up(x: int, m: int) -> int:
+  return max(m, -(-x // m) * m)
+
+
+def _did_you_mean(key: str, options) -> str:
+  close = difflib.get_close_matches(key, list(options), n=1)
+  return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+  if value not in options:
+    raise ConfigError(f"{key}={value!r} is not one of {options}")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+  """Checks `value` against the type of `default`; lists become tuples."""
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise ConfigError(f"{key} must be a bool, got {value!r}")
+    return value
+  if isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{key} must be an int, got {value!r}")
+    return value
+  if isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+  if isinstance(default, str):
+    if not isinstance(value, str):
+      raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+  if isinstance(default, tuple):
+    if isinstance(value, str):
+      value = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key} must be a tuple, got {value!r}")
+    if default and all(isinstance(d, int) for d in default):
+      try:
+        return tuple(int(v) for v in value)
+      except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a tuple of ints, got {value!r}") from None
+    return tuple(value)
+  return value

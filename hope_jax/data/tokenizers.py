@@ -1,0 +1,95 @@
+"""Tokenizers: byte-level (vocab 256) and character vocabularies (`vocab.json`).
+
+A character vocabulary covers any Unicode script; ids 0 and 1 are PAD and UNK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from hope_jax.config import ConfigError
+
+PAD, UNK = "<pad>", "<unk>"
+VOCAB_FORMAT = "hope_jax.char_vocab.v1"
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+
+  def encode(self, text: str) -> np.ndarray: ...
+
+  def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens; decode replaces invalid sequences."""
+
+  vocab_size = 256
+  name = "byte"
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+class CharTokenizer:
+  """A character vocabulary with PAD (id 0) and UNK (id 1)."""
+
+  name = "char"
+
+  def __init__(self, chars: Iterable[str]):
+    self.itos = [PAD, UNK] + [c for c in chars if c not in (PAD, UNK)]
+    self.stoi = {c: i for i, c in enumerate(self.itos)}
+    self.vocab_size = len(self.itos)
+
+  @classmethod
+  def build(cls, texts: Iterable[str], min_count: int = 1) -> "CharTokenizer":
+    """Builds a vocabulary of every character seen (most frequent first)."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+      counts.update(text)
+    chars = sorted((c for c, n in counts.items() if n >= min_count),
+                   key=lambda c: (-counts[c], c))
+    return cls(chars)
+
+  def encode(self, text: str) -> np.ndarray:
+    unk = 1
+    return np.fromiter((self.stoi.get(c, unk) for c in text), dtype=np.int32, count=len(text))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    out = []
+    for i in ids:
+      i = int(i)
+      if i == 0:
+        continue
+      out.append(self.itos[i] if 0 <= i < self.vocab_size and i != 1 else "\ufffd")
+    return "".join(out)
+
+  def save(self, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"format": VOCAB_FORMAT, "pad_token": PAD, "unk_token": UNK,
+                 "vocab_size": self.vocab_size, "tokens": self.itos}, f, ensure_ascii=False)
+
+  @classmethod
+  def load(cls, path: str) -> "CharTokenizer":
+    """Loads a `vocab.json`; raises ConfigError naming the file if it is not one."""
+    if not os.path.isfile(path):
+      raise ConfigError(f"data.tokenizer_path: no such file: {path}")
+    try:
+      with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConfigError(f"data.tokenizer_path: {path} is not a vocabulary file ({e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != VOCAB_FORMAT or not isinstance(
+        obj.get("tokens"), list) or obj["tokens"][:2] != [PAD, UNK]:
+      raise ConfigError(
+          f"data.tokenizer_path: {path} is not a hope_jax vocabulary "
+          f"(expected JSON with format={VOCAB_FORMAT!r} and a 'tokens' list starting with PAD, UNK)")
+    return cls(obj["tokens"][2:])

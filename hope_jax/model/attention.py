@@ -1,0 +1,54 @@
+"""Causal multi-head softmax attention with RoPE (Transformer++ and HOPE-Attention)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from hope_jax.config import ModelConfig
+from hope_jax.model.layers import DTYPES, Linear
+from hope_jax.ops import attention as attn_ops
+
+
+class Attention(nnx.Module):
+  """Pre-projected MHA: q, k, v, o projections without biases."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    kw = dict(rngs=rngs, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+    self.q = Linear(d, d, std=0.02, **kw)
+    self.k = Linear(d, d, std=0.02, **kw)
+    self.v = Linear(d, d, std=0.02, **kw)
+    self.o = Linear(d, d, std=0.02 / (2 * cfg.num_layers) ** 0.5, **kw)
+    self.num_heads, self.head_dim, self.theta = cfg.num_heads, cfg.head_dim, cfg.rope_theta
+
+  def _qkv(self, u_BLD, positions_L):
+    b, l, _ = u_BLD.shape
+    shape = (b, l, self.num_heads, self.head_dim)
+    q_BLHK, k_BLHK, v_BLHK = (f(u_BLD).reshape(shape) for f in (self.q, self.k, self.v))
+    cos, sin = attn_ops.rope_angles(positions_L, self.head_dim, self.theta)
+    return attn_ops.apply_rope(q_BLHK, cos, sin), attn_ops.apply_rope(k_BLHK, cos, sin), v_BLHK
+
+  def __call__(self, u_BLD):
+    q, k, v = self._qkv(u_BLD, jnp.arange(u_BLD.shape[1]))
+    y_BLHK = attn_ops.causal_attention(q, k, v)
+    return self.o(y_BLHK.reshape(u_BLD.shape))
+
+  # Streaming: a preallocated KV cache of `max_len` positions.
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
+    shape = (batch_size, max_len, self.num_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.zeros((), jnp.int32)}
+
+  def decode(self, u_BLD, cache):
+    """Attends `u_BLD` (L new tokens) against the cache and appends them."""
+    import jax
+
+    pos = cache["pos"]
+    q, k, v = self._qkv(u_BLD, pos + jnp.arange(u_BLD.shape[1]))
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, 1)
+    new_pos = pos + u_BLD.shape[1]
+    y = attn_ops.causal_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                  q_offset=pos, kv_len=new_pos)
+    return self.o(y.reshape(u_BLD.shape)), {"k": k_cache, "v": v_cache, "pos": new_pos}

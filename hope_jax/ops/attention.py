@@ -1,0 +1,44 @@
+"""Causal softmax attention with rotary position embeddings (pure JAX)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+def rope_angles(positions_L: Int[Array, "L"], head_dim: int, theta: float):
+  """cos/sin tables `[L, Dh/2]` for rotary embeddings."""
+  inv_freq_K = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  ang_LK = positions_L.astype(jnp.float32)[:, None] * inv_freq_K[None, :]
+  return jnp.cos(ang_LK), jnp.sin(ang_LK)
+
+
+def apply_rope(x_BLHD: Float[Array, "B L H D"], cos_LK, sin_LK) -> Float[Array, "B L H D"]:
+  """Rotates channel pairs (first half, second half) by the position angle."""
+  x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos_LK[None, :, None, :], sin_LK[None, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHD.dtype)
+
+
+def causal_attention(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
+                     kv_len: int | Array | None = None):
+  """Softmax attention where query i (at absolute position q_offset + i) sees keys <= it.
+
+  Args:
+    q_BLHD: queries; k_BSHD, v_BSHD: keys/values for absolute positions 0..S-1.
+    q_offset: absolute position of the first query (decoding with a KV cache).
+    kv_len: number of valid cached keys (positions >= kv_len are masked).
+  """
+  d = q_BLHD.shape[-1]
+  logits_BHLS = jnp.einsum("blhd,bshd->bhls", q_BLHD, k_BSHD,
+                           preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+  qpos_L = q_offset + jnp.arange(q_BLHD.shape[1])
+  kpos_S = jnp.arange(k_BSHD.shape[1])
+  mask_LS = kpos_S[None, :] <= qpos_L[:, None]
+  if kv_len is not None:
+    mask_LS = mask_LS & (kpos_S[None, :] < kv_len)
+  logits_BHLS = jnp.where(mask_LS[None, None], logits_BHLS, -1e30)
+  probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHD.dtype)
+  return jnp.einsum("bhls,bshd->blhd", probs_BHLS, v_BSHD)

@@ -1,0 +1,30 @@
+"""Shared test settings: float32, strict rank promotion, tiny configs."""
+
+import os
+import sys
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_config():
+  from experiments import tiny
+
+  return tiny.get_config()
+
+
+def run_cli(args, *, cwd=REPO, timeout=600, env=None):
+  """Runs `python -m ...` in a subprocess; returns the CompletedProcess."""
+  import subprocess
+
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+  if env:
+    full_env.update(env)
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+                        text=True, timeout=timeout)
