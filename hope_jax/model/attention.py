@@ -34,14 +34,15 @@ class Attention(nnx.Module):
     y_BLHK = attn_ops.causal_attention(q, k, v)
     return self.o(y_BLHK.reshape(u_BLD.shape))
 
-  # Streaming: a preallocated KV cache of `max_len` positions.
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
+  # Recurrent interface shared by every mixer: `init_state` and `step`.
+  def init_state(self, batch_size: int, max_len: int, dtype=jnp.float32):
+    """A preallocated KV cache of `max_len` positions."""
     shape = (batch_size, max_len, self.num_heads, self.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "pos": jnp.zeros((), jnp.int32)}
 
-  def decode(self, u_BLD, cache):
-    """Attends `u_BLD` (L new tokens) against the cache and appends them."""
+  def step(self, u_BLD, cache):
+    """Processes L new tokens against the cache (exactly as the parallel call would)."""
     import jax
 
     pos = cache["pos"]
