@@ -26,8 +26,14 @@ from hope_jax.config import ConfigError
 from hope_jax.data import token_store
 from hope_jax.data.corpus import Corpus, _tokenizer_for, check_vocab, split
 from hope_jax.data.readers import (
-    CHAPTER_MARKER, PARAGRAPH_MARKER, SUPPORTED_EXTENSIONS, BookSkipped, Document, ReadOptions,
-    read_book)
+  CHAPTER_MARKER,
+  PARAGRAPH_MARKER,
+  SUPPORTED_EXTENSIONS,
+  BookSkipped,
+  Document,
+  ReadOptions,
+  read_book,
+)
 from hope_jax.data.tokenizers import CharTokenizer
 
 META_FORMAT = "hope_jax.books.v1"
@@ -51,7 +57,7 @@ def find_books(input_dir: str, exclude: str | None = None) -> tuple[list[str], l
         continue
       rel = os.path.relpath(os.path.join(root, name), input_dir)
       (books if name.lower().endswith(SUPPORTED_EXTENSIONS) else ignored).append(rel)
-  return books, ignored
+  return sorted(books), sorted(ignored)
 
 
 def iter_documents(input_dir: str, books: list[str], options: ReadOptions
@@ -88,7 +94,7 @@ def _text_name(rel: str) -> str:
 
 
 def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = False,
-               options: ReadOptions = ReadOptions(), vocab_path: str | None = None,
+               options: ReadOptions | None = None, vocab_path: str | None = None,
                progress: bool = False, warn: Callable[[str], None] = logging.warning) -> dict:
   """Turns a folder of books into a training folder; returns the metadata.
 
@@ -108,6 +114,7 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
       written, with every skip reason).
   """
   t0 = time.perf_counter()
+  options = options or ReadOptions()
   _check_folders(input_dir, output_dir)
   fixed_vocab = CharTokenizer.load(vocab_path) if vocab_path else None
   if options.enable_ocr:

@@ -15,7 +15,13 @@ from __future__ import annotations
 import os
 
 from hope_jax.data.readers.document import (
-    CHAPTER_MARKER, PARAGRAPH_MARKER, BookSkipped, Chapter, Document, ReadOptions)
+  CHAPTER_MARKER,
+  PARAGRAPH_MARKER,
+  BookSkipped,
+  Chapter,
+  Document,
+  ReadOptions,
+)
 
 SUPPORTED_EXTENSIONS = (".pdf", ".epub", ".txt")
 

@@ -6,8 +6,7 @@ import os
 import warnings
 import zipfile
 
-from hope_jax.data.readers.document import (
-    BookSkipped, Chapter, Document, ReadOptions, clean_inline)
+from hope_jax.data.readers.document import BookSkipped, Chapter, Document, ReadOptions, clean_inline
 
 _HEADINGS = ("h1", "h2", "h3", "h4", "h5", "h6")
 _BLOCKS = ("p", "li", "blockquote", "pre", "dd", "dt", "figcaption", "caption", "td", "th",

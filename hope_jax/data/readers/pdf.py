@@ -7,7 +7,13 @@ import os
 import re
 
 from hope_jax.data.readers.document import (
-    BookSkipped, Chapter, Document, ReadOptions, clean_inline, lines_to_paragraphs)
+  BookSkipped,
+  Chapter,
+  Document,
+  ReadOptions,
+  clean_inline,
+  lines_to_paragraphs,
+)
 
 _PAGE_NUMBER = re.compile(r"^(\d{1,4}|[ivxlcdm]{1,7}|-\s*\d{1,4}\s*-)$", re.IGNORECASE)
 

@@ -14,7 +14,13 @@ import re
 from typing import Iterator
 
 from hope_jax.data.readers.document import (
-    BookSkipped, Chapter, Document, ReadOptions, clean_inline, lines_to_paragraphs)
+  BookSkipped,
+  Chapter,
+  Document,
+  ReadOptions,
+  clean_inline,
+  lines_to_paragraphs,
+)
 
 SAMPLE_BYTES = 1 << 22  # Bytes looked at to detect the encoding of a large file.
 
