@@ -31,7 +31,7 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch_BL1)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "bits_per_token": loss / LN2, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "bits_per_token": loss / LN2, "grad_norm": optax.tree.norm(grads)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
             "rng": rng}, metrics
 
