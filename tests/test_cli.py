@@ -37,3 +37,34 @@ def test_bad_input_is_one_line_exit_2(args, expected):
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("hope_jax.train: error: ")
   assert expected in lines[0]
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+  """SIGINT mid-training: no traceback, a warning line, exit status 130."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from tests.conftest import REPO
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "hope_jax.train", TINY, "--config.training.num_steps=100000",
+       "--config.training.log_every=1", f"--config.training.checkpoint_dir={tmp_path}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 120
+  seen = ""
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    seen += line
+    if "step 3/" in line:
+      break
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  seen += out
+  assert proc.returncode == 130, seen[-2000:]
+  assert "Traceback" not in seen
+  assert "Interrupted at step" in seen
