@@ -190,3 +190,22 @@ def test_ocr_of_image_only_pdf(library, tmp_path):
   assert (meta["books_read"], meta["ocr_pages"], meta["needs_ocr"]) == (1, 1, [])
   text = (tmp_path / "out" / "text" / "scan.pdf.txt").read_text()
   assert text.split() == " ".join(bookmaker.OCR_LINES).split(), text
+
+
+def test_train_cli_on_preprocessed_books(preprocessed, tmp_path):
+  out, _ = preprocessed
+  vocab_size = json.load(open(os.path.join(out, "metadata.json")))["vocab_size"]
+  base = ["-m", "hope_jax.train", "--config=experiments/tiny.py",
+          "--config.data.data_type=books", f"--config.data.data_path={out}",
+          "--config.training.num_steps=3", f"--config.training.checkpoint_dir={tmp_path}",
+          "--config.training.progress_bar=False"]
+  wrong = run_cli([*base, "--config.model.vocab_size=256"])
+  assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
+  assert (f"the tokenizer has {vocab_size} tokens but model.vocab_size is 256; "
+          f"set --config.model.vocab_size={vocab_size}") in wrong.stderr
+  proc = run_cli([*base, f"--config.model.vocab_size={vocab_size}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "preprocessed book(s)" in proc.stdout + proc.stderr
+  rows = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
+  assert max(r["step"] for r in rows) == 3
+  assert all(np.isfinite(v) for r in rows for k, v in r.items() if "loss" in k)

@@ -127,3 +127,13 @@ def test_token_store_detects_truncation(tmp_path):
   assert not os.path.exists(tmp_path / "u.tokens.bin")
   assert not os.path.exists(tmp_path / "u.tokens.bin.partial")
   assert text_corpus.cache_dir_for(str(tmp_path), None).endswith(".hope_jax_cache")
+
+
+def test_eval_batches_from_a_split_shorter_than_one_batch():
+  from hope_jax.data.sampler import eval_batches
+
+  tokens = np.arange(3 * 9 + 1, dtype=np.uint16)  # 3 windows of seq_len 8, batch of 4.
+  batches = list(eval_batches(tokens, 4, 8, 2))
+  assert len(batches) == 1 and batches[0].shape == (4, 9)
+  np.testing.assert_array_equal(batches[0][:3], tokens[:27].reshape(3, 9))
+  np.testing.assert_array_equal(batches[0][3], batches[0][0])
