@@ -104,7 +104,7 @@ def test_byte_tokenizer_memmap_and_vocab_mismatch(tmp_path):
   path.write_text(MIXED * 10, encoding="utf-8")
   corpus = load_corpus(_cfg(path, tokenizer="byte", memmap_min_mb=0.0,
                             cache_dir=str(tmp_path / "c")), 256)
-  assert corpus.train.dtype == np.uint16 and isinstance(corpus.train, np.memmap)
+  assert corpus.train.dtype == np.uint8 and isinstance(corpus.train, np.memmap)
   ids = np.concatenate([corpus.train, corpus.val])
   assert ByteTokenizer().decode(ids) == MIXED.replace("\r\n", "\n") * 10 + "\n\n"
   with pytest.raises(ConfigError, match=r"tokenizer has 256 tokens but model.vocab_size is 300; "

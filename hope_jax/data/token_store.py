@@ -2,8 +2,8 @@
 
 A corpus of several GB then trains without being loaded: the sampler slices
 windows out of the memory map and the OS pages in only what it touches.
-The dtype is the smallest that holds the vocabulary (uint16 up to 65,536
-tokens, else uint32); its name and the token count live in the JSON beside
+The dtype is the smallest that holds the vocabulary (uint8 up to 256, uint16
+up to 65,536 tokens, else uint32); its name and the token count live in the JSON beside
 the file (`metadata.json` of a preprocessed book folder, or a cache record).
 """
 
@@ -17,6 +17,8 @@ from hope_jax.config import ConfigError
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
+  if vocab_size <= 1 << 8:  # Byte-level ids: one byte per token.
+    return np.dtype("u1")
   return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
@@ -67,8 +69,8 @@ def open_tokens(path: str, dtype: str, count: int) -> np.ndarray:
     ConfigError: the file is missing or its size does not match the record.
   """
   dt = np.dtype(dtype)
-  if dt not in (np.dtype("<u2"), np.dtype("<u4")):
-    raise ConfigError(f"{path}: unsupported token dtype {dtype!r} (expected uint16 or uint32)")
+  if dt not in (np.dtype("u1"), np.dtype("<u2"), np.dtype("<u4")):
+    raise ConfigError(f"{path}: unsupported token dtype {dtype!r} (expected uint8/16/32)")
   if not os.path.isfile(path):
     raise ConfigError(f"token file {path} is missing; re-run the preprocessing that wrote it")
   size = os.path.getsize(path)
