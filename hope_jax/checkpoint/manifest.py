@@ -96,12 +96,12 @@ def check_model_config(saved_config: Mapping[str, Any], current_config: Any, pat
   current = canonical(current_config["model"] if "model" in current_config else {})
   diff = config_diff(saved, current, "model.")
   if diff:
-    lines = "\n".join(f"  {k}: checkpoint={json.dumps(a)} current={json.dumps(b)}"
-                      for k, a, b in diff)
+    keys = "; ".join(f"{k}: checkpoint={json.dumps(a)} current={json.dumps(b)}"
+                     for k, a, b in diff)
     raise ConfigMismatchError(
-        f"Checkpoint model config doesn't match current config ({path}); "
-        f"differing keys:\n{lines}\nModel settings cannot change on resume: use the "
-        "checkpoint's model settings, or start a new run in a new training.checkpoint_dir.")
+        f"Checkpoint model config doesn't match current config ({path}): {keys}. Model "
+        "settings cannot change on resume: use the checkpoint's model settings, or start a new "
+        "run in a new training.checkpoint_dir.")
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
