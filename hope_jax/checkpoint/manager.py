@@ -109,10 +109,20 @@ class CheckpointManager:
       self._lock_fd = None
 
   def _reconcile(self) -> None:
-    """Removes half-written manifests and rebuilds those lost between commit and write."""
+    """Removes leftovers of interrupted saves; rebuilds manifests lost after a commit.
+
+    Safe because this process holds the directory lock: nobody else is writing.
+    Orbax's own `cleanup_tmp_directories` runs in a background thread that a quick
+    close() can cut short, so it is done here, synchronously.
+    """
     for name in os.listdir(self._abs):
+      path = os.path.join(self._abs, name)
       if ".json.tmp." in name:
-        os.remove(os.path.join(self._abs, name))
+        os.remove(path)
+      elif name.startswith(mf.PAYLOAD_PREFIX) and ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(path, ignore_errors=True)
+        logging.info("Removed %s, left by an interrupted save", name)
+    self._mngr.reload()
     have = {e.step for e in mf.scan(self._abs)}
     for step in self._mngr.all_steps():
       if step in have:

@@ -68,7 +68,7 @@ def make_manager(directory: str, *, keep_last: int | None, keep_best: str | None
   options = ocp.CheckpointManagerOptions(
       step_name_format=ocp.step.standard_name_format(step_prefix=PAYLOAD_PREFIX),
       enable_async_checkpointing=True,
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=False,  # Done synchronously by the manager's reconcile.
       save_root_metadata=False,
       preservation_policy=policy,
       best_fn=best_fn,
@@ -233,7 +233,9 @@ def reason(e: BaseException) -> str:
   parts = []
   while e is not None and len(parts) < 3:
     text = " ".join(str(e).split())
-    parts.append(f"{type(e).__name__}: {text[:300]}")
+    if len(text) > 500:  # Keep the start (what) and the end (the OS/TensorStore cause).
+      text = f"{text[:200]} ... {text[-300:]}"
+    parts.append(f"{type(e).__name__}: {text}")
     e = e.__cause__
   return " <- ".join(parts)
 
