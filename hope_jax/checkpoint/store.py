@@ -33,6 +33,8 @@ class _QuietOrbax(py_logging.Filter):
   """Drops Orbax's own INFO chatter (dozens of lines per save) unless --v>=1; keeps warnings."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if "Waiting for previous save to complete" in str(record.msg):
+      return False  # The manager waits on purpose (to write the manifest after the commit).
     if record.levelno >= py_logging.WARNING or logging.get_verbosity() >= 1:
       return True
     return f"{os.sep}orbax{os.sep}" not in record.pathname
