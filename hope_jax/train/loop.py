@@ -46,17 +46,17 @@ def train(config: Any) -> dict[str, Any]:
     ConfigError: bad configuration or data, before anything is compiled.
   """
   model_cfg = validate_run_config(config)
-  # Opened first: the directory lock and the checkpoint listing come before any compile.
+  corpus = load_corpus(config.data, model_cfg.vocab_size)
+  # After the config and data checks, before any compile: the directory lock and listing.
   ckpt = CheckpointManager(config)
   try:
-    return _train(config, model_cfg, ckpt)
+    return _train(config, model_cfg, corpus, ckpt)
   finally:
     ckpt.close()  # Waits for a pending async save; raises if it failed.
 
 
-def _train(config: Any, model_cfg: Any, ckpt: CheckpointManager) -> dict[str, Any]:
+def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) -> dict[str, Any]:
   t, d = config.training, config.data
-  corpus = load_corpus(d, model_cfg.vocab_size)
   unit = BITS_UNIT.get(getattr(corpus.tokenizer, "name", ""), "bits/token")
   logging.info("Data: %s | %d train / %d validation tokens", corpus.description,
                len(corpus.train), len(corpus.val))
