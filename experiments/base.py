@@ -45,7 +45,9 @@ def get_config() -> config_dict.ConfigDict:
   t.seed = 0
   t.checkpoint_dir = "./checkpoints"
   t.save_every = 100
-  t.resume_from = config_dict.placeholder(str)  # Manifest path, "latest", or None.
+  # "latest" (default: rerunning the same command after a crash finishes the job; starts
+  # fresh on an empty checkpoint_dir), a manifest path, or None (fresh; refuses to overwrite).
+  t.resume_from = config_dict.FieldReference("latest", field_type=str)
   t.keep_last = config_dict.placeholder(int)  # Keep only the newest N checkpoints.
   t.keep_best = config_dict.placeholder(str)  # Metric to also keep the best by, e.g. "eval/loss".
   t.keep_best_mode = "min"  # "min" | "max"

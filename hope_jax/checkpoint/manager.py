@@ -52,6 +52,8 @@ class CheckpointManager:
     self.save_every = int(t.save_every)
     self.num_steps = int(t.num_steps)
     self.resume_from = t.get("resume_from")
+    if isinstance(self.resume_from, str) and self.resume_from.strip().lower() in ("", "none"):
+      self.resume_from = None  # `--config.training.resume_from=None` arrives as a string.
     self.keep_best = t.get("keep_best")
     keep_last, mode = t.get("keep_last"), t.get("keep_best_mode", "min")
     if self.save_every < 1:
