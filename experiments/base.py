@@ -53,6 +53,20 @@ def get_config() -> config_dict.ConfigDict:
   t.keep_best_mode = "min"  # "min" | "max"
   t.log_dir = config_dict.placeholder(str)  # Metrics JSONL + TensorBoard; None -> checkpoint_dir/logs.
   t.progress_bar = True  # Only shown on an interactive terminal.
+  # Devices (docs/distributed.md). The batch is split over data x fsdp devices; parameters
+  # and optimizer state are sharded over fsdp. -1 means "all remaining devices"; the
+  # product must equal the device count and divide batch_size. One device: nothing changes.
+  t.mesh = config_dict.ConfigDict()
+  t.mesh.data = -1  # Data parallel (replicated parameters).
+  t.mesh.fsdp = 1  # Fully sharded data parallel (parameters split, gathered for compute).
+  t.mesh.fsdp_min_size = 4096  # Parameters with fewer elements stay replicated.
+  # Several processes/hosts: "auto" joins them when a coordinator is given (here or in
+  # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); "on" lets JAX detect
+  # the cluster (TPU slice, SLURM, Open MPI); "off" never joins.
+  t.distributed = "auto"
+  t.coordinator_address = config_dict.placeholder(str)  # "host0:1234", the same everywhere.
+  t.num_processes = config_dict.placeholder(int)
+  t.process_id = config_dict.placeholder(int)  # 0 .. num_processes - 1; 0 logs and writes.
 
   cfg.data = config_dict.ConfigDict()
   d = cfg.data

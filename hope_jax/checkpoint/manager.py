@@ -6,6 +6,11 @@ process killed mid-save leaves no manifest and no committed step; the temporary
 directory is removed at the next start. A process killed between commit and
 manifest leaves a committed step whose manifest is rebuilt, at the next start, from
 the copy saved inside the step.
+
+Multi-process runs (`jax.distributed`): every process calls every method (saves
+and restores are collective; each process writes and reads its own shards), while
+process 0 alone holds the directory lock, cleans up, writes the JSON items and
+the manifest (after Orbax's commit) and prunes.
 """
 
 from __future__ import annotations
@@ -67,13 +72,18 @@ class CheckpointManager:
       os.makedirs(self._abs, exist_ok=True)
     except OSError as e:
       raise CheckpointError(f'Cannot create checkpoint_dir "{self.directory}": {e}') from None
-    self._lock_fd = self._acquire_lock()
+    self._primary = store.is_primary()
+    self._lock_fd = self._acquire_lock() if self._primary else None
     self._pending: dict[str, Any] | None = None
     self._closed = False
     try:
       self._mngr = store.make_manager(self._abs, keep_last=keep_last, keep_best=self.keep_best,
                                       keep_best_mode=mode)
-      self._reconcile()
+      if self._primary:
+        self._reconcile()
+      store.barrier("reconciled")  # The others list the directory only once it is clean.
+      if not self._primary:
+        self._mngr.reload()
     except BaseException:
       self._release_lock()
       raise
@@ -219,11 +229,13 @@ class CheckpointManager:
   def _set_aside(self, entry: mf.CheckpointInfo) -> None:
     """Moves a broken checkpoint to `unreadable/` so that its step can be saved again."""
     dest = os.path.join(self._abs, UNREADABLE_DIR)
-    os.makedirs(dest, exist_ok=True)
     payload = os.path.join(self._abs, mf.payload_name(entry.step))
-    for path in (entry.manifest_path, payload):
-      if os.path.exists(path) and os.path.dirname(os.path.abspath(path)) == self._abs:
-        shutil.move(path, os.path.join(dest, os.path.basename(path)))
+    if self._primary:
+      os.makedirs(dest, exist_ok=True)
+      for path in (entry.manifest_path, payload):
+        if os.path.exists(path) and os.path.dirname(os.path.abspath(path)) == self._abs:
+          shutil.move(path, os.path.join(dest, os.path.basename(path)))
+    store.barrier(f"set_aside_{entry.step}")
     self._mngr.reload()
     logging.warning("Moved the unreadable checkpoint of step %d to %s", entry.step, dest)
 
@@ -306,8 +318,8 @@ class CheckpointManager:
       self._mngr.wait_until_finished()
     except Exception as e:
       raise self._save_error(pending["step"] if pending else -1, e) from e
-    if pending is None:
-      return
+    if pending is None or not self._primary:
+      return  # Only process 0 writes the manifest (Orbax's primary, which renames on commit).
     if pending["step"] not in self._mngr.all_steps():
       raise CheckpointError(f'Failed to save checkpoint for step {pending["step"]} in '
                             f'"{self.directory}": the save did not commit')

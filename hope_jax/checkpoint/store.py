@@ -79,6 +79,19 @@ def make_manager(directory: str, *, keep_last: int | None, keep_best: str | None
   return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
 
+def is_primary() -> bool:
+  """True on the process that writes manifests and JSON items (process 0, Orbax's primary)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of a multi-process run gets here (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"hope_jax_checkpoint_{name}")
+
+
 def _metric(name: str, worst: float, metrics: Any) -> float:
   value = (metrics or {}).get(name)
   return worst if value is None else float(value)

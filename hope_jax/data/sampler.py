@@ -38,13 +38,17 @@ class BatchSampler:
 
   def batch(self, step: int) -> np.ndarray:
     """The batch consumed by training step `step` (0-based): int32 `[B, seq_len + 1]`."""
-    out = np.empty((self.batch_size, self.window), dtype=np.int32)
-    for b in range(self.batch_size):
+    return self.rows(step, 0, self.batch_size)
+
+  def rows(self, step: int, start: int, stop: int) -> np.ndarray:
+    """Rows `[start, stop)` of `batch(step)`: what one process (or device) of a sharded run reads."""
+    out = np.empty((stop - start, self.window), dtype=np.int32)
+    for i, b in enumerate(range(start, stop)):
       flat = step * self.batch_size + b
       epoch, idx = divmod(flat, self.num_windows)
       shift, perm = self._epoch(epoch)
-      start = shift + int(perm[idx]) * self.window
-      out[b] = self.tokens[start: start + self.window]
+      begin = shift + int(perm[idx]) * self.window
+      out[i] = self.tokens[begin: begin + self.window]
     return out
 
   def state(self, step: int) -> dict:

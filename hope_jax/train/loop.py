@@ -5,6 +5,10 @@ never waits on Python. `num_steps` is the step the run ends at: rerunning the
 same command (with `training.resume_from=latest`) after a crash finishes the job.
 Checkpoints are saved asynchronously every `save_every` steps, at the end and on
 Ctrl-C; `close()` in `finally` never returns before a pending save is committed.
+
+On several devices or processes the state and batches are laid out by
+`hope_jax.train.sharding.Placement` (`training.mesh`), and only process 0 logs
+and writes metrics; with one device the step is the plain jitted function.
 """
 
 from __future__ import annotations
@@ -22,18 +26,34 @@ from hope_jax.checkpoint import CheckpointManager
 from hope_jax.config import validate_run_config
 from hope_jax.data import load_corpus
 from hope_jax.data.sampler import BatchSampler, eval_batches
+from hope_jax.train import distributed
 from hope_jax.train.metrics import MetricWriter, Progress, format_duration, log_line
 from hope_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hope_jax.train.sharding import Placement, sharded_fraction
 from hope_jax.train.state import ModelDef, make_init_fn, param_count
 from hope_jax.train.step import LN2, make_eval_step, make_train_step
 
 BITS_UNIT = {"byte": "bits/byte", "char": "bits/char"}
 
 
-def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int) -> dict[str, float]:
+DEFAULT_MESH = {"data": -1, "fsdp": 1, "fsdp_min_size": 0}
+
+
+class _NoWriter:
+  """Processes other than 0 write no metrics."""
+
+  def write(self, step, metrics):
+    pass
+
+  def close(self):
+    pass
+
+
+def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int,
+             placement: Placement) -> dict[str, float]:
   """Mean validation loss over `t.eval_batches` fixed batches."""
-  losses = [eval_step(params, b) for b in eval_batches(val_tokens, t.batch_size, seq_len,
-                                                       t.eval_batches)]
+  losses = [eval_step(params, placement.put_batch(lambda a, z, b=b: b[a:z], b.shape))
+            for b in eval_batches(val_tokens, t.batch_size, seq_len, t.eval_batches)]
   loss = float(np.mean(jax.device_get(losses)))
   return {"eval/loss": loss, "eval/bits_per_token": loss / LN2,
           "eval/perplexity": math.exp(min(loss, 50.0))}
@@ -46,16 +66,22 @@ def train(config: Any) -> dict[str, Any]:
     ConfigError: bad configuration or data, before anything is compiled.
   """
   model_cfg = validate_run_config(config)
+  t = config.training
+  distributed.initialize(t)  # Before anything touches a device.
+  if not distributed.is_primary():
+    logging.set_verbosity(logging.WARNING)
+  placement = Placement(t.get("mesh") or DEFAULT_MESH, int(t.batch_size))
   corpus = load_corpus(config.data, model_cfg.vocab_size)
   # After the config and data checks, before any compile: the directory lock and listing.
   ckpt = CheckpointManager(config)
   try:
-    return _train(config, model_cfg, corpus, ckpt)
+    return _train(config, model_cfg, corpus, ckpt, placement)
   finally:
     ckpt.close()  # Waits for a pending async save; raises if it failed.
 
 
-def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) -> dict[str, Any]:
+def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
+           placement: Placement) -> dict[str, Any]:
   t, d = config.training, config.data
   unit = BITS_UNIT.get(getattr(corpus.tokenizer, "name", ""), "bits/token")
   logging.info("Data: %s | %d train / %d validation tokens", corpus.description,
@@ -64,21 +90,32 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) ->
   model_def = ModelDef(model_cfg, seed=t.seed)
   tx = make_optimizer(t)
   init_fn = make_init_fn(model_def, tx, t.seed)
-  restored = ckpt.restore_for_training(jax.eval_shape(init_fn))
+  abstract = jax.eval_shape(init_fn)
+  # The restore target carries this run's shardings, so a checkpoint saved on another
+  # device count or mesh is read straight into the current layout.
+  restored = ckpt.restore_for_training(placement.restore_target(abstract))
   # The optimizer is rebuilt from the current config, so a changed learning rate or
   # schedule takes effect from the resumed step; only its counters come from the state.
-  state = restored[0] if restored else jax.jit(init_fn)()
+  state = restored[0] if restored else placement.init_state(init_fn)
   start_step, end_step = int(state["step"]), int(t.num_steps)
   logging.info("Model: block=%s, %s parameters | %d steps to go (%d -> %d)", model_cfg.block,
                f"{param_count(state['params']):,}", max(end_step - start_step, 0), start_step,
                end_step)
+  if not placement.single:
+    split, total = sharded_fraction(state)
+    logging.info("Devices: %s | %d of %d parameter arrays sharded over fsdp",
+                 placement.describe(), split, total)
 
   sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed)
-  train_step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model_def))
+  train_step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
+  eval_step = placement.jit_eval_step(make_eval_step(model_def), abstract["params"])
+  batch_shape = (int(t.batch_size), d.seq_len + 1)
   schedule = learning_rate_schedule(t)
-  writer = MetricWriter(t.log_dir or os.path.join(t.checkpoint_dir, "logs"))
-  progress = Progress(start_step, end_step, t.batch_size * d.seq_len, t.progress_bar)
+  primary = distributed.is_primary()
+  writer = (MetricWriter(t.log_dir or os.path.join(t.checkpoint_dir, "logs")) if primary
+            else _NoWriter())
+  progress = Progress(start_step, end_step, t.batch_size * d.seq_len,
+                      t.progress_bar and primary)
 
   losses: list[tuple[int, float]] = []
   last_eval: dict[str, float] = {}
@@ -111,7 +148,8 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) ->
   pending = None
   try:
     for s in range(start_step, end_step):
-      batch = sampler.batch(s)
+      # Each process reads only the rows its devices hold.
+      batch = placement.put_batch(lambda a, z, s=s: sampler.rows(s, a, z), batch_shape)
       state, metrics = train_step(state, batch)
       if pending is not None:
         record(*pending)
@@ -119,7 +157,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) ->
       if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
         record(*pending)
         pending = None
-        last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len)
+        last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
         writer.write(s + 1, last_eval)
         logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                      unit, last_eval["eval/bits_per_token"])
@@ -141,7 +179,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) ->
 
   final_step = int(state["step"])
   if not interrupted and final_step > start_step:
-    last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len)
+    last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
     writer.write(final_step, last_eval)
     logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
                  last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])

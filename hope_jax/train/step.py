@@ -26,9 +26,11 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation):
     logits = model_def.apply(params, tokens_BL1[:, :-1])
     return lm_loss(logits, tokens_BL1[:, 1:])
 
-  def train_step(state, batch_BL1):
+  def train_step(state, batch_BL1, gather_params=None):
+    """One step; `gather_params` (sharded runs) marks the params wanted whole for compute."""
     rng, _ = jax.random.split(state["rng"])
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch_BL1)
+    fn = loss_fn if gather_params is None else lambda p, b: loss_fn(gather_params(p), b)
+    loss, grads = jax.value_and_grad(fn)(state["params"], batch_BL1)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "bits_per_token": loss / LN2, "grad_norm": optax.tree.norm(grads)}

@@ -1,0 +1,253 @@
+"""Where the train state and the batches live: one device, or a `data` x `fsdp` mesh.
+
+Every partition decision is made here, from parameter paths and shapes only, so
+that the model code never needs to know about meshes:
+
+* the batch is split over both mesh axes (`data` and `fsdp`);
+* a parameter (and its Adam moments, which have its shape) is sharded over
+  `fsdp` along its largest axis that `fsdp` divides, when it is at least 2-D and
+  has at least `training.mesh.fsdp_min_size` elements; smaller ones, scalars,
+  the step counter and the RNG key are replicated;
+* inside the step each parameter is gathered before use (ZeRO-3 style), so every
+  activation, and the per-sequence fast state of the Titans/CMS memories that the
+  forward pass builds from the batch, keeps the batch's sharding: each device
+  runs the in-context updates of its own sequences.
+
+The compiler (jit with explicit in/out shardings) inserts all communication:
+all-gathers of parameters, reduce-scatters of gradients, the all-reduce of the loss.
+
+With one device and one process (`Placement.single`) nothing here is used: the
+train step is the plain `jax.jit(step, donate_argnums=0)` it always was.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hope_jax.config import ConfigError
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # The batch (and everything batch-leading) is split over both.
+
+# Path overrides, checked before the shape rule: (regex on "params/a/b/c", spec).
+# Empty by default; an entry like (r"embed$", P("fsdp", None)) pins one layout.
+OVERRIDES: list[tuple[str, P]] = []
+
+
+def resolve_mesh_shape(mesh_cfg: Any, num_devices: int, batch_size: int) -> tuple[int, int]:
+  """`(data, fsdp)` from `training.mesh`, with -1 meaning "all remaining devices".
+
+  Raises:
+    ConfigError: a bad size, a product other than the device count, or a batch that
+      the mesh does not divide.
+  """
+  sizes = {}
+  for axis in AXES:
+    value = mesh_cfg.get(axis, 1) if hasattr(mesh_cfg, "get") else getattr(mesh_cfg, axis)
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+      raise ConfigError(f"training.mesh.{axis} must be a positive integer or -1 (the rest), "
+                        f"got {value!r}")
+    sizes[axis] = value
+  free = [a for a in AXES if sizes[a] == -1]
+  if len(free) > 1:
+    raise ConfigError("only one of training.mesh.data / training.mesh.fsdp may be -1")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"training.mesh: {num_devices} device(s) cannot be split into "
+          f"{' x '.join(f'{a}={v}' for a, v in sizes.items() if v != -1)} x "
+          f"{free[0]}=-1; the fixed sizes must divide the device count")
+    sizes[free[0]] = num_devices // fixed
+  data, fsdp = sizes["data"], sizes["fsdp"]
+  if data * fsdp != num_devices:
+    raise ConfigError(
+        f"training.mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but "
+        f"{num_devices} are available; make the product equal the device count (or use -1)")
+  if batch_size % (data * fsdp):
+    raise ConfigError(
+        f"training.batch_size ({batch_size}) must be divisible by the {data * fsdp} devices "
+        f"of training.mesh (data={data} x fsdp={fsdp})")
+  return data, fsdp
+
+
+def make_mesh(data: int, fsdp: int, devices=None) -> Mesh:
+  """A `("data", "fsdp")` mesh over all (global) devices, in the platform's good order.
+
+  The axes are `Auto`: shardings propagate through the model by the compiler, so
+  the model code stays sharding-free.
+  """
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def path_str(path) -> str:
+  """A key path as "params/blocks/0/mixer/q/kernel" (ints and strings alike)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return "/".join(parts)
+
+
+def partition_spec(path: str, shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+  """THE partition rule of the train state (parameters, optimizer moments, counters).
+
+  Args:
+    path: the leaf's key path, e.g. "params/embed" or "opt_state/1/0/mu/embed".
+    shape: the leaf's global shape.
+    fsdp: size of the `fsdp` mesh axis.
+    min_size: leaves with fewer elements stay replicated (gathering them costs more
+      than storing them).
+
+  Returns:
+    `P(...)` sharding the largest `fsdp`-divisible axis over "fsdp", or `P()`.
+  """
+  for pattern, spec in OVERRIDES:
+    if re.search(pattern, path):
+      return spec
+  if fsdp == 1 or len(shape) < 2 or math.prod(shape) < max(min_size, 1):
+    return P()
+  candidates = [i for i, n in enumerate(shape) if n % fsdp == 0]
+  if not candidates:
+    return P()
+  axis = max(candidates, key=lambda i: (shape[i], -i))  # Largest; the first on ties.
+  return P(*(("fsdp" if i == axis else None) for i in range(len(shape))))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int) -> Any:
+  """A tree of `NamedSharding`s matching `abstract_state` (same structure)."""
+  fsdp = mesh.shape["fsdp"]
+
+  def leaf(path, x):
+    return NamedSharding(mesh, partition_spec(path_str(path), tuple(x.shape), fsdp, min_size))
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying `shardings`: a restore target for the current mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
+class Placement:
+  """The train state's and the batches' device placement for one run.
+
+  Args:
+    mesh_cfg: the `training.mesh` section (`data`, `fsdp`, `fsdp_min_size`).
+    batch_size: the global batch size.
+    devices: defaults to every device of every process.
+
+  Raises:
+    ConfigError: the mesh does not fit the devices or the batch.
+  """
+
+  def __init__(self, mesh_cfg: Any, batch_size: int, devices=None):
+    devices = list(jax.devices() if devices is None else devices)
+    self.data, self.fsdp = resolve_mesh_shape(mesh_cfg, len(devices), batch_size)
+    min_size = mesh_cfg.get("fsdp_min_size", 0) if hasattr(mesh_cfg, "get") else 0
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+      raise ConfigError(f"training.mesh.fsdp_min_size must be a non-negative integer, "
+                        f"got {min_size!r}")
+    self.min_size = min_size
+    self.batch_size = batch_size
+    self.single = len(devices) == 1 and jax.process_count() == 1
+    self.mesh = None if self.single else make_mesh(self.data, self.fsdp, devices)
+
+  def describe(self) -> str:
+    if self.single:
+      return f"1 device ({jax.devices()[0].platform})"
+    return (f"{self.data * self.fsdp} {jax.devices()[0].platform} devices in "
+            f"{jax.process_count()} process(es): mesh data={self.data} x fsdp={self.fsdp}")
+
+  # --------------------------------------------------------------- state
+
+  def shardings(self, abstract_state: Any) -> Any:
+    return state_shardings(abstract_state, self.mesh, self.min_size)
+
+  def restore_target(self, abstract_state: Any) -> Any:
+    """The abstract state with this run's shardings (Orbax restores into them)."""
+    if self.single:
+      return abstract_state  # The checkpoint store adds the single-device sharding.
+    return with_shardings(abstract_state, self.shardings(abstract_state))
+
+  def init_state(self, init_fn: Callable[[], Any]) -> Any:
+    """A fresh state, created directly in its shards (never whole on one device)."""
+    if self.single:
+      return jax.jit(init_fn)()
+    return jax.jit(init_fn, out_shardings=self.shardings(jax.eval_shape(init_fn)))()
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(BATCH_AXES))
+
+  # ---------------------------------------------------------------- steps
+
+  def jit_train_step(self, train_step: Callable, abstract_state: Any) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated."""
+    if self.single:
+      return jax.jit(train_step, donate_argnums=0)
+    shard = self.shardings(abstract_state)
+    gather = self._gather_fn(abstract_state["params"])
+
+    def step(state, batch):
+      return train_step(state, batch, gather_params=gather)
+
+    return jax.jit(step, in_shardings=(shard, self.batch_sharding()),
+                   out_shardings=(shard, self.replicated()), donate_argnums=0)
+
+  def jit_eval_step(self, eval_step: Callable, abstract_params: Any) -> Callable:
+    """`eval_step(params, batch) -> loss`."""
+    if self.single:
+      return jax.jit(eval_step)
+    shard = self.shardings({"params": abstract_params})["params"]
+    gather = self._gather_fn(abstract_params)
+    return jax.jit(lambda p, b: eval_step(gather(p), b),
+                   in_shardings=(shard, self.batch_sharding()), out_shardings=self.replicated())
+
+  def _gather_fn(self, abstract_params: Any) -> Callable[[Any], Any]:
+    """Marks every parameter as wanted whole on each device for the forward pass.
+
+    The compiler turns this into one all-gather per parameter, placed next to its
+    use, and the transpose into a reduce-scatter of its gradient. With all weights
+    whole, the batch sharding of the input propagates unchanged through the model.
+    """
+    whole = jax.tree.map(lambda _: self.replicated(), abstract_params)
+    return lambda params: jax.lax.with_sharding_constraint(params, whole)
+
+  # -------------------------------------------------------------- batches
+
+  def put_batch(self, rows_fn: Callable[[int, int], np.ndarray], shape: tuple[int, ...]):
+    """A global batch array built from this process's rows only.
+
+    Args:
+      rows_fn: `rows_fn(start, stop)` returns rows `[start, stop)` of the global batch.
+      shape: the global batch shape `[B, ...]`.
+    """
+    if self.single:
+      return rows_fn(0, shape[0])
+
+    def local(index):
+      rows = index[0]
+      return rows_fn(rows.start or 0, shape[0] if rows.stop is None else rows.stop)
+
+    return jax.make_array_from_callback(shape, self.batch_sharding(), local)
+
+
+def sharded_fraction(state: Any) -> tuple[int, int]:
+  """(number of parameter leaves split over more than one device, number of leaves)."""
+  leaves = jax.tree.leaves(state["params"] if "params" in state else state)
+  split = [x for x in leaves if hasattr(x, "sharding") and not x.sharding.is_fully_replicated]
+  return len(split), len(leaves)
