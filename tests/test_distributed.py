@@ -1,0 +1,294 @@
+"""Sharded and multi-process training on CPU host devices, each run in a subprocess.
+
+One reference run on 1 device; one worker process with 8 host devices runs data
+parallel, FSDP and a 2 x 4 mesh; a checkpoint saved on 8 devices is resumed on 1
+and on 4; two processes join through `jax.distributed` on a loopback port.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hope_jax import checkpoint as ck
+from hope_jax.config import ConfigError
+from hope_jax.train import distributed
+from hope_jax.train.sharding import partition_spec, resolve_mesh_shape
+from tests.conftest import REPO, run_cli
+
+STEPS = 8
+# Flags shared by every run: the same batches, schedule and checkpoints everywhere.
+COMMON = {"training.lr_schedule": "constant", "training.eval_every": 1000,
+          "training.log_every": 1, "training.save_every": 4, "training.batch_size": 8,
+          "training.resume_from": "latest", "training.mesh.fsdp_min_size": 0,
+          "training.progress_bar": False}
+TOL = 1e-5  # float32 losses of differently partitioned sums.
+
+
+def devices_env(n: int) -> dict:
+  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+def cli_args(directory, steps, **overrides) -> list[str]:
+  flags = dict(COMMON, **{"training.checkpoint_dir": str(directory),
+                          "training.num_steps": steps}, **overrides)
+  return ["-m", "hope_jax.train", "--config=experiments/tiny.py",
+          *[f"--config.{k}={v}" for k, v in flags.items()]]
+
+
+def train_cli(directory, steps, devices=1, **overrides):
+  proc = run_cli(cli_args(directory, steps, **overrides), env=devices_env(devices), timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def losses(directory) -> dict[int, float]:
+  rows = [json.loads(l) for l in open(os.path.join(directory, "logs", "metrics.jsonl"))]
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def assert_losses_close(got: dict, want: dict, steps) -> None:
+  a = np.array([got[s] for s in steps])
+  b = np.array([want[s] for s in steps])
+  np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """One XLA compilation cache for every subprocess here."""
+  keys = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  old = {k: os.environ.get(k) for k in keys}
+  os.environ.update({keys[0]: str(tmp_path_factory.mktemp("xla_cache")), keys[1]: "0"})
+  yield
+  for k, v in old.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """8 steps on one device: the losses every layout must reproduce."""
+  d = tmp_path_factory.mktemp("ref")
+  train_cli(d, STEPS)
+  return d
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+  """One process with 8 host devices: data parallel, FSDP (4 steps, copied, resumed), 2 x 4."""
+  root = tmp_path_factory.mktemp("eight")
+  dirs = {k: root / k for k in ("dp", "fsdp", "hybrid", "to1", "to4")}
+  mesh = lambda data, fsdp: {"training.mesh.data": data, "training.mesh.fsdp": fsdp}
+  runs = [
+      {"dir": str(dirs["dp"]), "set": {**COMMON, **mesh(8, 1), "training.num_steps": STEPS}},
+      {"dir": str(dirs["fsdp"]), "set": {**COMMON, **mesh(1, 8), "training.num_steps": 4},
+       "copy_to": [str(dirs["to1"]), str(dirs["to4"])]},
+      {"dir": str(dirs["fsdp"]), "set": {**COMMON, **mesh(1, 8), "training.num_steps": STEPS}},
+      {"dir": str(dirs["hybrid"]), "set": {**COMMON, **mesh(2, -1), "training.num_steps": STEPS}},
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **devices_env(8))
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "dist_worker.py"),
+                         json.dumps({"runs": runs})], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid"), result))
+
+
+def test_data_parallel_fsdp_and_2x4_mesh_match_one_device(reference, eight):
+  dirs, result = eight
+  want = losses(reference)
+  assert sorted(want) == list(range(1, STEPS + 1))
+  for name in ("dp", "fsdp", "hybrid"):
+    assert result[name]["devices"] == 8 and result[name]["step"] == STEPS
+    assert_losses_close(losses(dirs[name]), want, range(1, STEPS + 1))
+
+
+def test_parameters_and_adam_moments_are_sharded_over_fsdp(eight):
+  _, result = eight
+  for name, fsdp in (("fsdp", 8), ("hybrid", 4), ("dp", 1)):
+    state = result[name]["state"]
+    params = {k: v for k, v in state.items() if k.startswith("params/")}
+    assert len(params) > 5
+    for path, leaf in params.items():
+      shape, shard = leaf["shape"], leaf["shard_shape"]
+      if len(shape) >= 2 and fsdp > 1:  # fsdp_min_size=0: every matrix is split.
+        assert "fsdp" in leaf["spec"], (name, path, leaf)
+        assert np.prod(shard) * fsdp == np.prod(shape), (name, path, leaf)
+        for moment in ("mu", "nu"):  # Adam's moments share their parameter's layout.
+          twin = [v for k, v in state.items() if k.endswith(f"/{moment}/{path[7:]}")]
+          assert len(twin) == 1 and twin[0]["shard_shape"] == shard, (path, moment)
+      else:
+        assert shard == shape, (name, path, leaf)  # Vectors and data parallel: whole.
+    assert state["step"]["shard_shape"] == []
+
+
+def test_checkpoint_saved_on_8_devices_continues_on_1_and_on_4(reference, eight):
+  dirs, _ = eight
+  assert [e.step for e in ck.list_checkpoints(str(dirs["to1"]))] == [4]
+  on8 = losses(dirs["fsdp"])
+  for key, devices, mesh in (("to1", 1, {}), ("to4", 4, {"training.mesh.data": 1,
+                                                         "training.mesh.fsdp": -1})):
+    proc = train_cli(dirs[key], STEPS, devices=devices, **mesh)
+    assert "Resumed from step 4" in proc.stderr
+    got = losses(dirs[key])
+    assert_losses_close(got, on8, range(1, STEPS + 1))  # 1-4 copied, 5-8 trained here.
+    assert_losses_close(got, losses(reference), range(5, STEPS + 1))
+  # The step-4 payload written by 8 devices reads back bit-exactly on this one device
+  # (restore verifies every array's checksum), equal to the 4-device run's own copy.
+  a = ck.restore(ck.list_checkpoints(str(dirs["to1"]))[0].manifest_path, with_opt_state=True)
+  b = ck.restore(ck.list_checkpoints(str(dirs["to4"]))[0].manifest_path, with_opt_state=True)
+  assert a.step == b.step == 4
+  assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)),
+                                          a.params, b.params)))
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path, reference):
+  d = tmp_path / "two"
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), **devices_env(2))
+    procs.append(subprocess.Popen(
+        [sys.executable, *cli_args(d, 4, **{"training.mesh.data": 2, "training.mesh.fsdp": 2})],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Process 0 of 2; 2 local / 4 global devices" in outs[0][1]
+  assert "step 4/4" in outs[0][1] and "step 4/4" not in outs[1][1]  # Process 0 logs.
+  assert_losses_close(losses(d), losses(reference), range(1, 5))
+  rows = open(d / "logs" / "metrics.jsonl").read().splitlines()
+  assert sum('"train/loss"' in r for r in rows) == 4  # Written once, not once per process.
+  listed = ck.list_checkpoints(str(d))
+  assert [e.step for e in listed] == [4] and all(e.valid for e in listed)
+  got = ck.restore_latest(str(d), with_opt_state=True)  # This process: one device.
+  ref = ck.restore(ck.list_checkpoints(str(reference))[0].manifest_path, with_opt_state=True)
+  assert got.step == ref.step == 4
+  for x, y in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+    # Adam moved each weight by ~1e-2 per step; the layouts differ by summation order only.
+    assert x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=TOL)
+
+
+def test_bfloat16_compute_trains_with_float32_params(tmp_path):
+  d = tmp_path / "bf16"
+  train_cli(d, STEPS, **{"model.dtype": "bfloat16"})
+  got = losses(d)
+  assert all(np.isfinite(list(got.values())))
+  assert got[STEPS] < got[1] - 0.2  # It learns.
+  restored = ck.restore_latest(str(d), with_opt_state=True)
+  assert {x.dtype for x in jax.tree.leaves(restored.params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_step_computes_in_bf16_and_keeps_loss_and_grads_in_float32(tiny_config):
+  import optax
+
+  from hope_jax.config import ModelConfig
+  from hope_jax.train.state import ModelDef, init_train_state
+  from hope_jax.train.step import make_train_step
+
+  cfg = tiny_config
+  cfg.model.dtype = "bfloat16"
+  model_def = ModelDef(ModelConfig.from_config(cfg.model))
+  tx = optax.adam(1e-3)
+  state = jax.eval_shape(lambda: init_train_state(model_def, tx, 0))
+  batch = jax.ShapeDtypeStruct((2, 9), jnp.int32)
+  jaxpr = jax.make_jaxpr(make_train_step(model_def, tx))(state, batch)
+  dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  assert any(all(v.aval.dtype == jnp.bfloat16 for v in e.invars) for e in dots)
+  new_state, metrics = jax.eval_shape(make_train_step(model_def, tx), state, batch)
+  assert metrics["loss"].dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state["params"]))
+
+
+def _eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for sub in _subjaxprs(e.params):
+      yield from _eqns(sub)
+
+
+def _subjaxprs(params):
+  for v in params.values():
+    for x in (v if isinstance(v, (list, tuple)) else [v]):
+      if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+        yield x.jaxpr
+      elif hasattr(x, "eqns"):
+        yield x
+
+
+# ------------------------------------------------------- pure rules (no devices)
+
+def test_mesh_sizes_resolve_and_bad_ones_name_the_key():
+  assert resolve_mesh_shape({"data": -1, "fsdp": 1}, 8, 16) == (8, 1)
+  assert resolve_mesh_shape({"data": 2, "fsdp": -1}, 8, 16) == (2, 4)
+  assert resolve_mesh_shape({"data": -1, "fsdp": 1}, 1, 3) == (1, 1)
+  for mesh, n, batch, words in (
+      ({"data": 3, "fsdp": 1}, 8, 24, "data=3 x fsdp=1 = 3 devices, but 8 are available"),
+      ({"data": 3, "fsdp": -1}, 8, 24, "fixed sizes must divide the device count"),
+      ({"data": -1, "fsdp": -1}, 8, 8, "only one of"),
+      ({"data": 0, "fsdp": 1}, 8, 8, "training.mesh.data must be a positive integer or -1"),
+      ({"data": -1, "fsdp": 1}, 8, 12, "training.batch_size (12) must be divisible by the 8"),
+  ):
+    with pytest.raises(ConfigError, match=None) as e:
+      resolve_mesh_shape(mesh, n, batch)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_partition_rule_shards_the_largest_divisible_axis_of_matrices():
+  assert partition_spec("params/embed", (256, 32), 8, 0) == jax.sharding.PartitionSpec("fsdp",
+                                                                                       None)
+  assert partition_spec("params/w", (32, 96), 8, 0) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert partition_spec("params/w", (30, 96), 4, 0) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert partition_spec("params/w", (30, 90), 4, 0) == jax.sharding.PartitionSpec()  # None divides.
+  assert partition_spec("params/scale", (256,), 8, 0) == jax.sharding.PartitionSpec()
+  assert partition_spec("params/w", (32, 32), 8, 4096) == jax.sharding.PartitionSpec()  # Small.
+  assert partition_spec("params/w", (64, 64), 1, 0) == jax.sharding.PartitionSpec()
+
+
+def test_launch_settings_from_config_or_environment(monkeypatch, tiny_config):
+  t = tiny_config.training
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(k, raising=False)
+  assert distributed.launch_settings(t) is None  # The default: one process.
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert distributed.launch_settings(t) == {"coordinator_address": "10.0.0.1:1234",
+                                            "num_processes": 4, "process_id": 3}
+  t.process_id = 1  # The config wins over the environment.
+  assert distributed.launch_settings(t)["process_id"] == 1
+  t.process_id = 7
+  with pytest.raises(ConfigError, match=r"training.process_id must be in \[0, 4\), got 7"):
+    distributed.launch_settings(t)
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  t.process_id = None
+  with pytest.raises(ConfigError, match="needs training.process_id"):
+    distributed.launch_settings(t)
+  t.distributed = "off"
+  assert distributed.launch_settings(t) is None
+
+
+def test_cli_reports_a_mesh_that_does_not_fit_in_one_line(tmp_path):
+  proc = run_cli(cli_args(tmp_path / "x", 2, **{"training.mesh.data": 3}), env=devices_env(8))
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "hope_jax.train: error: training.mesh: data=3 x fsdp=1 = 3 devices, but 8 are "
+      "available; make the product equal the device count (or use -1)")
