@@ -3,17 +3,21 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/dist_worker.py SPEC_JSON
 
 SPEC_JSON is `{"runs": [{"dir": str, "set": {"training.mesh.fsdp": 8, ...},
-"copy_to": [dirs]}]}`; each run trains `experiments/tiny.py` with the overrides
-(through `hope_jax.train.loop.train`, the code the CLI runs), then copies its
-checkpoint directory to `copy_to`. The last stdout line is `RESULT <json>`: per
-run, the device count and each state leaf's sharding (spec, shard shape).
+"copy_to": [dirs]}], "collectives": [{"training.mesh.fsdp": 4, ...}]}`; each run
+trains `experiments/tiny.py` with the overrides (through `hope_jax.train.loop.train`,
+the code the CLI runs), then copies its checkpoint directory to `copy_to`. Each
+"collectives" entry compiles that config's train step and lists what it communicates.
+The last stdout line is `RESULT <json>`: per run, the device count and each state
+leaf's sharding (spec, shard shape); per compiled step, the collectives' shapes.
 """
 
 import json
+import re
 import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
 
 from experiments import tiny
 from hope_jax.train.loop import train
@@ -43,6 +47,40 @@ def describe(tree) -> dict:
   return out
 
 
+COLLECTIVE = re.compile(
+    r"=\s*(?P<out>.*?)\s(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute|collective-broadcast)(-start)?\(")
+SHAPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
+
+
+def collectives(overrides: dict) -> dict:
+  """Every collective of the compiled (partitioned) train step, with its shapes."""
+  from hope_jax.config import ModelConfig
+  from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.sharding import Placement, with_shardings
+  from hope_jax.train.state import ModelDef, make_init_fn
+  from hope_jax.train.step import make_train_step
+
+  cfg = make_config("unused", overrides)
+  t = cfg.training
+  model_def, tx = ModelDef(ModelConfig.from_config(cfg.model)), make_optimizer(t)
+  abstract = jax.eval_shape(make_init_fn(model_def, tx, 0))
+  placement = Placement(t.mesh, t.batch_size)
+  step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
+  batch = jax.ShapeDtypeStruct((t.batch_size, cfg.data.seq_len + 1), jnp.int32,
+                               sharding=placement.batch_sharding())
+  hlo = step.lower(with_shardings(abstract, placement.shardings(abstract)),
+                   batch).compile().as_text()
+  found = []
+  for line in hlo.splitlines():
+    m = COLLECTIVE.search(line)
+    if m:
+      shapes = [[int(n) for n in g.split(",") if n] for g in SHAPE.findall(m.group("out"))]
+      found.append({"op": m.group("op"), "shapes": shapes})
+  return {"collectives": found,
+          "param_shapes": sorted({tuple(x.shape) for x in jax.tree.leaves(abstract["params"])})}
+
+
 def main(spec: dict) -> None:
   results = []
   for run in spec["runs"]:
@@ -51,6 +89,8 @@ def main(spec: dict) -> None:
                     "state": describe(summary["state"])})
     for dest in run.get("copy_to", []):
       shutil.copytree(run["dir"], dest)
+  for overrides in spec.get("collectives", []):
+    results.append(collectives(overrides))
   print("RESULT " + json.dumps(results), flush=True)
 
 

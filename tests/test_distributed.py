@@ -94,13 +94,14 @@ def eight(tmp_path_factory):
       {"dir": str(dirs["fsdp"]), "set": {**COMMON, **mesh(1, 8), "training.num_steps": STEPS}},
       {"dir": str(dirs["hybrid"]), "set": {**COMMON, **mesh(2, -1), "training.num_steps": STEPS}},
   ]
+  compiled = [{**COMMON, **mesh(2, 4)}]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **devices_env(8))
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "dist_worker.py"),
-                         json.dumps({"runs": runs})], cwd=REPO, env=env, capture_output=True,
+                         json.dumps({"runs": runs, "collectives": compiled})], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
-  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid"), result))
+  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid", "comm"), result))
 
 
 def test_data_parallel_fsdp_and_2x4_mesh_match_one_device(reference, eight):
@@ -129,6 +130,18 @@ def test_parameters_and_adam_moments_are_sharded_over_fsdp(eight):
       else:
         assert shard == shape, (name, path, leaf)  # Vectors and data parallel: whole.
     assert state["step"]["shard_shape"] == []
+
+
+def test_a_step_communicates_only_parameters_gradients_and_scalars(eight):
+  """No activation (nor per-sequence state) crosses devices: each keeps its sequences."""
+  comm = eight[1]["comm"]
+  params = {tuple(s) for s in comm["param_shapes"]}
+  shards = {s[:i] + (s[i] // 4,) + s[i + 1:] for s in params for i in range(len(s))}
+  ops = {c["op"] for c in comm["collectives"]}
+  assert "all-gather" in ops and ops & {"all-reduce", "reduce-scatter"}, ops
+  for c in comm["collectives"]:
+    for shape in c["shapes"]:
+      assert tuple(shape) in params | shards | {()}, c
 
 
 def test_checkpoint_saved_on_8_devices_continues_on_1_and_on_4(reference, eight):
