@@ -65,7 +65,7 @@ def get_config() -> config_dict.ConfigDict:
   # the cluster (TPU slice, SLURM, Open MPI); "off" never joins.
   t.distributed = "auto"
   t.coordinator_address = config_dict.placeholder(str)  # "host0:1234", the same everywhere.
-  t.num_processes = config_dict.placeholder(int)
+  t.num_processes = config_dict.placeholder(int)  # Processes in the job (one per host or GPU).
   t.process_id = config_dict.placeholder(int)  # 0 .. num_processes - 1; 0 logs and writes.
 
   cfg.data = config_dict.ConfigDict()
