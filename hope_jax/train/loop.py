@@ -36,7 +36,7 @@ from hope_jax.train.step import LN2, make_eval_step, make_train_step
 BITS_UNIT = {"byte": "bits/byte", "char": "bits/char"}
 
 
-DEFAULT_MESH = {"data": -1, "fsdp": 1, "fsdp_min_size": 0}
+DEFAULT_MESH = {"data": -1, "fsdp": 1, "fsdp_min_size": 4096}  # Configs without `training.mesh`.
 
 
 class _NoWriter:
