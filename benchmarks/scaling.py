@@ -83,7 +83,8 @@ def measure(config_path: str, overrides: list[str], mesh: str, steps: int, devic
           "block": model_cfg.block, "compile_s": round(compile_s, 2),
           "step_ms": round(median * 1e3, 2),
           "tokens_per_s": round(t.batch_size * d.seq_len / median, 1),
-          "loss": float(m["loss"]), "cpu_cores": os.cpu_count()}
+          "loss": float(m["loss"]), "cpu_cores": os.cpu_count(),
+          "load_avg_1m": round(os.getloadavg()[0], 2)}  # Other processes sharing the cores.
 
 
 def main() -> None:
@@ -120,11 +121,11 @@ def main() -> None:
   print(f"\n{rows[0]['platform']} ({rows[0]['device_kind']}, {rows[0]['cpu_cores']} cores), "
         f"{rows[0]['block']}, {rows[0]['params']:,} params, batch {rows[0]['batch']} x "
         f"{rows[0]['seq_len']}, {rows[0]['dtype']}, median of {args.steps} steps\n")
-  print("| mesh | devices | step ms | train tokens/s | vs 1 device | compile s |")
-  print("|---|---|---|---|---|---|")
+  print("| mesh | devices | step ms | train tokens/s | vs 1 device | compile s | load avg |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['mesh']} | {r['devices']} | {r['step_ms']} | {r['tokens_per_s']:.0f} | "
-          f"{r['tokens_per_s'] / base:.2f}x | {r['compile_s']} |")
+          f"{r['tokens_per_s'] / base:.2f}x | {r['compile_s']} | {r['load_avg_1m']} |")
   with open(args.json, "w") as f:
     json.dump({"config": args.config, "overrides": args.set, "rows": rows}, f, indent=2)
 
