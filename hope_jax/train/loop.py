@@ -57,7 +57,7 @@ def train(config: Any) -> dict[str, Any]:
                f"{param_count(state['params']):,}", max(end_step - start_step, 0), start_step,
                end_step)
 
-  sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed)
+  sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed, aligned=corpus.aligned)
   train_step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model_def))
   schedule = learning_rate_schedule(t)
