@@ -166,9 +166,6 @@ def write_manifest_scores(row: dict, description: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-  from hope_jax import checkpoint
-  from hope_jax.train import evaluation
-
   if len(argv) > 1:
     raise ConfigError(f"unexpected argument(s): {' '.join(argv[1:])}")
   if F.all and F.checkpoint:
@@ -177,19 +174,23 @@ def main(argv: list[str]) -> None:
     raise ConfigError(f"--mode must be 'min' or 'max', got {F.mode!r}")
   if F.batch_size < 1:
     raise ConfigError(f"--batch_size must be positive, got {F.batch_size}")
+  if F.checkpoint and not os.path.isfile(F.checkpoint):
+    raise ConfigError(f"--checkpoint: no such manifest: {F.checkpoint}")
+  if not F.checkpoint and not F.checkpoint_dir:
+    raise ConfigError("--checkpoint_dir (or --checkpoint=MANIFEST) is required")
+  if not F.checkpoint and not os.path.isdir(F.checkpoint_dir):
+    raise ConfigError(f"--checkpoint_dir: no such directory: {F.checkpoint_dir}")
+
+  from hope_jax import checkpoint
+  from hope_jax.train import evaluation
+
   if F.checkpoint:
-    if not os.path.isfile(F.checkpoint):
-      raise ConfigError(f"--checkpoint: no such manifest: {F.checkpoint}")
     infos = [e for e in checkpoint.list_checkpoints(os.path.dirname(F.checkpoint) or ".")
              if os.path.samefile(e.manifest_path, F.checkpoint)]
     if not infos:
       raise ConfigError(f"--checkpoint: {F.checkpoint} is not named "
                         "checkpoint_step_<N>_ts_<T>.json")
   else:
-    if not F.checkpoint_dir:
-      raise ConfigError("--checkpoint_dir (or --checkpoint=MANIFEST) is required")
-    if not os.path.isdir(F.checkpoint_dir):
-      raise ConfigError(f"--checkpoint_dir: no such directory: {F.checkpoint_dir}")
     infos = checkpoint.list_checkpoints(F.checkpoint_dir)
     if not infos:
       raise ConfigError(f"no checkpoint (checkpoint_step_*_ts_*.json) in {F.checkpoint_dir}")
