@@ -25,6 +25,7 @@ F = flags.FLAGS
 flags.DEFINE_boolean("tiny", False, "Seconds-fast setting for tests (numbers mean nothing).")
 flags.DEFINE_list("models", list(MODELS), f"Subset of {MODELS}.")
 flags.DEFINE_list("datasets", list(DATASETS), f"Subset of {DATASETS}.")
+flags.DEFINE_integer("steps", None, "Override training.num_steps of every run (same for all).")
 flags.DEFINE_string("workdir", None, "Checkpoints and logs (default: a temporary directory).")
 flags.DEFINE_string("output", None, "Also write the markdown table to this file.")
 flags.DEFINE_string("json", None, "Also write the raw results as JSON to this file.")
@@ -90,6 +91,11 @@ def main(argv: list[str]) -> None:
   t0 = time.perf_counter()
   for model in F.models:
     cfg = importlib.import_module(f"experiments.compare.{model}").get_config(tiny=F.tiny)
+    if F.steps is not None:
+      if F.steps < 1:
+        raise ConfigError(f"--steps must be positive, got {F.steps}")
+      cfg.training.num_steps = F.steps
+      cfg.training.warmup_steps = min(cfg.training.warmup_steps, F.steps)
     results[model] = {}
     for dataset in F.datasets:
       run_cfg = common.with_task(cfg, F.tiny) if dataset == "mqar" else cfg
