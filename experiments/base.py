@@ -62,7 +62,10 @@ def get_config() -> config_dict.ConfigDict:
   d.val_fraction = 0.05  # Tail of the token stream held out for validation.
   d.preserve_structure = False  # books: keep chapter/paragraph markers.
   d.enable_ocr = False  # books: OCR scanned PDFs with Tesseract.
-  d.ocr_lang = "eng"
+  d.ocr_lang = "eng"  # Tesseract language(s), e.g. "eng+chi_sim" (needs tesseract-ocr-chi-sim).
+  # text: corpora of at least this many MiB are encoded once into a memory-mapped token cache.
+  d.memmap_min_mb = 64.0
+  d.cache_dir = config_dict.placeholder(str)  # Token caches; None -> <data folder>/.hope_jax_cache.
   # Memory tasks (data_type "mqar" | "passkey", hope_jax/data/tasks.py): every example
   # is one window of seq_len + 1 tokens; evaluation reports accuracy at the answers.
   d.task_train_examples = 16384  # Examples generated for training (seeded).
