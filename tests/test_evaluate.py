@@ -38,7 +38,8 @@ def test_score_matches_a_plain_numpy_reference_and_ignores_batch_size(tiny_confi
   acc, exact = tasks.answer_accuracy(logits, window_NW, answers_NW)
   for g in got:  # 7 windows: batches of 3 pad the last one; of 16, one padded batch.
     assert g["eval/loss"] == pytest.approx(loss, rel=1e-5)
-    assert g["eval/bits_per_byte"] == pytest.approx(loss / math.log(2), rel=1e-5)
+    assert g["eval/bits_per_token"] == pytest.approx(loss / math.log(2), rel=1e-5)
+    assert "eval/bits_per_byte" not in g  # Task tokens are symbols, not bytes of text.
     assert g["eval/perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert g["task/accuracy"] == pytest.approx(acc) and g["task/exact_match"] == pytest.approx(exact)
     assert g["eval/tokens"] == window_NW.shape[0] * cfg.data.seq_len

@@ -113,7 +113,9 @@ def score(model_def: ModelDef, params: Any, corpus: Corpus, seq_len: int, batch_
   for batch in padded_batches(tokens_NW, answers_NW, min(batch_size, len(tokens_NW))):
     for k, v in jax.device_get(step(params, *batch)).items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  return summarize(totals, getattr(corpus.tokenizer, "name", ""))
+  # Task tokens are symbols, not text: report bits per token only.
+  name = "" if corpus.val_answers is not None else getattr(corpus.tokenizer, "name", "")
+  return summarize(totals, name)
 
 
 def best_index(rows: list[dict[str, float]], metric: str, mode: str = "min") -> int | None:
