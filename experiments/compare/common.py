@@ -1,7 +1,7 @@
 """Shared settings of the comparison: one training budget, sizes matched by parameter count.
 
 `make(block, overrides)` starts from experiments/base.py, applies the model's own
-settings, then picks `model.hidden_size` (a multiple of 4 * num_heads) so that
+settings, then picks `model.hidden_size` (a multiple of 2 * num_heads) so that
 the parameter count is as close as possible to `TARGET_PARAMS`. Every model sees
 the same batches: same batch size, sequence length, steps and data seed.
 """
@@ -34,8 +34,11 @@ def param_count(model_cfg) -> int:
 
 
 def size_to(cfg: config_dict.ConfigDict, target: int) -> int:
-  """Sets `cfg.model.hidden_size` to the multiple of 4*num_heads nearest `target` params."""
-  unit = 4 * cfg.model.num_heads
+  """Sets `cfg.model.hidden_size` to the multiple of 2*num_heads nearest `target` params.
+
+  (2*num_heads keeps the head size even, as RoPE needs.)
+  """
+  unit = 2 * cfg.model.num_heads
   counts: dict[int, int] = {}
 
   def count(h: int) -> int:
