@@ -92,7 +92,7 @@ class ExportedForward:
     tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
     want = self.in_aval.shape
     ok = tokens_BL.ndim == len(want) and all(
-        not isinstance(w, int) or w == n for w, n in zip(want, tokens_BL.shape))
+        not isinstance(w, int) or w == n for w, n in zip(want, tokens_BL.shape, strict=True))
     if not ok:
       raise ValueError(f"tokens of shape {tuple(tokens_BL.shape)} do not fit the exported "
                        f"signature int32{list(map(str, want))}")

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -13,7 +12,6 @@ from hope_jax.config import ModelConfig
 from hope_jax.data import load_corpus, tasks
 from hope_jax.train import evaluation
 from hope_jax.train.state import ModelDef
-
 from tests.conftest import run_cli
 
 
@@ -87,8 +85,9 @@ def three_checkpoints(tmp_path_factory):
 
   Returns (directory, {step: expected validation loss}, config).
   """
-  from experiments import tiny
   from hope_jax.checkpoint import CheckpointManager
+
+  from experiments import tiny
   from hope_jax.train.loop import train
 
   root = tmp_path_factory.mktemp("evaluate")

@@ -17,7 +17,7 @@ def test_mqar_every_query_has_exactly_one_answer_at_the_stated_distance(pairs, q
   q, g = tasks.mqar_layout(window, V, pairs, queries, gap)
   first_value = tasks.MQAR_FIRST_KEY + (V - tasks.MQAR_FIRST_KEY) // 2
   assert ex.tokens_NW.shape == ex.answers_NW.shape == (64, window)
-  for toks, ans, depth in zip(ex.tokens_NW, ex.answers_NW, ex.depth_N):
+  for toks, ans, depth in zip(ex.tokens_NW, ex.answers_NW, ex.depth_N, strict=True):
     keys, values = toks[0:2 * pairs:2], toks[1:2 * pairs:2]
     assert len(set(keys.tolist())) == pairs  # Distinct keys: one answer per query.
     assert np.all((keys >= tasks.MQAR_FIRST_KEY) & (keys < first_value))
@@ -46,7 +46,7 @@ def test_passkey_needle_appears_once_at_the_stated_depth(depth):
   ex = tasks.make_passkey(16, window, digits, depth, seed=1)
   room = tasks.passkey_layout(window, digits, depth) - len(
       tasks.PASSKEY_NEEDLE.format(key="0" * digits))
-  for toks, ans, got_depth in zip(ex.tokens_NW, ex.answers_NW, ex.depth_N):
+  for toks, ans, got_depth in zip(ex.tokens_NW, ex.answers_NW, ex.depth_N, strict=True):
     text = bytes(toks.astype(np.uint8)).decode("ascii")
     key = bytes(toks[ans].astype(np.uint8)).decode("ascii")
     assert len(key) == digits and key.isdigit()
