@@ -1,7 +1,10 @@
-"""The training loop: data, jitted steps, evaluation, logging.
+"""The training loop: data, jitted steps, evaluation, logging, checkpoints.
 
 The host dispatches step n+1 before it reads step n's metrics, so the device
-never waits on Python. `num_steps` is the step the run ends at.
+never waits on Python. `num_steps` is the step the run ends at: rerunning the
+same command (with `training.resume_from=latest`) after a crash finishes the job.
+Checkpoints are saved asynchronously every `save_every` steps, at the end and on
+Ctrl-C; `close()` in `finally` never returns before a pending save is committed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from hope_jax.checkpoint import CheckpointManager
 from hope_jax.config import validate_run_config
 from hope_jax.data import load_corpus
 from hope_jax.data.sampler import BatchSampler, eval_batches
@@ -42,8 +46,17 @@ def train(config: Any) -> dict[str, Any]:
     ConfigError: bad configuration or data, before anything is compiled.
   """
   model_cfg = validate_run_config(config)
+  corpus = load_corpus(config.data, model_cfg.vocab_size)
+  # After the config and data checks, before any compile: the directory lock and listing.
+  ckpt = CheckpointManager(config)
+  try:
+    return _train(config, model_cfg, corpus, ckpt)
+  finally:
+    ckpt.close()  # Waits for a pending async save; raises if it failed.
+
+
+def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) -> dict[str, Any]:
   t, d = config.training, config.data
-  corpus = load_corpus(d, model_cfg.vocab_size)
   unit = BITS_UNIT.get(getattr(corpus.tokenizer, "name", ""), "bits/token")
   logging.info("Data: %s | %d train / %d validation tokens", corpus.description,
                len(corpus.train), len(corpus.val))
@@ -51,7 +64,10 @@ def train(config: Any) -> dict[str, Any]:
   model_def = ModelDef(model_cfg, seed=t.seed)
   tx = make_optimizer(t)
   init_fn = make_init_fn(model_def, tx, t.seed)
-  state = jax.jit(init_fn)()
+  restored = ckpt.restore_for_training(jax.eval_shape(init_fn))
+  # The optimizer is rebuilt from the current config, so a changed learning rate or
+  # schedule takes effect from the resumed step; only its counters come from the state.
+  state = restored[0] if restored else jax.jit(init_fn)()
   start_step, end_step = int(state["step"]), int(t.num_steps)
   logging.info("Model: block=%s, %s parameters | %d steps to go (%d -> %d)", model_cfg.block,
                f"{param_count(state['params']):,}", max(end_step - start_step, 0), start_step,
@@ -86,6 +102,11 @@ def train(config: Any) -> dict[str, Any]:
     writer.write(step, row)
     progress.tick(step, {"loss": f"{m['loss']:.3f}"})
 
+  def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
+    # Donating `state` into the next step is safe once save() returns: Orbax then
+    # holds host copies (on CPU, numpy views that make JAX skip the donation).
+    ckpt.save(step, state, sampler.state(step), metrics=metrics, force=force)
+
   t0 = time.perf_counter()
   pending = None
   try:
@@ -102,12 +123,19 @@ def train(config: Any) -> dict[str, Any]:
         writer.write(s + 1, last_eval)
         logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                      unit, last_eval["eval/bits_per_token"])
+      if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
+        save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
     if pending is not None:
       record(*pending)
       pending = None
   except KeyboardInterrupt:
     interrupted = True
-    logging.warning("Interrupted at step %d; stopping cleanly.", int(state["step"]))
+    if any(x.is_deleted() for x in jax.tree.leaves(state)):  # Interrupted inside a donated step.
+      logging.warning("Interrupted mid-step; the last checkpoint is step %s.", ckpt.latest_step)
+    else:
+      logging.warning("Interrupted at step %d; saving a checkpoint and stopping cleanly.",
+                      int(state["step"]))
+      save(int(state["step"]), force=True)
   finally:
     progress.close()
 
@@ -117,6 +145,8 @@ def train(config: Any) -> dict[str, Any]:
     writer.write(final_step, last_eval)
     logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
                  last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
+  if not interrupted:
+    save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
   writer.close()
   elapsed = time.perf_counter() - t0
   logging.info("Done: step %d in %s", final_step, format_duration(elapsed))
