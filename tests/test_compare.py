@@ -21,7 +21,7 @@ AVAILABLE = [m for m in MODELS if not MISSING[m]]
 def test_models_are_sized_to_the_same_parameter_budget():
   if len(AVAILABLE) < len(MODELS):
     pytest.skip(f"blocks not in this tree yet: { {m: n for m, n in MISSING.items() if n} }")
-  from experiments.compare import common
+  from experiments import compare as common
 
   counts = {}
   for model in MODELS:
@@ -34,7 +34,7 @@ def test_models_are_sized_to_the_same_parameter_budget():
 
 def _run_compare(models, tmp_path):
   out = tmp_path / "results.json"
-  proc = run_cli(["-m", "experiments.compare", "--tiny", f"--models={','.join(models)}",
+  proc = run_cli(["benchmarks/compare.py", "--tiny", f"--models={','.join(models)}",
                   f"--workdir={tmp_path / 'runs'}", f"--json={out}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(out.read_text())

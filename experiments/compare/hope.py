@@ -4,10 +4,10 @@ Run alone:
   python -m hope_jax.train --config=experiments/compare/hope.py
 """
 
-from experiments.compare import common
+from experiments import compare
 
 OVERRIDES = {"cms_signal": "lm_grad", "cms_lr": 1e-4}
 
 
 def get_config(tiny: bool = False):
-  return common.make("hope", OVERRIDES, tiny)
+  return compare.make("hope", OVERRIDES, tiny)

@@ -4,7 +4,7 @@ Run alone:
   python -m hope_jax.train --config=experiments/compare/titans_lmm.py
 """
 
-from experiments.compare import common
+from experiments import compare
 
 # The Titans-LMM preset of spec §9 (Baselines).
 OVERRIDES = {"static_projections": True, "memory_target": "v", "dgd_precond": "none",
@@ -12,4 +12,4 @@ OVERRIDES = {"static_projections": True, "memory_target": "v", "dgd_precond": "n
 
 
 def get_config(tiny: bool = False):
-  return common.make("titans_lmm", OVERRIDES, tiny)
+  return compare.make("titans_lmm", OVERRIDES, tiny)

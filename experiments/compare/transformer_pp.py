@@ -4,10 +4,10 @@ Run alone:
   python -m hope_jax.train --config=experiments/compare/transformer_pp.py
 """
 
-from experiments.compare import common
+from experiments import compare
 
 OVERRIDES = {}
 
 
 def get_config(tiny: bool = False):
-  return common.make("transformer_pp", OVERRIDES, tiny)
+  return compare.make("transformer_pp", OVERRIDES, tiny)

@@ -1,7 +1,13 @@
-"""Trains each model on the default corpus and on MQAR, then prints one table.
+"""HOPE, Titans-LMM and Transformer++: trains each on the default corpus and on MQAR, one table.
 
-  python -m experiments.compare [--tiny] [--models=hope,titans_lmm,transformer_pp]
-      [--datasets=default,mqar] [--workdir=DIR] [--output=table.md] [--json=results.json]
+Run (from the repository root; the full setting takes under an hour on 2 CPU cores,
+see docs/results.md):
+  python benchmarks/compare.py [--tiny] [--models=hope,titans_lmm,transformer_pp]
+      [--datasets=default,mqar] [--steps=N] [--workdir=DIR] [--output=table.md]
+      [--json=results.json]
+
+The configs are experiments/compare/{hope,titans_lmm,transformer_pp}.py, equal in
+parameters and training tokens (experiments/compare/__init__.py).
 """
 
 from __future__ import annotations
@@ -9,14 +15,18 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 import tempfile
 import time
 
 from absl import flags, logging
 
-from hope_jax.config import ConfigError
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-PROG = "experiments.compare"
+from hope_jax.config import ConfigError  # noqa: E402
+
+PROG = "benchmarks/compare.py"
 MODELS = ("hope", "titans_lmm", "transformer_pp")
 DATASETS = ("default", "mqar")
 NAMES = {"hope": "HOPE", "titans_lmm": "Titans-LMM", "transformer_pp": "Transformer++"}
@@ -78,7 +88,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-  from experiments.compare import common
+  from experiments import compare as common
 
   if len(argv) > 1:
     raise ConfigError(f"unexpected argument(s): {' '.join(argv[1:])}")
