@@ -70,7 +70,7 @@ def get_config() -> config_dict.ConfigDict:
 
   cfg.data = config_dict.ConfigDict()
   d = cfg.data
-  d.data_type = "default"  # "default" | "random" | "text" | "books"
+  d.data_type = "default"  # "default" | "random" | "text" | "books" | "mqar" | "passkey"
   d.data_path = config_dict.placeholder(str)  # File or folder for "text" / "books".
   d.tokenizer_path = config_dict.placeholder(str)  # vocab.json for character vocabularies.
   d.tokenizer = "byte"  # "byte" | "char" (books/text with a vocab.json)
@@ -82,4 +82,14 @@ def get_config() -> config_dict.ConfigDict:
   # text: corpora of at least this many MiB are encoded once into a memory-mapped token cache.
   d.memmap_min_mb = 64.0
   d.cache_dir = config_dict.placeholder(str)  # Token caches; None -> <data folder>/.hope_jax_cache.
+  # Memory tasks (data_type "mqar" | "passkey", hope_jax/data/tasks.py): every example
+  # is one window of seq_len + 1 tokens; evaluation reports accuracy at the answers.
+  d.task_train_examples = 16384  # Examples generated for training (seeded).
+  d.task_val_examples = 256  # Held-out examples (another seed domain).
+  d.task_seed = 0
+  d.mqar_pairs = 8  # Key-value pairs per example (distinct keys).
+  d.mqar_queries = config_dict.placeholder(int)  # Keys asked back; None -> all pairs.
+  d.mqar_gap = config_dict.placeholder(int)  # Filler tokens before the queries; None -> max.
+  d.passkey_digits = 5  # Length of the hidden number.
+  d.passkey_depth = config_dict.placeholder(float)  # Needle depth in [0, 1]; None -> random.
   return cfg

@@ -235,7 +235,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
   return value
 
 
-DATA_TYPES = ("default", "random", "text", "books")
+DATA_TYPES = ("default", "random", "text", "books", "mqar", "passkey")
 
 
 def validate_run_config(cfg: Any) -> ModelConfig:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from hope_jax.config import ConfigError
+from hope_jax.data import tasks
 from hope_jax.data.readers.text import read_text_file  # noqa: F401  (re-exported)
 from hope_jax.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
@@ -26,6 +27,11 @@ class Corpus:
   val: np.ndarray  # [N_val] token ids
   tokenizer: Tokenizer
   description: str
+  # Memory tasks (`hope_jax.data.tasks`): the streams are whole examples of
+  # `seq_len + 1` tokens, so windows must start at multiples of that (`aligned`),
+  # and `val_answers` marks the answer tokens of `val` (True) for accuracy.
+  aligned: bool = False
+  val_answers: np.ndarray | None = None
 
 
 def split(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,16 +101,37 @@ def load_corpus(data_cfg: Any, vocab_size: int) -> Corpus:
     from hope_jax.data import text_corpus
 
     return text_corpus.load_text_corpus(data_cfg, vocab_size)
+  elif kind in tasks.TASKS:
+    return load_task_corpus(data_cfg, vocab_size)
   elif kind == "books":
     from hope_jax.data import books  # Heavy optional readers, imported on demand.
 
     return books.load_books_corpus(data_cfg, vocab_size)
   else:
     raise ConfigError(
-        f"data.data_type={kind!r} is not one of ('default', 'random', 'text', 'books')")
+        f"data.data_type={kind!r} is not one of ('default', 'random', 'text', 'books', "
+        f"{', '.join(repr(t) for t in tasks.TASKS)})")
   check_vocab(tok, vocab_size)
   train, val = split(np.asarray(tokens, dtype=np.int32), data_cfg.val_fraction, data_cfg.seq_len)
   return Corpus(train=train, val=val, tokenizer=tok, description=desc)
+
+
+def load_task_corpus(data_cfg: Any, vocab_size: int) -> Corpus:
+  """A memory task as a corpus of whole examples (see `hope_jax.data.tasks`)."""
+  train = tasks.task_examples(data_cfg, vocab_size, "train")
+  val = tasks.task_examples(data_cfg, vocab_size, "val")
+  tok = ByteTokenizer() if vocab_size == 256 else _RandomTokenizer(vocab_size)
+  kind = data_cfg.data_type
+  if kind == "mqar":
+    desc = (f"MQAR: {data_cfg.mqar_pairs} pairs, "
+            f"{data_cfg.mqar_queries or data_cfg.mqar_pairs} queries, gap {int(val.depth_N[0])}")
+  else:
+    depth = "random" if data_cfg.passkey_depth is None else data_cfg.passkey_depth
+    desc = f"passkey: {data_cfg.passkey_digits} digits at depth {depth} in {data_cfg.seq_len + 1}"
+  desc += (f" ({len(train.tokens_NW)} train / {len(val.tokens_NW)} validation examples, "
+           f"seed {data_cfg.task_seed})")
+  return Corpus(train=train.tokens_NW.reshape(-1), val=val.tokens_NW.reshape(-1), tokenizer=tok,
+                description=desc, aligned=True, val_answers=val.answers_NW.reshape(-1))
 
 
 def check_vocab(tok: Tokenizer, vocab_size: int) -> None:

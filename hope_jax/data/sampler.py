@@ -19,19 +19,26 @@ class BatchSampler:
     batch_size: sequences per batch.
     seq_len: tokens per training sequence (windows hold one more, the target).
     seed: the data seed.
+    aligned: windows start exactly at multiples of `seq_len + 1` (no per-epoch
+      shift): for streams of whole examples such as the memory tasks.
   """
 
-  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+               aligned: bool = False):
     self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
     self.window = seq_len + 1
-    # One window fewer than fits, so that every epoch's shift stays in bounds.
-    self.num_windows = max((len(tokens) - 1) // self.window - 1, 1)
+    self.aligned = aligned
+    if aligned:
+      self.num_windows = max(len(tokens) // self.window, 1)
+    else:
+      # One window fewer than fits, so that every epoch's shift stays in bounds.
+      self.num_windows = max((len(tokens) - 1) // self.window - 1, 1)
     self._epoch_cache: tuple[int, int, np.ndarray] | None = None
 
   def _epoch(self, epoch: int) -> tuple[int, np.ndarray]:
     if self._epoch_cache is None or self._epoch_cache[0] != epoch:
       rng = np.random.default_rng((self.seed, epoch))
-      shift = int(rng.integers(0, self.window)) if len(self.tokens) > (
+      shift = int(rng.integers(0, self.window)) if not self.aligned and len(self.tokens) > (
           self.num_windows + 1) * self.window else 0
       self._epoch_cache = (epoch, shift, rng.permutation(self.num_windows))
     return self._epoch_cache[1], self._epoch_cache[2]

@@ -106,7 +106,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
     logging.info("Devices: %s | %d of %d parameter arrays sharded over fsdp",
                  placement.describe(), split, total)
 
-  sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed)
+  sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed, aligned=corpus.aligned)
   train_step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
   eval_step = placement.jit_eval_step(make_eval_step(model_def), abstract["params"])
   batch_shape = (int(t.batch_size), d.seq_len + 1)
