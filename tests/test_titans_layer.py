@@ -170,7 +170,7 @@ def _np_recurrent_layer(m, u):
       mems = {n: [P(m.proj_w1)[hd, i], P(m.proj_w2)[hd, i]] for i, n in enumerate(m.names)}
       mems["mem"] = [P(m.mem_w1)[hd, 0], P(m.mem_w2)[hd, 0]]
       mom = {n: [np.zeros_like(w1), np.zeros_like(w2)] for n, (w1, w2) in mems.items()}
-      apply = lambda n, x: x + mems[n][0] @ _np_gelu(mems[n][1] @ x)
+      apply = lambda n, x, mems=mems: x + mems[n][0] @ _np_gelu(mems[n][1] @ x)
       for t in range(u.shape[1]):
         x = xt[b, t, sl]
         k, v = unit(apply("k", x)), apply("v", x)
@@ -350,8 +350,8 @@ def test_titans_lmm_language_model_trains_one_step():
   """block='titans_lmm' builds SelfModTitans with static projections + SwiGLU."""
   import optax
 
-  from hope_jax import build_model
   from experiments import titans_lmm
+  from hope_jax import build_model
 
   cfg = titans_lmm.get_config()
   cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads = 32, 1, 2

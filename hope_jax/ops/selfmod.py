@@ -130,9 +130,10 @@ def phase_a_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
   x_ND, valid_N = xs["x"], xs["valid"]
   reads = {}
   if spec.live:
-    reads.update(zip(spec.live, _stack_apply(*read_W, x_ND)))
+    reads.update(zip(spec.live, _stack_apply(*read_W, x_ND), strict=True))
   if spec.frozen:
-    reads.update(zip(spec.frozen, _stack_apply(params["W1_frozen"], params["W2_frozen"], x_ND)))
+    reads.update(zip(spec.frozen, _stack_apply(params["W1_frozen"], params["W2_frozen"], x_ND),
+                     strict=True))
   k_ND, v_ND = l2norm(reads["k"]), reads["v"]
   # Scalar rates from a per-head readout of the residual memories (spec §2.3).
   eta_N = spec.eta_max * jax.nn.sigmoid(reads["eta"] @ params["r_eta"] + params["b_eta"])
