@@ -80,9 +80,27 @@ def dgd_solve(K_CI: Float[Array, "C I"], omega_C: Float[Array, "C"]) -> Float[Ar
   """
   c = K_CI.shape[0]
   A_CC = jnp.einsum("ci,di->cd", K_CI, K_CI)
-  lhs_CC = jnp.eye(c, dtype=K_CI.dtype) + omega_C[:, None] * jnp.tril(A_CC, -1)
-  return jax.scipy.linalg.solve_triangular(lhs_CC, jnp.diag(omega_C), lower=True,
-                                           unit_diagonal=True)
+  N_CC = omega_C[:, None] * jnp.tril(A_CC, -1)
+  return unit_lower_inverse(N_CC) * omega_C[None, :]
+
+
+def unit_lower_inverse(N_CC: Float[Array, "C C"]) -> Float[Array, "C C"]:
+  """(I + N)^{-1} for strictly lower-triangular N, by matmuls only.
+
+  N is nilpotent (N^C = 0), so (I + N)^{-1} = prod_{j<m} (I + (-N)^{2^j}) with 2^m >= C:
+  ceil(log2 C) squarings. Plain matmuls lower to the MXU/tensor cores on every backend and
+  avoid the LAPACK triangular-solve custom call, which deadlocked XLA:CPU under remat
+  with batch >= 4 (see docs/performance.md).
+  """
+  c = N_CC.shape[0]
+  P_CC = -N_CC
+  inv_CC = jnp.eye(c, dtype=N_CC.dtype) + P_CC
+  power = 2
+  while power < c:
+    P_CC = P_CC @ P_CC
+    inv_CC = inv_CC + inv_CC @ P_CC
+    power *= 2
+  return inv_CC
 
 
 def chunk_update_closed(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=None):
