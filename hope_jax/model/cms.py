@@ -14,7 +14,6 @@ stay static outer parameters [choice]. With no fast state the forward is the sta
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -54,8 +53,9 @@ class CMSLevel(nnx.Module):
     h_BLD = self.norm(u_BLD)
     if delta is None:
       return self.mlp(h_BLD)
-    # Straight-through: the outer gradient reaches theta_0; delta is a constant to it.
-    w = cms_ops.add_delta(self.theta0(), jax.tree.map(jax.lax.stop_gradient, delta))
+    # Straight-through: the caller passes stop_gradient(delta) for the outer loss, so the
+    # outer gradient reaches theta_0 only; the inner vjp differentiates w.r.t. delta itself.
+    w = cms_ops.add_delta(self.theta0(), delta)
     return cms_ops.swiglu_batched(h_BLD, w)
 
 

@@ -146,7 +146,7 @@ class LanguageModel(nnx.Module):
 
   def _init_states(self, batch_size: int, max_len: int):
     mixers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
-    fast = [b.ffn.init_fast_state(batch_size) for b in self.blocks]
+    fast = [b.ffn.init_fast_state(batch_size) if b.uses_cms else None for b in self.blocks]
     return mixers, fast
 
   def _write(self, fast, grads, tokens_seen):
@@ -234,3 +234,22 @@ class LanguageModel(nnx.Module):
       deltas = [f["delta"] for f in cache["fast"]]
     logits_B1V, mixers = self.chunk_forward(tokens_B[:, None], cache["mixer"], deltas)
     return logits_B1V[:, 0], {**cache, "mixer": mixers, "pos": pos + 1}
+
+  def prefill(self, tokens_BL, cache):
+    """Feeds a prompt; returns (logits of its last token `[B, V]`, cache).
+
+    Without in-context CMS writes the whole prompt goes through every mixer's `step` in one
+    parallel piece; with them it runs `decode_step` in a `lax.scan`, so every boundary write
+    happens exactly where streaming would apply it.
+    """
+    if not self.fast_cms:
+      logits_BLV, mixers = self.chunk_forward(tokens_BL, cache["mixer"],
+                                              [None] * len(self.blocks))
+      return logits_BLV[:, -1], {**cache, "mixer": mixers, "pos": cache["pos"] + tokens_BL.shape[1]}
+
+    def body(c, tok_B):
+      logits_BV, c = self.decode_step(tok_B, c)
+      return c, logits_BV
+
+    cache, logits_LBV = jax.lax.scan(body, cache, tokens_BL.swapaxes(0, 1))
+    return logits_LBV[-1], cache
