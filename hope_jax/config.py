@@ -95,6 +95,11 @@ class ModelConfig:
     return self.mem_hidden_proj or self.head_dim
 
   @property
+  def uses_static_projections(self) -> bool:
+    """Titans-LMM: k/v/eta/alpha from static linear maps (block "titans_lmm" implies it)."""
+    return self.static_projections or self.block == "titans_lmm"
+
+  @property
   def e_mem(self) -> int:
     return self.mem_hidden_mem or 4 * self.head_dim
 
@@ -174,6 +179,11 @@ class ModelConfig:
           "expected a subset of ('k', 'v', 'q', 'eta', 'alpha')")
     if "q" in self.frozen_memories and not self.adaptive_q:
       raise ConfigError("model.frozen_memories contains 'q' but model.adaptive_q is False")
+    if self.uses_static_projections and (self.adaptive_q or self.frozen_memories):
+      raise ConfigError(
+          "model.static_projections (or block='titans_lmm') has no projection memories: "
+          f"model.adaptive_q must be False and model.frozen_memories empty, got "
+          f"adaptive_q={self.adaptive_q}, frozen_memories={self.frozen_memories}")
     if self.block in ("hope", "hope_attention"):
       chunks = self.cms_chunks
       if not chunks or any(c < 1 for c in chunks):

@@ -1,0 +1,261 @@
+"""The self-modifying Titans sublayer of HOPE (spec §2) and its Titans-LMM preset (spec §4).
+
+  u -> x~ = SiLU(conv(u W_in)), q = SiLU(conv(u W_q)), beta = sigmoid(u W_b + b_b)
+    -> phase A (chunks of C_o): memories P = {k, v, eta, alpha[, q]} generate k, v, eta, alpha
+    -> phase B (chunks of C_m): main memory reads o = M_mem(q) and learns (k -> v^)
+    -> y = (RMSNorm_head(o) * SiLU(u W_g)) W_o
+
+With `static_projections` (implied by block="titans_lmm") phase A is replaced
+by linear maps of x~ (k, v: D x D; eta, alpha: D x H). All inner math is float32
+(`hope_jax.ops.selfmod`). `__call__` is the parallel form; `init_state`/`step`
+are the recurrent interface shared by every mixer (spec §5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hope_jax.config import ModelConfig
+from hope_jax.model.layers import DTYPES, Linear, normal
+from hope_jax.ops import selfmod
+from hope_jax.ops.conv import causal_dwconv
+from hope_jax.ops.memory import l2norm
+
+
+def proj_memory_names(cfg: ModelConfig) -> tuple[str, ...]:
+  """The projection memories P in their stacking order (empty for static projections)."""
+  if cfg.uses_static_projections:
+    return ()
+  names = ("k", "v") + (("q",) if cfg.adaptive_q else ()) + ("eta",)
+  return names + (("alpha",) if cfg.use_alpha else ())
+
+
+def inner_spec(cfg: ModelConfig) -> selfmod.InnerSpec:
+  names = proj_memory_names(cfg)
+  return selfmod.InnerSpec(
+      live=tuple(n for n in names if n not in cfg.frozen_memories),
+      frozen=tuple(n for n in names if n in cfg.frozen_memories),
+      chunk_other=cfg.chunk_other, chunk_mem=cfg.chunk_mem, dgd_precond=cfg.dgd_precond,
+      momentum=cfg.momentum, use_alpha=cfg.use_alpha, eta_max=cfg.eta_max,
+      alpha_min=cfg.alpha_min, clip=cfg.inner_grad_clip, memory_target=cfg.memory_target,
+      read_mode=cfg.read_mode, meta_grad=cfg.selfmod_meta_grad, impl=cfg.impl, remat=cfg.remat)
+
+
+def _param(rngs, std, shape, dtype):
+  return nnx.Param(normal(std)(rngs.params(), shape, dtype))
+
+
+class SelfModTitans(nnx.Module):
+  """Self-modifying Titans: `y_BLD = layer(u_BLD)`, u the block's pre-norm output."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, dh, pd = cfg.hidden_size, cfg.num_heads, cfg.head_dim, DTYPES[cfg.param_dtype]
+    self.cfg, self.spec = cfg, inner_spec(cfg)
+    self.names = proj_memory_names(cfg)
+    kw = dict(rngs=rngs, dtype=DTYPES[cfg.dtype], param_dtype=pd)
+    if cfg.memory_input == "proj":
+      self.w_in = Linear(d, d, std=0.02, **kw)
+    if not cfg.adaptive_q:
+      self.w_q = Linear(d, d, std=0.02, **kw)
+    self.w_g = Linear(d, d, std=0.02, **kw)
+    self.w_o = Linear(d, d, std=0.02 / math.sqrt(2 * cfg.num_layers), **kw)
+    # Conv taps: identity at the last tap plus noise, so the layer starts near "no conv".
+    cw = cfg.conv_width
+    ident = jnp.zeros((cw, d), pd).at[cw - 1].set(1.0)
+    for name in self.conv_streams:
+      setattr(self, f"conv_{name}_w", nnx.Param(ident + normal(0.02)(rngs.params(), (cw, d), pd)))
+      setattr(self, f"conv_{name}_b", nnx.Param(jnp.zeros((d,), pd)))
+    if cfg.momentum:
+      self.w_beta = Linear(d, h, std=0.02, **kw)
+      self.b_beta = nnx.Param(jnp.full((h,), 2.2, pd))  # beta ~ 0.9 at init.
+    if cfg.uses_static_projections:  # Titans-LMM (spec §4).
+      self.w_k = Linear(d, d, std=0.02, **kw)
+      self.w_v = Linear(d, d, std=0.02, **kw)
+      self.w_eta = Linear(d, h, std=0.02, **kw)
+      if cfg.use_alpha:
+        self.w_alpha = Linear(d, h, std=0.02, **kw)
+    else:
+      p, ep = len(self.names), cfg.e_proj
+      self.proj_w1 = _param(rngs, 0.1 / math.sqrt(ep), (h, p, dh, ep), pd)
+      self.proj_w2 = _param(rngs, 1.0 / math.sqrt(dh), (h, p, ep, dh), pd)
+      self.r_eta = _param(rngs, 0.02, (h, dh), pd)
+      if cfg.use_alpha:
+        self.r_alpha = _param(rngs, 0.02, (h, dh), pd)
+    self.b_eta = nnx.Param(jnp.full((h,), -2.0, pd))  # eta ~ 0.012 with eta_max = 0.1.
+    if cfg.use_alpha:
+      self.b_alpha = nnx.Param(jnp.full((h,), 5.0, pd))  # alpha ~ 0.994.
+    em = cfg.e_mem
+    self.mem_w1 = _param(rngs, 0.1 / math.sqrt(em), (h, 1, dh, em), pd)
+    self.mem_w2 = _param(rngs, 1.0 / math.sqrt(dh), (h, 1, em, dh), pd)
+    self.out_scale = nnx.Param(jnp.ones((h, dh), pd))  # Per-head RMSNorm scale.
+
+  # ------------------------------------------------------------------ helpers
+
+  @property
+  def conv_streams(self) -> tuple[str, ...]:
+    if self.cfg.conv_position == "pre_memory":
+      return ("x", "q") if not self.cfg.adaptive_q else ("x",)
+    return ("k", "v", "q")
+
+  @property
+  def align(self) -> int:
+    """Chunk grid period shared by both phases."""
+    return max(self.cfg.chunk_other, self.cfg.chunk_mem)
+
+  def _heads(self, x_BLD):  # [B, L, D] -> float32 [B, H, L, Dh]
+    b, l, _ = x_BLD.shape
+    x = x_BLD.astype(jnp.float32).reshape(b, l, self.cfg.num_heads, self.cfg.head_dim)
+    return x.transpose(0, 2, 1, 3)
+
+  def _conv(self, name, x_BLD, conv_state):
+    w, b = getattr(self, f"conv_{name}_w")[...], getattr(self, f"conv_{name}_b")[...]
+    y, conv_state[name] = causal_dwconv(x_BLD, w, b, conv_state[name])
+    return y
+
+  def _meminit(self, w1, w2, idx, batch_size):
+    w1 = jnp.asarray(w1[...], jnp.float32)[:, idx]
+    w2 = jnp.asarray(w2[...], jnp.float32)[:, idx]
+    bc = lambda a: jnp.broadcast_to(a[None], (batch_size, *a.shape))
+    group = {"W1_start": bc(w1), "W2_start": bc(w2), "W1_run": bc(w1), "W2_run": bc(w2)}
+    if self.cfg.momentum:
+      group.update(S1_run=jnp.zeros_like(group["W1_run"]), S2_run=jnp.zeros_like(group["W2_run"]))
+    return group
+
+  # --------------------------------------------------------- recurrent state
+
+  def init_state(self, batch_size: int, max_len: int):
+    """Fresh per-sample state: fast weights at their meta-init, zero conv buffers, pos 0.
+
+    Its size does not depend on `max_len` (kept for the shared mixer interface).
+    """
+    del max_len
+    live = np.array([self.names.index(n) for n in self.spec.live], np.int32)
+    proj = ({} if not len(live) else
+            self._meminit(self.proj_w1, self.proj_w2, live, batch_size))
+    zeros = jnp.zeros((batch_size, self.cfg.conv_width - 1, self.cfg.hidden_size), jnp.float32)
+    return {"pos": jnp.zeros((), jnp.int32),
+            "conv": {name: zeros for name in self.conv_streams},
+            "proj": proj,
+            "mem": self._meminit(self.mem_w1, self.mem_w2, np.array([0]), batch_size)}
+
+  # ------------------------------------------------------------------ forward
+
+  def _forward(self, u_BLD, state, mode: str):
+    """The sublayer on L new tokens from `state`; mode "chunked" needs pos on the grid."""
+    cfg, spec = self.cfg, self.spec
+    b, l, _ = u_BLD.shape
+    conv = dict(state["conv"])
+    f32 = jnp.float32
+    # 2.1 Input streams (static, outer level).
+    x_pre = self.w_in(u_BLD) if cfg.memory_input == "proj" else u_BLD
+    q_pre = None if cfg.adaptive_q else self.w_q(u_BLD)
+    if cfg.conv_position == "pre_memory":
+      x_pre = self._conv("x", x_pre, conv)
+      q_pre = None if q_pre is None else self._conv("q", q_pre, conv)
+    xt_BLD = jax.nn.silu(x_pre.astype(f32))
+    lb_BLH = (jax.nn.log_sigmoid(self.w_beta(u_BLD).astype(f32) + self.b_beta[...][None, None, :])
+              if cfg.momentum else jnp.zeros((b, l, cfg.num_heads), f32))
+
+    # Padding to the chunk grid (parallel form only): padded tokens have eta = 0,
+    # alpha = beta = 1, so they write nothing and leave the state as it was.
+    pad = (-l) % self.align if mode == "chunked" else 0
+    lp = l + pad
+    padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    valid_BHL = jnp.broadcast_to((jnp.arange(lp) < l).astype(f32), (b, cfg.num_heads, lp))
+    xs_a = {"x": self._heads(padt(xt_BLD)), "lb": padt(lb_BLH).transpose(0, 2, 1),
+            "valid": valid_BHL}
+    pos = state["pos"]
+    bnd = lambda c: (pos + jnp.arange(lp) + 1) % c == 0
+
+    # Phase A: generated k, v, eta, alpha (, q).
+    if cfg.uses_static_projections:
+      x = padt(xt_BLD)
+      gen = {"k": l2norm(self._heads(self.w_k(x))), "v": self._heads(self.w_v(x))}
+      eta = cfg.eta_max * jax.nn.sigmoid(self.w_eta(x).astype(f32) + self.b_eta[...][None, None, :])
+      gen["eta"] = eta.transpose(0, 2, 1) * valid_BHL
+      if cfg.use_alpha:
+        alpha = cfg.alpha_min + (1 - cfg.alpha_min) * jax.nn.sigmoid(
+            self.w_alpha(x).astype(f32) + self.b_alpha[...][None, None, :])
+        gen["la"] = jnp.log(alpha).transpose(0, 2, 1) * valid_BHL
+      else:
+        gen["la"] = jnp.zeros_like(gen["eta"])
+      new_proj = state["proj"]
+    else:
+      params_a = {"r_eta": self.r_eta[...], "b_eta": self.b_eta[...]}
+      if cfg.use_alpha:
+        params_a.update(r_alpha=self.r_alpha[...], b_alpha=self.b_alpha[...])
+      if spec.frozen:
+        idx = np.array([self.names.index(n) for n in spec.frozen], np.int32)
+        params_a.update(W1_frozen=jnp.asarray(self.proj_w1[...], f32)[:, idx],
+                        W2_frozen=jnp.asarray(self.proj_w2[...], f32)[:, idx])
+      params_a = jax.tree.map(lambda a: a.astype(f32), params_a)
+      new_proj, gen = selfmod.run_phase_bh(
+          spec, selfmod.phase_a_body, params_a, state["proj"], xs_a, chunk=cfg.chunk_other,
+          mode=mode, boundary_L=bnd(cfg.chunk_other))
+    q_BHLD = gen["q"] if cfg.adaptive_q else None
+    k_BHLD, v_BHLD = gen["k"], gen["v"]
+    if cfg.conv_position == "post_memory":
+      # Conv on the generated streams (choice, see docs/architecture.md). It runs over
+      # the padded length: it is causal, so padding never reaches a real token.
+      flat = lambda a: a.transpose(0, 2, 1, 3).reshape(b, lp, -1)
+      k_BHLD = l2norm(self._heads(self._conv("k", flat(k_BHLD), conv)))
+      v_BHLD = self._heads(self._conv("v", flat(v_BHLD), conv))
+      q_src = flat(q_BHLD) if cfg.adaptive_q else padt(jax.nn.silu(q_pre.astype(f32)))
+      q_BHLD = self._heads(self._conv("q", q_src, conv))
+    elif q_BHLD is None:
+      q_BHLD = self._heads(padt(jax.nn.silu(q_pre.astype(f32))))
+    q_BHLD = l2norm(q_BHLD)
+
+    # Phase B: the main memory (dual reads exist only token by token).
+    xs_b = {"q": q_BHLD, "k": k_BHLD, "v": v_BHLD, "eta": gen["eta"], "la": gen["la"],
+            "lb": xs_a["lb"]}
+    mode_b = "token" if cfg.read_mode == "dual" else mode
+    new_mem, out = selfmod.run_phase_bh(
+        spec, selfmod.phase_b_body, {}, state["mem"], xs_b, chunk=cfg.chunk_mem, mode=mode_b,
+        boundary_L=bnd(cfg.chunk_mem))
+
+    # 2.8 Output: per-head RMSNorm, SiLU gate, output projection.
+    o = out["o"][:, :, :l]
+    o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
+    o = o * self.out_scale[...].astype(f32)[None, :, None, :]
+    o_BLD = o.transpose(0, 2, 1, 3).reshape(b, l, cfg.hidden_size)
+    dt = DTYPES[cfg.dtype]
+    y_BLD = self.w_o(o_BLD.astype(dt) * jax.nn.silu(self.w_g(u_BLD)).astype(dt))
+    new_state = {"pos": pos + l, "conv": conv, "proj": new_proj, "mem": new_mem}
+    return y_BLD.astype(u_BLD.dtype), new_state, gen
+
+  def __call__(self, u_BLD):
+    """Parallel form over the whole sequence (chunked scans; padded to the chunk grid)."""
+    y, _, _ = self._forward(u_BLD, self.init_state(u_BLD.shape[0], u_BLD.shape[1]), "chunked")
+    return y
+
+  def step(self, u_BLD, state):
+    """Continues from `state` with L new tokens; equals `__call__` on the whole prefix.
+
+    A piece whose length is a multiple of the chunk grid and that starts on the grid
+    takes the chunked scans; any other piece goes token by token (spec §5).
+    """
+    if u_BLD.shape[1] % self.align:
+      y, new_state, _ = self._forward(u_BLD, state, "token")
+      return y, new_state
+    run = lambda mode: (lambda st: self._forward(u_BLD, st, mode)[:2])
+    return jax.lax.cond(state["pos"] % self.align == 0, run("chunked"), run("token"), state)
+
+  def inspect(self, u_BLD):
+    """Per-token eta_BLH, alpha_BLH and the final drift |W_run - W_0| per memory (health)."""
+    state0 = self.init_state(u_BLD.shape[0], u_BLD.shape[1])
+    _, state, gen = self._forward(u_BLD, state0, "chunked")
+    l = u_BLD.shape[1]
+    drift = {}
+    for group, names in (("proj", self.spec.live), ("mem", ("memory",))):
+      for w in ("W1", "W2") if state[group] else ():
+        d = state[group][f"{w}_run"] - state0[group][f"{w}_run"]
+        norms = jnp.sqrt(jnp.sum(d * d, axis=(-2, -1)))  # [B, H, M]
+        drift.update({f"{n}/{w}": norms[..., i] for i, n in enumerate(names)})
+    return {"eta_BLH": gen["eta"][:, :, :l].transpose(0, 2, 1),
+            "alpha_BLH": jnp.exp(gen["la"][:, :, :l]).transpose(0, 2, 1), "drift": drift}

@@ -1,0 +1,144 @@
+"""Pure inner-loop ops of the self-modifying Titans sublayer (spec §7 tests 1, 6, 7)."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hope_jax.ops import chunk_update as cu
+from hope_jax.ops import memory
+from hope_jax.ops.conv import causal_dwconv
+
+
+def _unit(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _chunk_inputs(seed, c, o=6, i=5, *, momentum=True, use_alpha=True):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  W = jax.random.normal(ks[0], (o, i))
+  S = jax.random.normal(ks[1], (o, i)) if momentum else None
+  K = _unit(jax.random.normal(ks[2], (c, i)))
+  D = jax.random.normal(ks[3], (c, o))
+  eta = jax.random.uniform(ks[4], (c,), minval=0.05, maxval=0.5)
+  la = (jnp.log(jax.random.uniform(ks[5], (c,), minval=0.5, maxval=1.0)) if use_alpha
+        else jnp.zeros((c,)))
+  lb = jnp.log(jax.random.uniform(ks[6], (c,), minval=0.1, maxval=0.99)) if momentum else None
+  return W, S, K, D, eta, la, lb
+
+
+@pytest.mark.parametrize("c,dgd,momentum,use_alpha",
+                         list(itertools.product([1, 3, 8], [True, False], [True, False],
+                                                [True, False])))
+def test_closed_form_equals_token_scan(c, dgd, momentum, use_alpha):
+  """Spec §7.1: the chunk closed form reproduces the literal recurrence of §2.6."""
+  W, S, K, D, eta, la, lb = _chunk_inputs(17 * c + 2 * dgd + momentum, c, momentum=momentum,
+                                          use_alpha=use_alpha)
+  co = cu.decay_coeffs(la, lb)
+  T = cu.dgd_solve(K, eta * jnp.exp(-la)) if dgd else None
+  W_c, S_c = cu.chunk_update_closed(W, S, K, D, eta, co, T)
+  W_r, S_r = cu.chunk_update_reference(W, S, K, D, eta, la, lb, dgd=dgd)
+  assert float(jnp.max(jnp.abs(W_r - W))) > 1e-2  # The chunk really moves the weights.
+  chex.assert_trees_all_close(W_c, W_r, atol=1e-5, rtol=1e-5)
+  if momentum:
+    chex.assert_trees_all_close(S_c, S_r, atol=1e-5, rtol=1e-5)
+  else:
+    assert S_c is None and S_r is None
+
+
+def test_inner_grads_match_autodiff():
+  """The analytic per-token gradients of §2.4 equal jax.grad of 1/2|M(k) - vhat|^2."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  W1 = 0.3 * jax.random.normal(ks[0], (8, 12))
+  W2 = jax.random.normal(ks[1], (12, 8)) / np.sqrt(8)
+  k = _unit(jax.random.normal(ks[2], (5, 8)))
+  vhat = jax.random.normal(ks[3], (5, 8))
+  e, h, delta = memory.inner_grads(W1, W2, k, vhat, clip=0.0)
+  loss = lambda w1, w2, kk, vv: 0.5 * jnp.sum((memory.mlp_apply(w1, w2, kk[None]) - vv[None]) ** 2)
+  g1, g2 = jax.vmap(jax.grad(loss, argnums=(0, 1)), (None, None, 0, 0))(W1, W2, k, vhat)
+  chex.assert_trees_all_close(jnp.einsum("nd,ne->nde", e, h), g1, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(jnp.einsum("ne,nd->ned", delta, k), g2, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(memory.gelu_prime(k), jax.vmap(jax.vmap(jax.grad(memory.gelu)))(k),
+                              atol=1e-6)
+
+
+def test_inner_grad_clipping_bounds_each_token():
+  ks = jax.random.split(jax.random.PRNGKey(1), 4)
+  W1 = 3.0 * jax.random.normal(ks[0], (8, 12))
+  W2 = 3.0 * jax.random.normal(ks[1], (12, 8))
+  k = _unit(jax.random.normal(ks[2], (6, 8)))
+  vhat = 10.0 * jax.random.normal(ks[3], (6, 8))
+  e0, h0, d0 = memory.inner_grads(W1, W2, k, vhat, clip=0.0)
+  e, h, d = memory.inner_grads(W1, W2, k, vhat, clip=1.0)
+  norm = lambda x: jnp.linalg.norm(x, axis=-1)
+  assert float(jnp.max(norm(e0) * norm(h0))) > 1.0 and float(jnp.max(norm(d0))) > 1.0
+  np.testing.assert_array_less(norm(e) * norm(h), 1.0 + 1e-5)
+  np.testing.assert_array_less(norm(d), 1.0 + 1e-5)
+  # Clipping rescales; it never turns the direction.
+  chex.assert_trees_all_close(e / norm(e)[:, None], e0 / norm(e0)[:, None], atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("c", [1, 4])
+def test_linear_memory_matches_eq_92_93(objective, c):
+  """Spec §7.6: a linear memory under the closed form follows Eq. 93 (l2) / Eq. 92 (dot)."""
+  W0, _, K, _, eta, la, _ = _chunk_inputs(5 + c, c, o=5, i=5, momentum=False)
+  vhat = np.asarray(jax.random.normal(jax.random.PRNGKey(9), (c, 5)), np.float64)
+  d = memory.linear_inner_grad(W0, K, jnp.asarray(vhat, jnp.float32), objective=objective)
+  co = cu.decay_coeffs(la, None)
+  W_c, _ = cu.chunk_update_closed(W0, None, K, d, eta, co, cu.dgd_solve(K, eta * jnp.exp(-la)))
+  # Eq. 93 written out in float64: M_t = M_{t-1}(alpha I - eta k k^T) - eta (M_t' k - vhat) k^T.
+  W_start = np.asarray(W0, np.float64)
+  M = W_start.copy()
+  for t in range(c):
+    k_t = np.asarray(K[t], np.float64)
+    a_t, e_t = float(np.exp(la[t])), float(eta[t])
+    g_t = (W_start @ k_t - vhat[t]) if objective == "l2" else -vhat[t]
+    M = M @ (a_t * np.eye(5) - e_t * np.outer(k_t, k_t)) - e_t * np.outer(g_t, k_t)
+  np.testing.assert_allclose(np.asarray(W_c), M, atol=1e-5, rtol=1e-5)
+
+
+def test_sherman_morrison_reading_of_dgd():
+  """Spec §7.7: W(I - eta' x x^T) + eta' u x^T is the exact minimiser of Eq. 56."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 3)
+  W = jax.random.normal(ks[0], (4, 6))
+  x = _unit(jax.random.normal(ks[1], (6,)))
+  u = jax.random.normal(ks[2], (4,))
+  eta = 0.3
+  # argmin_W' 1/2 |W' x - u|^2 + 1/(2 eta) |W' - W|^2  <=>  W' (x x^T + I/eta) = u x^T + W/eta.
+  lhs = jnp.outer(x, x) + jnp.eye(6) / eta
+  exact = jnp.linalg.solve(lhs.T, (jnp.outer(u, x) + W / eta).T).T
+  eta_p = eta / (1 + eta)
+  formula = W @ (jnp.eye(6) - eta_p * jnp.outer(x, x)) + eta_p * jnp.outer(u, x)
+  chex.assert_trees_all_close(formula, exact, atol=1e-5)
+  # Our DGD update with rate eta', alpha = 1 and the dot objective (d = -u) is that minimiser.
+  one = lambda a: jnp.asarray([a], jnp.float32)
+  d = memory.linear_inner_grad(W, x[None], u[None], objective="dot")
+  co = cu.decay_coeffs(one(0.0), None)
+  W_dgd, _ = cu.chunk_update_closed(W, None, x[None], d, one(eta_p), co,
+                                    cu.dgd_solve(x[None], one(eta_p)))
+  chex.assert_trees_all_close(W_dgd, exact, atol=1e-5)
+  # Eq. 88 with the l2 gradient shrinks along x twice (the paper's rule, kept literally).
+  d_l2 = memory.linear_inner_grad(W, x[None], u[None], objective="l2")
+  W_l2, _ = cu.chunk_update_closed(W, None, x[None], d_l2, one(eta_p), co,
+                                   cu.dgd_solve(x[None], one(eta_p)))
+  twice = W @ (jnp.eye(6) - eta_p * jnp.outer(x, x)) - eta_p * jnp.outer(W @ x - u, x)
+  chex.assert_trees_all_close(W_l2, twice, atol=1e-5)
+
+
+def test_causal_conv_in_pieces_equals_whole():
+  ks = jax.random.split(jax.random.PRNGKey(4), 3)
+  x = jax.random.normal(ks[0], (2, 11, 3))
+  w, b = jax.random.normal(ks[1], (4, 3)), jax.random.normal(ks[2], (3,))
+  y, _ = causal_dwconv(x, w, b, jnp.zeros((2, 3, 3)))
+  prev, outs = jnp.zeros((2, 3, 3)), []
+  for lo, hi in ((0, 1), (1, 3), (3, 10), (10, 11)):
+    yy, prev = causal_dwconv(x[:, lo:hi], w, b, prev)
+    outs.append(yy)
+  chex.assert_trees_all_close(jnp.concatenate(outs, 1), y, atol=1e-6)
+  # Causal: y_t is w[3] x_t + ... + w[0] x_{t-3} + b.
+  expect = b[None] + sum(w[j][None] * x[:, 2 + j] for j in range(4))
+  chex.assert_trees_all_close(y[:, 5], expect, atol=1e-5)
