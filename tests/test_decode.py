@@ -28,7 +28,7 @@ CASES = {
     "hope_attention_lm_grad": dict(cms_lr=30.0),
     "hope_attention_nested": dict(cms_lr=30.0, cms_variant="nested", cms_chunks=(4, 8, 16)),
     "hope_attention_static": dict(cms_signal="static"),
-    "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0, cms_chunks=(4, 8)),
+    "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1),
                                  marks=needs_titans),
     "titans_lmm": pytest.param(dict(block="titans_lmm"), marks=needs_titans),
 }

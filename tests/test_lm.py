@@ -17,11 +17,13 @@ from tests.conftest import REPO
 from tests.lm_helpers import HAS_TITANS, needs_titans, tiny
 
 L = 13
+FORWARD = nnx.jit(lambda m, t: m(t))  # Shared so equal model structures compile once.
 
 LM_CASES = {
     "hope_attention_lm_grad": dict(cms_lr=30.0),
     "transformer_pp": dict(block="transformer_pp"),
-    "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0), marks=needs_titans),
+    "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1),
+                                 marks=needs_titans),
 }
 
 
@@ -29,7 +31,7 @@ LM_CASES = {
 def test_causality_of_the_whole_lm(overrides):
   """Logits at t are unchanged when every token after t changes (incl. the CMS targets)."""
   model = hope_jax.build_model(tiny(**overrides), seed=0)
-  forward = nnx.jit(lambda m, t: m(t))
+  forward = FORWARD
   tokens_BL = jax.random.randint(jax.random.key(0), (2, L), 0, 32)
   base_BLV = forward(model, tokens_BL)
   for t in (0, 2, 3, 4, 7, 8, 11):  # Around the chunk boundaries 4 and 8.
@@ -62,7 +64,7 @@ def test_embedding_jacobian_is_causal():
 
 def test_lm_grad_writes_change_later_logits_only():
   tokens_BL = jax.random.randint(jax.random.key(3), (2, L), 0, 32)
-  forward = nnx.jit(lambda m, t: m(t))
+  forward = FORWARD
   fast = forward(hope_jax.build_model(tiny(cms_lr=30.0, num_layers=1), seed=0), tokens_BL)
   static = forward(hope_jax.build_model(tiny(cms_signal="static", num_layers=1), seed=0),
                    tokens_BL)
@@ -72,15 +74,11 @@ def test_lm_grad_writes_change_later_logits_only():
 
 def test_batch_independence():
   model = hope_jax.build_model(tiny(cms_lr=30.0, num_layers=1), seed=0)
-  forward = nnx.jit(lambda m, t: m(t))
-  tokens_BL = jax.random.randint(jax.random.key(5), (3, L), 0, 32)
-  out = forward(model, tokens_BL)
-  perm = jnp.array([2, 0, 1])
-  np.testing.assert_allclose(forward(model, tokens_BL[perm]), out[perm], atol=1e-6)
+  tokens_BL = jax.random.randint(jax.random.key(5), (2, L), 0, 32)
+  out = FORWARD(model, tokens_BL)
+  np.testing.assert_allclose(FORWARD(model, tokens_BL[::-1]), out[::-1], atol=1e-6)
   altered = tokens_BL.at[1].set((tokens_BL[1] + 1) % 32)
-  out2 = forward(model, altered)
-  np.testing.assert_allclose(out2[0], out[0], atol=1e-6)
-  np.testing.assert_allclose(out2[2], out[2], atol=1e-6)
+  np.testing.assert_allclose(FORWARD(model, altered)[0], out[0], atol=1e-6)
 
 
 def test_lm_grad_outer_gradient_reaches_every_parameter():
@@ -128,9 +126,11 @@ ABLATIONS = sorted(p for p in FILES if "/ablations/" in p)
 
 
 def _shrunk(model_section):
+  # Static CMS: the Titans switches are what these rows change, and the parallel forward
+  # keeps the check cheap ("w/o CMS" then compares the static chain with one SwiGLU).
   d = dict(model_section)
   d.update(hidden_size=32, num_heads=2, num_layers=1, chunk_other=4, chunk_mem=8,
-           cms_chunks=(8, 16), cms_hidden=64, cms_lr=30.0)
+           cms_chunks=(8, 16), cms_hidden=64, cms_signal="static")
   return ModelConfig.from_config(d)
 
 
@@ -149,7 +149,11 @@ def test_ablation_changes_the_computation(path):
   assert diff, f"{path} overrides nothing"
   tokens = jax.random.randint(jax.random.key(7), (1, 24), 0, base.vocab_size)
   m_base, m_abl = (hope_jax.build_model(c, seed=0) for c in (base, ablated))
+  for m in (m_base, m_abl):  # Random weights, scaled so the small memory meta-inits matter.
+    for _, p in nnx.iter_graph(m):
+      if isinstance(p, nnx.Param) and p[...].ndim >= 2:
+        p[...] = p[...] * 3.0
   jaxpr = lambda m: str(jax.make_jaxpr(lambda s, t: nnx.merge(nnx.graphdef(m), s)(t))(
       nnx.state(m), tokens))
   assert jaxpr(m_base) != jaxpr(m_abl)
-  assert float(jnp.max(jnp.abs(m_base(tokens) - m_abl(tokens)))) > 1e-4
+  assert float(jnp.max(jnp.abs(FORWARD(m_base, tokens) - FORWARD(m_abl, tokens)))) > 1e-4
