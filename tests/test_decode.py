@@ -13,8 +13,11 @@ from tests.lm_helpers import needs_titans, tiny
 L = 13  # Not a multiple of any chunk size (4, 8) used below.
 
 
+STEP = nnx.jit(lambda m, t, c: m.decode_step(t, c))  # Shared: equal structures compile once.
+
+
 def _stream(model, tokens_BL, max_len):
-  step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+  step = STEP
   cache = model.init_cache(tokens_BL.shape[0], max_len=max_len)
   outs = []
   for t in range(tokens_BL.shape[1]):
@@ -54,12 +57,12 @@ def test_recurrent_state_does_not_grow(block):
 
 def test_prefill_equals_stepping():
   model = hope_jax.build_model(tiny(cms_lr=30.0), seed=0)
-  tokens_BL = jax.random.randint(jax.random.key(2), (2, 9), 0, 32)
+  tokens_BL = jax.random.randint(jax.random.key(2), (2, L), 0, 32)
   last_BV, cache = nnx.jit(lambda m, t: m.prefill(t, m.init_cache(2, max_len=16)))(
       model, tokens_BL)
   streamed_BLV, cache2 = _stream(model, tokens_BL, max_len=16)
   np.testing.assert_allclose(last_BV, streamed_BLV[:, -1], atol=1e-5, rtol=0)
-  assert int(cache["pos"]) == int(cache2["pos"]) == 9
+  assert int(cache["pos"]) == int(cache2["pos"]) == L
 
 
 def test_sampling_is_reproducible():

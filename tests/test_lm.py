@@ -148,12 +148,23 @@ def test_ablation_changes_the_computation(path):
   diff = {k for k, v in ablated.to_dict().items() if base.to_dict()[k] != v}
   assert diff, f"{path} overrides nothing"
   tokens = jax.random.randint(jax.random.key(7), (1, 24), 0, base.vocab_size)
-  m_base, m_abl = (hope_jax.build_model(c, seed=0) for c in (base, ablated))
-  for m in (m_base, m_abl):  # Random weights, scaled so the small memory meta-inits matter.
-    for _, p in nnx.iter_graph(m):
+  jaxpr_base, out_base = _traced_forward(base, tokens)
+  jaxpr_abl, out_abl = _traced_forward(ablated, tokens)
+  assert jaxpr_base != jaxpr_abl
+  assert float(jnp.max(jnp.abs(out_base - out_abl))) > 1e-4
+
+
+_TRACED = {}
+
+
+def _traced_forward(cfg, tokens):
+  """(jaxpr text, logits) of the parallel forward on random weights, traced once per config."""
+  if cfg not in _TRACED:
+    m = hope_jax.build_model(cfg, seed=0)
+    for _, p in nnx.iter_graph(m):  # Scaled so the small memory meta-inits matter.
       if isinstance(p, nnx.Param) and p[...].ndim >= 2:
         p[...] = p[...] * 3.0
-  jaxpr = lambda m: str(jax.make_jaxpr(lambda s, t: nnx.merge(nnx.graphdef(m), s)(t))(
-      nnx.state(m), tokens))
-  assert jaxpr(m_base) != jaxpr(m_abl)
-  assert float(jnp.max(jnp.abs(FORWARD(m_base, tokens) - FORWARD(m_abl, tokens)))) > 1e-4
+    graphdef, state = nnx.split(m)
+    traced = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).trace(state, tokens)
+    _TRACED[cfg] = (str(traced.jaxpr), traced.lower().compile()(state, tokens))
+  return _TRACED[cfg]
