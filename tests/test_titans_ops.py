@@ -142,3 +142,30 @@ def test_causal_conv_in_pieces_equals_whole():
   # Causal: y_t is w[3] x_t + ... + w[0] x_{t-3} + b.
   expect = b[None] + sum(w[j][None] * x[:, 2 + j] for j in range(4))
   chex.assert_trees_all_close(y[:, 5], expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("meta_grad", ["full", "first_order"])
+def test_first_order_meta_grad_is_straight_through(meta_grad):
+  """first_order: each chunk's update is a constant, the meta-init gets d W_C / d W_0 = I."""
+  from hope_jax.ops import selfmod
+
+  spec = selfmod.InnerSpec(meta_grad=meta_grad, clip=0.0)
+  ks = jax.random.split(jax.random.PRNGKey(6), 5)
+  W1 = 0.3 * jax.random.normal(ks[0], (1, 4, 6))
+  W2 = jax.random.normal(ks[1], (1, 6, 4))
+  k = _unit(jax.random.normal(ks[2], (3, 4)))
+  vhat = jax.random.normal(ks[3], (1, 3, 4))
+  proj = jax.random.normal(ks[4], (1, 6, 4))
+  eta, la, lb = jnp.full((3,), 0.3), jnp.full((3,), -0.2), jnp.full((3,), -0.5)
+
+  def loss(W2, k):
+    run = {"W1": W1, "W2": W2, "S1": jnp.zeros_like(W1), "S2": jnp.zeros_like(W2)}
+    new = selfmod.group_update(spec, (W1, W2), run, k, vhat, eta, la, lb, "chunked")
+    return jnp.sum(new["W2"] * proj)
+
+  g_w, g_k = jax.grad(loss, argnums=(0, 1))(W2, k)
+  if meta_grad == "first_order":
+    chex.assert_trees_all_close(g_w, proj, atol=1e-6)
+    assert float(jnp.abs(g_k).max()) == 0.0
+  else:
+    assert float(jnp.abs(g_w - proj).max()) > 1e-2 and float(jnp.abs(g_k).max()) > 1e-2

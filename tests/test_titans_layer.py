@@ -1,0 +1,373 @@
+"""The self-modifying Titans sublayer (spec §7 tests 2, 3, 8, 10; §5 streaming; causality).
+
+Small config of spec §7: D=64, H=2, Dh=32, L=64, C_o=4, C_m=8. The models are made
+"lively" (faster inner rates, stronger forgetting and momentum decay, larger
+memory branches and output projection) so that the inner updates move the
+outputs by far more than the tolerances: a wrong update cannot pass unnoticed.
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hope_jax.config import ModelConfig
+from hope_jax.model.titans import SelfModTitans
+
+SMALL = ModelConfig(block="hope", hidden_size=64, num_heads=2, num_layers=2, chunk_other=4,
+                    chunk_mem=8, cms_chunks=(8, 16, 32))
+B, L = 2, 64
+
+
+def make(seed=0, **overrides):
+  """A SelfModTitans of the small config with lively inner dynamics."""
+  model = SelfModTitans(dataclasses.replace(SMALL, **overrides), rngs=nnx.Rngs(seed))
+  model.b_eta[...] = jnp.full_like(model.b_eta[...], 1.0)  # eta ~ 0.073.
+  if model.cfg.use_alpha:
+    model.b_alpha[...] = jnp.full_like(model.b_alpha[...], 1.0)  # alpha ~ 0.76.
+  if model.cfg.momentum:
+    model.b_beta[...] = jnp.zeros_like(model.b_beta[...])  # beta = 0.5.
+  for name in ("proj_w1", "mem_w1"):
+    if hasattr(model, name):
+      getattr(model, name)[...] = 10.0 * getattr(model, name)[...]
+  key = jax.random.PRNGKey(seed + 100)
+  model.w_o.kernel[...] = jax.random.normal(key, model.w_o.kernel[...].shape) / 8.0
+  return model
+
+
+def inputs(seed=1, length=L, batch=B):
+  return jax.random.normal(jax.random.PRNGKey(seed), (batch, length, SMALL.hidden_size))
+
+
+def jit_forward(model, traces=None):
+  graphdef, params = nnx.split(model)
+
+  def run(p, u):
+    if traces is not None:
+      traces.append(u.shape)
+    return nnx.merge(graphdef, p)(u)
+
+  fwd = jax.jit(run)
+  return lambda u: fwd(params, u)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return make()
+
+
+FORWARD_TRACES = []
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+  return jit_forward(model, FORWARD_TRACES)
+
+
+# --------------------------------------------------------------- test 2
+
+
+def _loss_and_grads(model, u, proj, t_max):
+  """A random projection of the outputs at positions <= t_max; grads wrt params and u."""
+  graphdef, params = nnx.split(model)
+
+  def loss(p, u):
+    y = nnx.merge(graphdef, p)(u)
+    return jnp.sum(jnp.where(jnp.arange(u.shape[1])[None, :, None] <= t_max, y * proj, 0.0))
+
+  return jax.value_and_grad(loss, argnums=(0, 1))(params, u)
+
+
+@pytest.fixture(scope="module")
+def chunked_and_reference():
+  u = inputs()
+  proj = jax.random.normal(jax.random.PRNGKey(7), u.shape)
+  chunked, ref = make(), make(impl="reference", remat=False)
+
+  @jax.jit
+  def both(u, proj):
+    return (_loss_and_grads(chunked, u, proj, 40), _loss_and_grads(ref, u, proj, 40),
+            chunked(u), ref(u))
+
+  return both(u, proj)
+
+
+def test_chunked_equals_reference_outputs_and_outer_grads(chunked_and_reference):
+  (l_c, (g_c, gu_c)), (l_r, (g_r, gu_r)), y_c, y_r = chunked_and_reference
+  assert float(jnp.std(y_c)) > 0.05  # Outputs of order 0.1: the tolerances below are tight.
+  chex.assert_trees_all_close(y_c, y_r, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(l_c, l_r, rtol=1e-5)
+  chex.assert_trees_all_close(g_c, g_r, atol=1e-5, rtol=1e-4)
+  chex.assert_trees_all_close(gu_c, gu_r, atol=1e-5, rtol=1e-4)
+  # The meta-inits of the memories get a real gradient through the inner loop.
+  assert float(jnp.abs(g_c["proj_w2"][...]).max()) > 1e-3
+
+
+def test_outer_gradient_is_causal(chunked_and_reference):
+  """d(outputs at t <= 40) / d(inputs at t > 40) is exactly zero, nonzero at t <= 40."""
+  (_, (_, gu)), *_ = chunked_and_reference
+  assert float(jnp.abs(gu[:, 41:]).max()) == 0.0
+  assert float(jnp.abs(gu[:, 40]).min()) > 0.0
+
+
+def test_inner_updates_move_the_fast_weights(model):
+  graphdef, params = nnx.split(model)
+  info = jax.jit(lambda p, u: nnx.merge(graphdef, p).inspect(u))(params, inputs())
+  for name, drift in info["drift"].items():
+    assert float(drift.min()) > 1e-2, name
+  assert info["eta_BLH"].shape == (B, L, 2) and info["alpha_BLH"].shape == (B, L, 2)
+
+
+@pytest.mark.parametrize("overrides", [dict(dgd_precond="per_layer", momentum=False),
+                                       dict(static_projections=True, memory_target="v",
+                                            dgd_precond="none", use_alpha=False)],
+                         ids=["per_layer-nomomentum", "titans_lmm-noalpha"])
+def test_chunked_equals_reference_variants(overrides):
+  u = inputs(length=32)
+  y_c = jit_forward(make(**overrides))(u)
+  y_r = jit_forward(make(impl="reference", **overrides))(u)
+  chex.assert_trees_all_close(y_c, y_r, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------- test 3
+
+
+def _np_gelu(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_gelu_prime(x):
+  t = np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))
+  return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x * x)
+
+
+def _np_recurrent_layer(m, u):
+  """Eq. 86-88 + momentum token by token in float64 NumPy, with M_{t-1} everywhere."""
+  cfg = m.cfg
+  P = lambda a: np.asarray(a[...], np.float64)
+  d, h, dh, g = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.inner_grad_clip
+  u = np.asarray(u, np.float64)
+  silu = lambda x: x / (1 + np.exp(-x))
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  unit = lambda x: x / np.sqrt(np.sum(x * x) + 1e-6)
+
+  def conv(x, name):
+    w, b = P(getattr(m, f"conv_{name}_w")), P(getattr(m, f"conv_{name}_b"))
+    xp = np.concatenate([np.zeros((x.shape[0], 3, d)), x], 1)
+    return b + sum(w[j] * xp[:, j:j + x.shape[1]] for j in range(4))
+
+  xt = silu(conv(u @ P(m.w_in.kernel), "x"))
+  q_all = silu(conv(u @ P(m.w_q.kernel), "q"))
+  beta = sig(u @ P(m.w_beta.kernel) + P(m.b_beta))
+  out = np.zeros((u.shape[0], u.shape[1], h, dh))
+  for b in range(u.shape[0]):
+    for hd in range(h):
+      sl = slice(hd * dh, (hd + 1) * dh)
+      mems = {n: [P(m.proj_w1)[hd, i], P(m.proj_w2)[hd, i]] for i, n in enumerate(m.names)}
+      mems["mem"] = [P(m.mem_w1)[hd, 0], P(m.mem_w2)[hd, 0]]
+      mom = {n: [np.zeros_like(w1), np.zeros_like(w2)] for n, (w1, w2) in mems.items()}
+      apply = lambda n, x: x + mems[n][0] @ _np_gelu(mems[n][1] @ x)
+      for t in range(u.shape[1]):
+        x = xt[b, t, sl]
+        k, v = unit(apply("k", x)), apply("v", x)
+        eta = cfg.eta_max * sig(P(m.r_eta)[hd] @ apply("eta", x) + P(m.b_eta)[hd])
+        alpha = cfg.alpha_min + (1 - cfg.alpha_min) * sig(
+            P(m.r_alpha)[hd] @ apply("alpha", x) + P(m.b_alpha)[hd])
+        q = unit(q_all[b, t, sl])
+        out[b, t, hd] = apply("mem", q)
+        targets = {n: apply(n, v) for n in mems}
+        for n, (w1, w2) in list(mems.items()):
+          z = w2 @ k
+          hh = _np_gelu(z)
+          e = k + w1 @ hh - targets[n]
+          delta = (w1.T @ e) * _np_gelu_prime(z)
+          e = e * min(1.0, g / (np.linalg.norm(e) * np.linalg.norm(hh)))
+          delta = delta * min(1.0, g / np.linalg.norm(delta))
+          s1 = beta[b, t, hd] * mom[n][0] - eta * np.outer(e, hh)
+          s2 = beta[b, t, hd] * mom[n][1] - eta * np.outer(delta, k)
+          mom[n] = [s1, s2]
+          mems[n] = [alpha * w1 + s1,
+                     w2 @ (alpha * np.eye(dh) - eta * np.outer(k, k)) + s2]
+  o = out / np.sqrt(np.mean(out * out, -1, keepdims=True) + 1e-6) * P(m.out_scale)
+  o = o.reshape(u.shape[0], u.shape[1], d)
+  gate = u @ P(m.w_g.kernel)
+  return (o * silu(gate)) @ P(m.w_o.kernel)
+
+
+def test_chunk_one_is_the_fully_recurrent_model():
+  """Spec §7.3: C_o = C_m = 1 equals the token loop of Eq. 86-88 with M_{t-1}."""
+  m = make(chunk_other=1, chunk_mem=1)
+  u = inputs(length=12, batch=1)
+  np.testing.assert_allclose(np.asarray(jit_forward(m)(u)), _np_recurrent_layer(m, u),
+                             atol=2e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------- test 8
+
+
+# Table 6 switches of this sublayer (spec §4): outputs and compiled program change.
+TABLE6 = {
+    "wo_dgd": (dict(dgd_precond="none"), {}),
+    "wo_momentum": (dict(momentum=False), {}),
+    "wo_weight_decay": (dict(use_alpha=False), {}),
+    "wo_inner_k": (dict(frozen_memories=("k",)), {}),
+    "wo_inner_v": (dict(frozen_memories=("v",)), {}),
+    "wo_inner_q": (dict(adaptive_q=True, frozen_memories=("q",)), dict(adaptive_q=True)),
+    "inner_q": (dict(adaptive_q=True), {}),  # Table 6 row 1 vs our default (spec §0.2).
+}
+# Every other §9 switch of the sublayer must at least change the traced program.
+OTHER_SWITCHES = [
+    dict(dgd_precond="per_layer"), dict(memory_target="v"), dict(read_mode="dual"),
+    dict(conv_position="post_memory"), dict(chunk_other=8), dict(chunk_mem=16),
+    dict(mem_hidden_proj=16), dict(mem_hidden_mem=64), dict(static_projections=True),
+    dict(impl="reference"),
+]
+GRAD_ONLY_SWITCHES = [dict(remat=False), dict(selfmod_meta_grad="first_order")]
+
+
+def _jaxpr(model, u, grad=False):
+  graphdef, params = nnx.split(model)
+  f = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x))
+  return str(jax.make_jaxpr(jax.grad(f) if grad else f)(params, u))
+
+
+@pytest.mark.parametrize("name", list(TABLE6))
+def test_table6_switch_changes_outputs_and_jaxpr(name, model, forward):
+  """Spec §7.8: each Table 6 switch moves the outputs by > 1e-4 and changes the jaxpr."""
+  u = inputs()
+  on, off = TABLE6[name]
+  base = make(**off) if off else model
+  y_base = jit_forward(base)(u) if off else forward(u)
+  switched = make(**on)
+  assert float(jnp.max(jnp.abs(jit_forward(switched)(u) - y_base))) > 1e-4
+  assert _jaxpr(switched, u) != _jaxpr(base, u)
+
+
+def test_every_other_switch_changes_the_jaxpr(model):
+  """The remaining §9 switches change the traced program (meta-grad and remat: its gradient)."""
+  u = inputs(length=16)
+  base = _jaxpr(model, u)
+  for on in OTHER_SWITCHES:
+    assert _jaxpr(make(**on), u) != base, on
+  base_grad = _jaxpr(model, u, grad=True)
+  for on in GRAD_ONLY_SWITCHES:
+    assert _jaxpr(make(**on), u, grad=True) != base_grad, on
+  ident = dict(num_heads=1, memory_input="identity")
+  assert _jaxpr(make(**ident), u) != _jaxpr(make(num_heads=1), u)
+
+
+# --------------------------------------------------------------- test 10
+
+
+def test_batch_independence(forward):
+  """Spec §7.10: permuting the batch permutes outputs; other samples cannot leak in."""
+  u = inputs()
+  y = forward(u)
+  perm = jnp.array([1, 0])
+  chex.assert_trees_all_close(forward(u[perm]), y[perm], atol=1e-6)
+  u_alt = u.at[1].set(inputs(seed=5, batch=1)[0])
+  y_alt = forward(u_alt)
+  chex.assert_trees_all_close(y_alt[0], y[0], atol=1e-6)
+  assert float(jnp.max(jnp.abs(y_alt[1] - y[1]))) > 1e-3
+
+
+# ------------------------------------------------- padding, streaming, compiles
+
+
+STEP_TRACES = []
+
+
+@pytest.fixture(scope="module")
+def step(model):
+  graphdef, params = nnx.split(model)
+
+  def run(p, u, state):
+    STEP_TRACES.append(u.shape)
+    return nnx.merge(graphdef, p).step(u, state)
+
+  fn = jax.jit(run)
+  return lambda u, state: fn(params, u, state)
+
+
+def stream(model, step, u, pieces):
+  state, ys, pos = model.init_state(u.shape[0], u.shape[1]), [], 0
+  for n in pieces:
+    y, state = step(u[:, pos:pos + n], state)
+    ys.append(y)
+    pos += n
+  return jnp.concatenate(ys, axis=1), state
+
+
+@pytest.fixture(scope="module")
+def streamed_one_by_one(model, step):
+  u = inputs()
+  return (u, *stream(model, step, u, [1] * L))
+
+
+def test_streaming_token_by_token_equals_parallel(streamed_one_by_one, forward):
+  u, y_stream, state = streamed_one_by_one
+  chex.assert_trees_all_close(y_stream, forward(u), atol=1e-5, rtol=1e-5)
+  assert int(state["pos"]) == L
+  # The state does not grow with max_len: only fast weights, conv rows and pos.
+  shapes = lambda st: [a.shape for a in jax.tree.leaves(st)]
+  assert shapes(state) == shapes(make().init_state(B, 100 * L))
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state) if a.ndim)
+
+
+def test_padded_length_equals_unpadded_prefix(streamed_one_by_one, forward):
+  """L = 61 is padded to the chunk grid; the padding cannot change real tokens."""
+  u, y_stream, _ = streamed_one_by_one
+  y61 = forward(u[:, :61])
+  assert y61.shape == (B, 61, SMALL.hidden_size)
+  chex.assert_trees_all_close(y61, forward(u)[:, :61], atol=1e-6)
+  chex.assert_trees_all_close(y61, y_stream[:, :61], atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_uneven_pieces_equals_parallel(model, step, forward):
+  """Pieces 3 + 8 (an aligned length off the chunk grid: token branch) + 53."""
+  u = inputs(seed=2)
+  y, _ = stream(model, step, u, (3, 8, 53))
+  chex.assert_trees_all_close(y, forward(u), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_path_compiles_once_per_shape(model, step, forward):
+  """The model-level scan's use: aligned pieces of 8 take the chunked branch, one program."""
+  for seed in (3, 4):
+    u = inputs(seed=seed)
+    before = len(STEP_TRACES)
+    y, _ = stream(model, step, u, [8] * (L // 8))
+    chex.assert_trees_all_close(y, forward(u), atol=1e-5, rtol=1e-5)
+    assert STEP_TRACES.count((B, 8, SMALL.hidden_size)) == 1, STEP_TRACES
+    assert len(STEP_TRACES) - before <= 1
+  assert FORWARD_TRACES.count((B, L, SMALL.hidden_size)) == 1
+
+
+def test_titans_lmm_language_model_trains_one_step():
+  """block='titans_lmm' builds SelfModTitans with static projections + SwiGLU."""
+  import optax
+
+  from hope_jax import build_model
+  from experiments import titans_lmm
+
+  cfg = titans_lmm.get_config()
+  cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads = 32, 1, 2
+  cfg.model.chunk_other, cfg.model.chunk_mem = 4, 8
+  lm = build_model(cfg.model)
+  mixer = lm.blocks[0].mixer
+  assert isinstance(mixer, SelfModTitans) and not mixer.spec.live and hasattr(mixer, "w_k")
+  graphdef, params = nnx.split(lm)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 17), 0, cfg.model.vocab_size)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  # layers.RMSNorm broadcasts its [D] scale implicitly (shared code, not this sublayer's).
+  with jax.numpy_rank_promotion("allow"):
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  assert np.isfinite(float(value))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
