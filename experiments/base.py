@@ -29,23 +29,25 @@ def get_config() -> config_dict.ConfigDict:
 
   cfg.training = config_dict.ConfigDict()
   t = cfg.training
-  t.batch_size = 16
+  t.batch_size = 16  # Sequences per step (global, over all devices).
   t.learning_rate = 3e-3  # Peak learning rate after warmup.
   t.min_lr_ratio = 0.1  # Cosine decays to learning_rate * min_lr_ratio.
-  t.warmup_steps = 50
+  t.warmup_steps = 50  # Linear learning-rate warmup from 0.
   t.lr_schedule = "cosine"  # "cosine" | "constant"
   t.weight_decay = 0.1  # AdamW; not applied to norms, biases and gate biases.
-  t.b1 = 0.9
-  t.b2 = 0.95
+  t.b1 = 0.9  # AdamW first-moment decay.
+  t.b2 = 0.95  # AdamW second-moment decay.
   t.grad_clip = 1.0  # Global-norm clip of the outer gradient.
   t.num_steps = 1500  # The step the run ends at (a total, not "this many more").
-  t.log_every = 25
-  t.eval_every = 250
+  t.log_every = 25  # Steps between log lines (loss, bits, lr, tokens/s, time left).
+  t.eval_every = 250  # Steps between validation evaluations (and always at the end).
   t.eval_batches = 8  # Validation batches per evaluation.
-  t.seed = 0
-  t.checkpoint_dir = "./checkpoints"
-  t.save_every = 100
-  t.resume_from = config_dict.placeholder(str)  # Manifest path, "latest", or None.
+  t.seed = 0  # Seeds parameters, the RNG state and the batch order.
+  t.checkpoint_dir = "./checkpoints"  # One directory per experiment; logs go under it too.
+  t.save_every = 100  # Steps between checkpoints; one is always written at the end.
+  # "latest" (default: rerunning the same command after a crash finishes the job; starts
+  # fresh on an empty checkpoint_dir), a manifest path, or None (fresh; refuses to overwrite).
+  t.resume_from = config_dict.FieldReference("latest", field_type=str)
   t.keep_last = config_dict.placeholder(int)  # Keep only the newest N checkpoints.
   t.keep_best = config_dict.placeholder(str)  # Metric to also keep the best by, e.g. "eval/loss".
   t.keep_best_mode = "min"  # "min" | "max"
@@ -58,9 +60,12 @@ def get_config() -> config_dict.ConfigDict:
   d.data_path = config_dict.placeholder(str)  # File or folder for "text" / "books".
   d.tokenizer_path = config_dict.placeholder(str)  # vocab.json for character vocabularies.
   d.tokenizer = "byte"  # "byte" | "char" (books/text with a vocab.json)
-  d.seq_len = 256
+  d.seq_len = 256  # Tokens per training sequence.
   d.val_fraction = 0.05  # Tail of the token stream held out for validation.
   d.preserve_structure = False  # books: keep chapter/paragraph markers.
   d.enable_ocr = False  # books: OCR scanned PDFs with Tesseract.
-  d.ocr_lang = "eng"
+  d.ocr_lang = "eng"  # Tesseract language(s), e.g. "eng+chi_sim" (needs tesseract-ocr-chi-sim).
+  # text: corpora of at least this many MiB are encoded once into a memory-mapped token cache.
+  d.memmap_min_mb = 64.0
+  d.cache_dir = config_dict.placeholder(str)  # Token caches; None -> <data folder>/.hope_jax_cache.
   return cfg

@@ -247,3 +247,44 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key} must be a tuple of ints, got {value!r}") from None
     return tuple(value)
   return value
+
+
+DATA_TYPES = ("default", "random", "text", "books")
+
+
+def validate_run_config(cfg: Any) -> ModelConfig:
+  """Checks the `training` and `data` sections and builds the ModelConfig.
+
+  Runs before anything is compiled; raises ConfigError naming the key.
+  """
+  model = ModelConfig.from_config(cfg.model)
+  t, d = cfg.training, cfg.data
+  for key in ("batch_size", "log_every", "eval_every", "eval_batches", "save_every"):
+    if int(t[key]) < 1:
+      raise ConfigError(f"training.{key} must be a positive integer, got {t[key]}")
+  if t.num_steps < 0:
+    raise ConfigError(f"training.num_steps must be >= 0, got {t.num_steps}")
+  if not t.learning_rate > 0:
+    raise ConfigError(f"training.learning_rate must be positive, got {t.learning_rate}")
+  _choice("training.lr_schedule", t.lr_schedule, ("cosine", "constant"))
+  _choice("training.keep_best_mode", t.keep_best_mode, ("min", "max"))
+  if t.keep_last is not None and t.keep_last < 1:
+    raise ConfigError(f"training.keep_last must be a positive integer or None, got {t.keep_last}")
+  _choice("data.data_type", d.data_type, DATA_TYPES)
+  if d.seq_len < 2:
+    raise ConfigError(f"data.seq_len must be at least 2, got {d.seq_len}")
+  if not 0.0 < d.val_fraction < 1.0:
+    raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+  if d.data_type in ("text", "books"):
+    import os
+
+    if not d.data_path:
+      raise ConfigError(f"data.data_path is required for data.data_type={d.data_type!r}")
+    if not os.path.exists(d.data_path):
+      raise ConfigError(f"data.data_path: no such file or directory: {d.data_path}")
+  if d.tokenizer_path:
+    import os
+
+    if not os.path.isfile(d.tokenizer_path):
+      raise ConfigError(f"data.tokenizer_path: no such file: {d.tokenizer_path}")
+  return model

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from hope_jax.config import ConfigError
+from hope_jax.data.readers.text import read_text_file  # noqa: F401  (re-exported)
 from hope_jax.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 RANDOM_CORPUS_TOKENS = 1 << 20
@@ -57,18 +58,6 @@ def _tokenizer_for(data_cfg: Any, texts_for_vocab=None) -> Tokenizer:
   raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r} is not one of ('byte', 'char')")
 
 
-def read_text_file(path: str) -> str:
-  """Reads a text file in UTF-8 (with BOM), UTF-16 or, failing those, Latin-1."""
-  with open(path, "rb") as f:
-    raw = f.read()
-  if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-    return raw.decode("utf-16")
-  try:
-    return raw.decode("utf-8-sig")
-  except UnicodeDecodeError:
-    return raw.decode("latin-1")
-
-
 def text_files(path: str) -> list[str]:
   """The `.txt` files at `path` (a file, or a folder searched recursively)."""
   if not os.path.exists(path):
@@ -76,8 +65,10 @@ def text_files(path: str) -> list[str]:
   if os.path.isfile(path):
     return [path]
   found = sorted(
-      os.path.join(root, name)
-      for root, _, names in os.walk(path) for name in names if name.lower().endswith(".txt"))
+      os.path.join(root, name) for root, _, names in os.walk(path)
+      if not any(part.startswith(".") for part in os.path.relpath(root, path).split(os.sep)
+                 if part != ".")
+      for name in names if name.lower().endswith(".txt") and not name.startswith("."))
   if not found:
     raise ConfigError(f"data.data_path: no .txt files in {path}")
   return found
@@ -101,13 +92,9 @@ def load_corpus(data_cfg: Any, vocab_size: int) -> Corpus:
     tokens = rng.integers(0, vocab_size, RANDOM_CORPUS_TOKENS, dtype=np.int32)
     desc = f"random tokens (vocab {vocab_size})"
   elif kind == "text":
-    if not data_cfg.data_path:
-      raise ConfigError("data.data_path is required for data.data_type='text'")
-    files = text_files(data_cfg.data_path)
-    texts = [read_text_file(p) for p in files]
-    tok = _tokenizer_for(data_cfg, texts)
-    tokens = np.concatenate([tok.encode(t + "\n\n") for t in texts])
-    desc = f"{len(files)} text file(s) from {data_cfg.data_path}"
+    from hope_jax.data import text_corpus
+
+    return text_corpus.load_text_corpus(data_cfg, vocab_size)
   elif kind == "books":
     from hope_jax.data import books  # Heavy optional readers, imported on demand.
 

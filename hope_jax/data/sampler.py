@@ -61,5 +61,9 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches:
   total = min(n_windows, batch_size * num_batches)
   idx = np.linspace(0, n_windows - 1, total).astype(np.int64)
   rows = np.stack([tokens[i * window:(i + 1) * window] for i in idx]).astype(np.int32)
+  if 0 < total < batch_size:
+    # A validation split shorter than one batch (small book corpora) would give no
+    # batch and a NaN loss; repeat its windows to fill one batch instead.
+    rows, total = np.resize(rows, (batch_size, window)), batch_size
   for i in range(0, total - batch_size + 1, batch_size):
     yield rows[i:i + batch_size]

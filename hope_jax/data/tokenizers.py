@@ -38,6 +38,9 @@ class ByteTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
+  def fingerprint(self) -> str:
+    return "byte"
+
 
 class CharTokenizer:
   """A character vocabulary with PAD (id 0) and UNK (id 1)."""
@@ -51,17 +54,49 @@ class CharTokenizer:
 
   @classmethod
   def build(cls, texts: Iterable[str], min_count: int = 1) -> "CharTokenizer":
-    """Builds a vocabulary of every character seen (most frequent first)."""
+    """Builds a vocabulary of every character seen (most frequent first).
+
+    `texts` may be any iterable of strings, e.g. streamed chunks of a large file.
+    """
     counts: Counter[str] = Counter()
     for text in texts:
       counts.update(text)
+    return cls.from_counts(counts, min_count)
+
+  @classmethod
+  def from_counts(cls, counts: Counter, min_count: int = 1) -> "CharTokenizer":
+    """The vocabulary of characters counted at least `min_count` times."""
     chars = sorted((c for c, n in counts.items() if n >= min_count),
                    key=lambda c: (-counts[c], c))
     return cls(chars)
 
+  def _lookup_table(self) -> np.ndarray:
+    """Code point -> id for every single-character token (UNK elsewhere)."""
+    if getattr(self, "_table", None) is None:
+      chars = [c for c in self.itos[2:] if len(c) == 1]
+      table = np.full(max((ord(c) for c in chars), default=0) + 1, 1, dtype=np.int32)
+      for c in chars:
+        table[ord(c)] = self.stoi[c]
+      self._table = table
+    return self._table
+
   def encode(self, text: str) -> np.ndarray:
+    """Vectorized: UTF-32 code points index a lookup table (see encode_reference)."""
+    table = self._lookup_table()
+    cps = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
+    inside = cps < len(table)
+    return np.where(inside, table[np.where(inside, cps, 0)], 1).astype(np.int32)
+
+  def encode_reference(self, text: str) -> np.ndarray:
+    """The plain per-character twin of `encode`."""
     unk = 1
     return np.fromiter((self.stoi.get(c, unk) for c in text), dtype=np.int32, count=len(text))
+
+  def fingerprint(self) -> str:
+    """A short hash of the vocabulary (names caches of encoded corpora)."""
+    import hashlib
+
+    return hashlib.sha256("\x00".join(self.itos).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
   def decode(self, ids: Iterable[int]) -> str:
     out = []
@@ -88,8 +123,11 @@ class CharTokenizer:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ConfigError(f"data.tokenizer_path: {path} is not a vocabulary file ({e})") from None
     if not isinstance(obj, dict) or obj.get("format") != VOCAB_FORMAT or not isinstance(
-        obj.get("tokens"), list) or obj["tokens"][:2] != [PAD, UNK]:
+        obj.get("tokens"), list) or obj["tokens"][:2] != [PAD, UNK] or not all(
+            isinstance(t, str) and t for t in obj["tokens"]) or len(set(obj["tokens"])) != len(
+                obj["tokens"]):
       raise ConfigError(
           f"data.tokenizer_path: {path} is not a hope_jax vocabulary "
-          f"(expected JSON with format={VOCAB_FORMAT!r} and a 'tokens' list starting with PAD, UNK)")
+          f"(expected JSON with format={VOCAB_FORMAT!r} and a 'tokens' list of distinct strings "
+          "starting with PAD, UNK)")
     return cls(obj["tokens"][2:])

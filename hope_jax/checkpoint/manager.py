@@ -1,0 +1,360 @@
+"""`CheckpointManager`: what the train loop uses to resume, save and shut down safely.
+
+Orbax's commit (an atomic rename of `checkpoint_step_<N>.orbax-checkpoint-tmp`) is
+the source of truth. The external manifest is written only after the commit, so a
+process killed mid-save leaves no manifest and no committed step; the temporary
+directory is removed at the next start. A process killed between commit and
+manifest leaves a committed step whose manifest is rebuilt, at the next start, from
+the copy saved inside the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from hope_jax.checkpoint import manifest as mf
+from hope_jax.checkpoint import store
+from hope_jax.checkpoint.manifest import CheckpointError, ConfigMismatchError
+
+try:
+  import fcntl
+except ImportError:  # Windows: no advisory locks; a second process is not detected.
+  fcntl = None
+
+LOCK_NAME = ".lock"
+UNREADABLE_DIR = "unreadable"
+
+
+class CheckpointManager:
+  """Periodic async saves, start-up reconcile and listing, resume, and retention.
+
+  Args:
+    config: the full run config (sections model/training/data). Reads
+      `training.{checkpoint_dir, save_every, resume_from, keep_last, keep_best,
+      keep_best_mode, num_steps}`.
+
+  Raises:
+    CheckpointError: the directory cannot be created, or another process holds it.
+  """
+
+  def __init__(self, config: Any):
+    t = config.training
+    self.config = config
+    self.directory = str(t.checkpoint_dir)
+    self.save_every = int(t.save_every)
+    self.num_steps = int(t.num_steps)
+    self.resume_from = t.get("resume_from")
+    if isinstance(self.resume_from, str) and self.resume_from.strip().lower() in ("", "none"):
+      self.resume_from = None  # `--config.training.resume_from=None` arrives as a string.
+    self.keep_best = t.get("keep_best")
+    keep_last, mode = t.get("keep_last"), t.get("keep_best_mode", "min")
+    if self.save_every < 1:
+      raise CheckpointError(f"training.save_every must be >= 1, got {self.save_every}")
+    if keep_last is not None and int(keep_last) < 1:
+      raise CheckpointError(f"training.keep_last must be >= 1 or None, got {keep_last}")
+    if mode not in ("min", "max"):
+      raise CheckpointError(f"training.keep_best_mode must be 'min' or 'max', got {mode!r}")
+    self._abs = os.path.abspath(self.directory)
+    try:
+      os.makedirs(self._abs, exist_ok=True)
+    except OSError as e:
+      raise CheckpointError(f'Cannot create checkpoint_dir "{self.directory}": {e}') from None
+    self._lock_fd = self._acquire_lock()
+    self._pending: dict[str, Any] | None = None
+    self._closed = False
+    try:
+      self._mngr = store.make_manager(self._abs, keep_last=keep_last, keep_best=self.keep_best,
+                                      keep_best_mode=mode)
+      self._reconcile()
+    except BaseException:
+      self._release_lock()
+      raise
+    entries = mf.scan(self._abs)
+    valid = [e for e in entries if e.valid]
+    logging.info('Found %d existing checkpoint(s) in "%s"', len(entries), self.directory)
+    if valid:
+      logging.info("Latest checkpoint at step: %d", valid[-1].step)
+    for e in entries:
+      if not e.valid:
+        logging.warning("Unreadable checkpoint %s: %s", e.manifest_path, e.reason)
+
+  # ------------------------------------------------------------ lock / reconcile
+
+  def _acquire_lock(self) -> int | None:
+    if fcntl is None:
+      return None
+    fd = os.open(os.path.join(self._abs, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+      os.close(fd)
+      raise CheckpointError(
+          f'checkpoint_dir "{self.directory}" is in use by another training process '
+          f"({holder}). Two runs cannot share a checkpoint directory: wait for it to finish "
+          "or set a different training.checkpoint_dir.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+  def _release_lock(self) -> None:
+    if self._lock_fd is not None:
+      os.close(self._lock_fd)  # Closing drops the flock; the kernel also drops it on kill -9.
+      self._lock_fd = None
+
+  def _reconcile(self) -> None:
+    """Removes leftovers of interrupted saves; rebuilds manifests lost after a commit.
+
+    Safe because this process holds the directory lock: nobody else is writing.
+    Orbax's own `cleanup_tmp_directories` runs in a background thread that a quick
+    close() can cut short, so it is done here, synchronously.
+    """
+    for name in os.listdir(self._abs):
+      path = os.path.join(self._abs, name)
+      if ".json.tmp." in name:
+        os.remove(path)
+      elif name.startswith(mf.PAYLOAD_PREFIX) and ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(path, ignore_errors=True)
+        logging.info("Removed %s, left by an interrupted save", name)
+    self._mngr.reload()
+    have = {e.step for e in mf.scan(self._abs)}
+    for step in self._mngr.all_steps():
+      if step in have:
+        continue
+      payload = os.path.join(self._abs, mf.payload_name(step))
+      try:
+        inner = store.read_json_item(payload, "manifest")
+        mf.atomic_write_json(os.path.join(self._abs, mf.manifest_name(step, inner["timestamp"])),
+                             inner)
+        logging.info("Rebuilt the missing manifest of step %d from its payload", step)
+      except Exception as e:  # An unreadable payload stays unlisted; say so.
+        logging.warning("Checkpoint payload %s has no manifest and no readable copy of one (%s)",
+                        payload, e)
+
+  def _prune_manifests(self) -> None:
+    """Deletes manifests whose own payload Orbax has removed (retention).
+
+    Only after a save of this process: at start-up a manifest without payload is
+    reported (and skipped by "latest") rather than silently deleted.
+    """
+    steps = set(self._mngr.all_steps())
+    for e in mf.scan(self._abs):
+      payload = os.path.join(self._abs, mf.payload_name(e.step))
+      if e.step not in steps and not os.path.exists(payload) and os.path.exists(
+          e.manifest_path) and _names_own_payload(e.manifest_path, e.step):
+        os.remove(e.manifest_path)
+
+  # ---------------------------------------------------------------- resume
+
+  def restore_for_training(self, abstract_state: Any):
+    """Restores the checkpoint chosen by `training.resume_from`, or None to start fresh.
+
+    Args:
+      abstract_state: the train state's structure (`jax.eval_shape` of the init):
+        `{"params", "opt_state", "step", "rng"}` of ShapeDtypeStructs.
+
+    Returns:
+      `(state, loader_state, manifest)` or None.
+
+    Raises:
+      CheckpointError: unreadable checkpoint, model config mismatch, or a
+        checkpoint_dir that already holds checkpoints this run would overwrite.
+    """
+    entries = mf.scan(self._abs)
+    steps = sorted(self._mngr.all_steps())
+    if self.resume_from is None:
+      if steps or entries:
+        raise CheckpointError(
+            f'checkpoint_dir "{self.directory}" already holds {max(len(steps), len(entries))} '
+            f"checkpoint(s) (latest step {max(steps + [e.step for e in entries])}) and "
+            "training.resume_from is None. Set training.resume_from=latest to continue that "
+            "run, or choose a new training.checkpoint_dir.")
+      return None
+    if self.resume_from == "latest":
+      result = self._restore_latest(entries, abstract_state)
+      if result is None:
+        logging.info('No checkpoint in "%s" yet; starting from step 0 (%d steps to go)',
+                     self.directory, self.num_steps)
+        return None
+    else:
+      result = self._restore(str(self.resume_from), abstract_state)
+    state, loader_state, manifest = result
+    step = manifest["step"]
+    newer = [s for s in self._mngr.all_steps() if s > step]
+    if newer:
+      raise CheckpointError(
+          f'checkpoint_dir "{self.directory}" holds checkpoints newer than the resume point '
+          f"(step {step}): steps {newer}. Continuing would mix two runs; resume from the latest "
+          "one, delete those, or set a different training.checkpoint_dir.")
+    logging.info("Resumed from step %d", step)
+    remaining = max(self.num_steps - step, 0)
+    logging.info("%d step(s) remain: training ends at step %d (training.num_steps)", remaining,
+                 self.num_steps)
+    return state, loader_state, manifest
+
+  def _restore_latest(self, entries, abstract_state):
+    for e in reversed(entries):
+      try:
+        if not e.valid:
+          raise mf.load_error(e.manifest_path, e.reason)
+        return self._restore(e.manifest_path, abstract_state)
+      except ConfigMismatchError:
+        raise
+      except CheckpointError as err:
+        logging.warning("Skipping unreadable checkpoint (trying an older one): %s", err)
+        self._set_aside(e)
+    if entries:
+      raise CheckpointError(f'Failed to load checkpoint: "{self.directory}": none of its '
+                            f"{len(entries)} checkpoint(s) is readable")
+    return None
+
+  def _set_aside(self, entry: mf.CheckpointInfo) -> None:
+    """Moves a broken checkpoint to `unreadable/` so that its step can be saved again."""
+    dest = os.path.join(self._abs, UNREADABLE_DIR)
+    os.makedirs(dest, exist_ok=True)
+    payload = os.path.join(self._abs, mf.payload_name(entry.step))
+    for path in (entry.manifest_path, payload):
+      if os.path.exists(path) and os.path.dirname(os.path.abspath(path)) == self._abs:
+        shutil.move(path, os.path.join(dest, os.path.basename(path)))
+    self._mngr.reload()
+    logging.warning("Moved the unreadable checkpoint of step %d to %s", entry.step, dest)
+
+  def _restore(self, path: str, abstract_state: Any):
+    logging.info('Resuming training from checkpoint: "%s"', path)
+    manifest, payload = mf.read_manifest(path)
+    mf.check_model_config(manifest["config"], self.config, path)
+    train_target = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}
+    out = store.read_payload(payload, path, params_target=abstract_state["params"],
+                             train_target=train_target)
+    store.check_inner_manifest(out["manifest"], manifest, path)
+    state = {"params": out["params"], **out["train"]}
+    if int(state["step"]) != manifest["step"]:
+      raise mf.load_error(path, f"payload holds step {int(state['step'])}, the manifest says "
+                          f"{manifest['step']}")
+    return state, out["loader"], manifest
+
+  # ------------------------------------------------------------------ save
+
+  def should_save(self, step: int) -> bool:
+    """True at every `save_every` steps and at `num_steps`; also finishes committed saves."""
+    self.poll()
+    return step > 0 and (step % self.save_every == 0 or step == self.num_steps)
+
+  def poll(self) -> None:
+    """Writes the manifest of an async save that has committed (cheap when none is)."""
+    if self._pending is not None and not self._mngr.is_saving_in_progress():
+      self._flush()
+
+  def save(self, step: int, state: Any, loader_state: dict, metrics: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts an async save of `state` at `step`; returns once the arrays are copied.
+
+    The state may be modified (or donated) after this returns. Returns False when
+    nothing was saved (not a save step and not `force`, or the step already exists).
+
+    Raises:
+      CheckpointError: this save, or the previous async one, failed (the message
+        names the directory and the reason; earlier checkpoints stay loadable).
+    """
+    step = int(step)
+    if not force and not self.should_save(step):
+      return False
+    self._flush()
+    if step in self._mngr.all_steps():
+      logging.info("Checkpoint for step %d already exists; not saving it again", step)
+      return False
+    metrics = {k: float(v) for k, v in jax.device_get(dict(metrics or {})).items()}
+    manifest = {
+        "step": step,
+        "timestamp": int(time.time()),
+        "model_file": mf.payload_name(step),
+        "config": mf.canonical(self.config),
+        "format": mf.FORMAT,
+        "versions": store.versions(),
+        "num_params": store.count_params(state["params"]),
+        "metrics": metrics,
+        "rng_impl": store.key_impl_name(state["rng"]),
+    }
+    try:
+      sums = store.checksums(state)
+      train = {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]}
+      self._mngr.save(step, args=store.save_args(state["params"], train, sums, loader_state,
+                                                 manifest),
+                      metrics=metrics if self.keep_best else None, force=True)
+    except Exception as e:
+      raise self._save_error(step, e) from e
+    self._pending = manifest
+    return True
+
+  def _save_error(self, step: int, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f'Failed to save checkpoint for step {step} in "{self.directory}": {store.reason(e)}. '
+        "Earlier checkpoints are unaffected.")
+
+  def _flush(self) -> None:
+    """Waits for the pending save, then writes its manifest (after Orbax's commit)."""
+    pending, self._pending = self._pending, None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(pending["step"] if pending else -1, e) from e
+    if pending is None:
+      return
+    if pending["step"] not in self._mngr.all_steps():
+      raise CheckpointError(f'Failed to save checkpoint for step {pending["step"]} in '
+                            f'"{self.directory}": the save did not commit')
+    mf.atomic_write_json(
+        os.path.join(self._abs, mf.manifest_name(pending["step"], pending["timestamp"])), pending)
+    self._prune_manifests()
+
+  def wait(self) -> None:
+    """Blocks until the last save is committed and its manifest written."""
+    self._flush()
+
+  def close(self) -> None:
+    """Finishes any pending save, then releases the directory. Safe to call twice.
+
+    Raises:
+      CheckpointError: the pending save failed.
+    """
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._flush()
+    finally:
+      try:
+        self._mngr.close()
+      except Exception as e:  # Already reported by _flush, or a shutdown detail.
+        logging.warning("Closing the Orbax checkpoint manager: %s", store.reason(e))
+      self._release_lock()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  @property
+  def latest_step(self) -> int | None:
+    steps = self._mngr.all_steps()
+    return max(steps) if steps else None
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+
+def _names_own_payload(path: str, step: int) -> bool:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f).get("model_file") == mf.payload_name(step)
+  except (OSError, ValueError, AttributeError):
+    return False

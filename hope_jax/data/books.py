@@ -1,0 +1,301 @@
+"""Book corpora: preprocessing a folder of PDF/EPUB/TXT books, and `data_type='books'`.
+
+`preprocess` writes to the output folder (schemas in docs/data.md):
+  corpus.jsonl   one JSON object per book: its text, token ids and statistics
+  vocab.json     the character vocabulary (PAD=0, UNK=1), any Unicode script
+  metadata.json  corpus statistics: books read/skipped (with reasons), pages, ...
+  tokens.bin     every book's ids back to back (uint16/uint32), memory-mapped in training
+  text/<book>.txt  the extracted text of each book
+
+`load_books_corpus` reads such a folder (memory-mapped) or parses a folder
+of raw books at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from hope_jax.config import ConfigError
+from hope_jax.data import token_store
+from hope_jax.data.corpus import Corpus, _tokenizer_for, check_vocab, split
+from hope_jax.data.readers import (
+  CHAPTER_MARKER,
+  PARAGRAPH_MARKER,
+  SUPPORTED_EXTENSIONS,
+  BookSkipped,
+  Document,
+  ReadOptions,
+  read_book,
+)
+from hope_jax.data.tokenizers import CharTokenizer
+
+META_FORMAT = "hope_jax.books.v1"
+DOC_SEPARATOR = "\n\n"  # Between books in tokens.bin.
+TEXT_DIR = "text"
+
+
+def find_books(input_dir: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
+  """(books, ignored): relative paths of supported and of other files, sorted.
+
+  Hidden files and folders are skipped, and so is `exclude` (an output
+  folder inside the input folder).
+  """
+  books, ignored = [], []
+  exclude = os.path.realpath(exclude) if exclude else None
+  for root, dirs, names in os.walk(input_dir):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                     and os.path.realpath(os.path.join(root, d)) != exclude)
+    for name in sorted(names):
+      if name.startswith("."):
+        continue
+      rel = os.path.relpath(os.path.join(root, name), input_dir)
+      (books if name.lower().endswith(SUPPORTED_EXTENSIONS) else ignored).append(rel)
+  return sorted(books), sorted(ignored)
+
+
+def iter_documents(input_dir: str, books: list[str], options: ReadOptions
+                   ) -> Iterator[tuple[str, Document | None, str | None]]:
+  """(relative path, document or None, skip reason or None) for each book."""
+  for rel in books:
+    try:
+      doc = read_book(os.path.join(input_dir, rel), options)
+      doc.source = rel
+      yield rel, doc, None
+    except BookSkipped as e:
+      yield rel, None, str(e)
+
+
+def _check_folders(input_dir: str, output_dir: str | None) -> None:
+  if not input_dir:
+    raise ConfigError("--input is required: a folder of PDF, EPUB or TXT books")
+  if not os.path.exists(input_dir):
+    raise ConfigError(f"input folder does not exist: {input_dir}")
+  if not os.path.isdir(input_dir):
+    raise ConfigError(f"input must be a folder of books, but {input_dir} is a file")
+  if output_dir is None:
+    return
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise ConfigError(f"output must be a folder, but {output_dir} is a file")
+  try:
+    os.makedirs(os.path.join(output_dir, TEXT_DIR), exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"cannot create the output folder {output_dir}: {e.strerror or e}") from None
+
+
+def _text_name(rel: str) -> str:
+  return rel.replace(os.sep, "__").replace("/", "__") + ".txt"
+
+
+def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = False,
+               options: ReadOptions | None = None, vocab_path: str | None = None,
+               progress: bool = False, warn: Callable[[str], None] = logging.warning) -> dict:
+  """Turns a folder of books into a training folder; returns the metadata.
+
+  Args:
+    input_dir: folder searched recursively for .pdf, .epub and .txt files.
+    output_dir: created if missing; its corpus files are overwritten.
+    preserve_structure: keep `<chapter>` / `<p>` markers in the text.
+    options: OCR settings for the readers.
+    vocab_path: reuse this vocab.json instead of building one (characters
+      outside it become UNK and are counted in the metadata).
+    progress: show a tqdm progress bar.
+    warn: receives one line per skipped book.
+
+  Raises:
+    ConfigError: bad folders, a vocab_path that is not a vocabulary, OCR
+      asked for but not installed, or no usable book (metadata.json is still
+      written, with every skip reason).
+  """
+  t0 = time.perf_counter()
+  options = options or ReadOptions()
+  _check_folders(input_dir, output_dir)
+  fixed_vocab = CharTokenizer.load(vocab_path) if vocab_path else None
+  if options.enable_ocr:
+    from hope_jax.data.readers import ocr
+
+    ocr.check_available(options.ocr_lang)
+  books, ignored = find_books(input_dir, exclude=output_dir)
+  from tqdm import tqdm
+
+  bar = tqdm(total=len(books), unit="book", disable=not progress, dynamic_ncols=True)
+  say = tqdm.write if progress else warn
+  meta: dict[str, Any] = {
+      "format": META_FORMAT, "input": input_dir,
+      "options": {"preserve_structure": preserve_structure, "enable_ocr": options.enable_ocr,
+                  "ocr_lang": options.ocr_lang},
+      "markers": ({"chapter": CHAPTER_MARKER, "paragraph": PARAGRAPH_MARKER}
+                  if preserve_structure else None),
+      "books_found": len(books), "books_read": 0, "books_skipped": 0, "skipped": [],
+      "needs_ocr": [], "ignored_files": ignored, "by_format": {}, "pages": 0, "ocr_pages": 0,
+      "chapters": 0, "paragraphs": 0, "characters": 0}
+  docs, counts = [], Counter(DOC_SEPARATOR)
+  for rel, doc, reason in iter_documents(input_dir, books, options):
+    bar.update(1)
+    bar.set_postfix_str(os.path.basename(rel)[:40])
+    if doc is None:
+      meta["skipped"].append({"file": rel, "reason": reason})
+      say(f"warning: skipped {rel}: {reason}")
+      continue
+    text = doc.render(preserve_structure)
+    with open(os.path.join(output_dir, TEXT_DIR, _text_name(rel)), "w", encoding="utf-8") as f:
+      f.write(text)
+    counts.update(text)
+    if doc.pages_without_text:
+      meta["needs_ocr"].append({"file": rel, "pages": doc.pages_without_text})
+      say(f"warning: {rel}: pages {doc.pages_without_text} have no text layer and were not "
+          "OCRed (use --enable_ocr)")
+    docs.append({"id": len(docs), "source": rel, "format": doc.format, "title": doc.title,
+                 "text_file": f"{TEXT_DIR}/{_text_name(rel)}", "pages": doc.pages,
+                 "ocr_pages": doc.ocr_pages, "chapters": len(doc.chapters),
+                 "paragraphs": doc.num_paragraphs, "num_chars": len(text),
+                 "encoding": doc.encoding})
+    meta["by_format"][doc.format] = meta["by_format"].get(doc.format, 0) + 1
+    for key in ("pages", "ocr_pages"):
+      meta[key] += getattr(doc, key)
+    meta["chapters"] += len(doc.chapters)
+    meta["paragraphs"] += doc.num_paragraphs
+    meta["characters"] += len(text)
+  bar.close()
+  meta["books_read"], meta["books_skipped"] = len(docs), len(meta["skipped"])
+
+  if not docs:
+    _write_json(os.path.join(output_dir, "metadata.json"), meta)
+    reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in meta["skipped"][:5])
+    raise ConfigError(f"no usable books in {input_dir} ({len(books)} found"
+                      + (f"; skipped: {reasons}" if reasons else "") + ")")
+
+  tok = fixed_vocab or CharTokenizer.from_counts(counts)
+  sep_ids = tok.encode(DOC_SEPARATOR)
+  unknown = 0
+  with token_store.TokenWriter(os.path.join(output_dir, "tokens.bin"), tok.vocab_size) as out, \
+      open(os.path.join(output_dir, "corpus.jsonl"), "w", encoding="utf-8") as jsonl:
+    for d in docs:
+      with open(os.path.join(output_dir, d["text_file"]), encoding="utf-8") as f:
+        text = f.read()
+      ids = tok.encode(text)
+      unknown += int(np.count_nonzero(ids == 1))
+      d["token_offset"], d["num_tokens"] = out.write(ids), int(ids.size)
+      out.write(sep_ids)
+      jsonl.write(json.dumps({**d, "text": text, "token_ids": ids.tolist()},
+                             ensure_ascii=False) + "\n")
+    num_tokens = out.count
+  tok.save(os.path.join(output_dir, "vocab.json"))
+  meta.update({
+      "tokenizer": "char", "vocab_file": "vocab.json", "vocab_size": tok.vocab_size,
+      "unknown_tokens": unknown, "num_tokens": num_tokens, "tokens_file": "tokens.bin",
+      "tokens_dtype": token_store.dtype_for(tok.vocab_size).name,
+      "document_separator": DOC_SEPARATOR, "seconds": round(time.perf_counter() - t0, 3)})
+  _write_json(os.path.join(output_dir, "metadata.json"), meta)
+  return meta
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, ensure_ascii=False, indent=2)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------ training corpus
+
+
+def is_preprocessed(folder: str) -> bool:
+  return (os.path.isfile(os.path.join(folder, "metadata.json"))
+          and os.path.isfile(os.path.join(folder, "corpus.jsonl")))
+
+
+def load_preprocessed_tokens(folder: str) -> tuple[np.ndarray, CharTokenizer, dict]:
+  """(token ids, tokenizer, metadata) of a preprocessed folder; ids memory-mapped."""
+  meta_path = os.path.join(folder, "metadata.json")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"data.data_path: cannot read {meta_path} ({e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+    raise ConfigError(f"data.data_path: {meta_path} is not a hope_jax book corpus "
+                      f"(expected format={META_FORMAT!r}); run python -m hope_jax.preprocess_books")
+  if "vocab_size" not in meta:
+    raise ConfigError(f"data.data_path: {folder} has no usable books (see {meta_path})")
+  tok = CharTokenizer.load(os.path.join(folder, meta.get("vocab_file", "vocab.json")))
+  tokens_path = os.path.join(folder, meta.get("tokens_file") or "tokens.bin")
+  if os.path.isfile(tokens_path):
+    tokens = token_store.open_tokens(tokens_path, meta["tokens_dtype"], meta["num_tokens"])
+  else:  # Only corpus.jsonl: gather its ids in memory.
+    sep = tok.encode(meta.get("document_separator", DOC_SEPARATOR))
+    parts = []
+    with open(os.path.join(folder, "corpus.jsonl"), encoding="utf-8") as f:
+      for line in f:
+        parts += [np.asarray(json.loads(line)["token_ids"], dtype=np.int32), sep]
+    tokens = np.concatenate(parts)
+  return tokens, tok, meta
+
+
+def load_books_corpus(data_cfg: Any, vocab_size: int) -> Corpus:
+  """`data.data_type='books'`: a preprocessed folder, or raw books parsed now.
+
+  Raises:
+    ConfigError: missing path, vocabulary mismatch with `model.vocab_size`,
+      a tokenizer_path that differs from the folder's vocabulary, or no text.
+  """
+  path = data_cfg.data_path
+  if not path:
+    raise ConfigError("data.data_path is required for data.data_type='books' (a folder of "
+                      "books or the output of python -m hope_jax.preprocess_books)")
+  if not os.path.exists(path):
+    raise ConfigError(f"data.data_path: no such file or directory: {path}")
+  folder = path
+  if os.path.isfile(path) and os.path.basename(path) in ("metadata.json", "corpus.jsonl",
+                                                          "tokens.bin"):
+    folder = os.path.dirname(path) or "."
+  if os.path.isdir(folder) and is_preprocessed(folder):
+    tokens, tok, meta = load_preprocessed_tokens(folder)
+    if data_cfg.tokenizer_path:
+      other = CharTokenizer.load(data_cfg.tokenizer_path)
+      if other.itos != tok.itos:
+        raise ConfigError(
+            f"data.tokenizer_path {data_cfg.tokenizer_path} is not the vocabulary {folder} was "
+            "tokenized with; leave data.tokenizer_path unset (the folder's vocab.json is used) "
+            "or re-run preprocess_books with --vocab=" + str(data_cfg.tokenizer_path))
+    check_vocab(tok, vocab_size)
+    desc = f"{meta['books_read']} preprocessed book(s) from {folder} ({len(tokens):,} tokens)"
+  else:
+    tokens, tok, desc = _parse_raw_books(path, data_cfg, vocab_size)
+  train, val = split(tokens, data_cfg.val_fraction, data_cfg.seq_len)
+  return Corpus(train=train, val=val, tokenizer=tok, description=desc)
+
+
+def _parse_raw_books(path: str, data_cfg: Any, vocab_size: int):
+  options = ReadOptions(enable_ocr=bool(data_cfg.enable_ocr), ocr_lang=data_cfg.ocr_lang)
+  if options.enable_ocr:
+    from hope_jax.data.readers import ocr
+
+    ocr.check_available(options.ocr_lang)
+  if os.path.isfile(path):
+    root, books = os.path.dirname(path) or ".", [os.path.basename(path)]
+  else:
+    root, (books, _) = path, find_books(path)
+  texts, skipped = [], []
+  for rel, doc, reason in iter_documents(root, books, options):
+    if doc is None:
+      skipped.append(f"{rel}: {reason}")
+      logging.warning("skipped book %s: %s", rel, reason)
+    else:
+      texts.append(doc.render(bool(data_cfg.preserve_structure)))
+  if not texts:
+    raise ConfigError(f"data.data_path: no usable books in {path} ({len(books)} found"
+                      + (f"; skipped: {'; '.join(skipped[:5])}" if skipped else "") + ")")
+  tok = _tokenizer_for(data_cfg, texts + [DOC_SEPARATOR])
+  check_vocab(tok, vocab_size)
+  sep = tok.encode(DOC_SEPARATOR)
+  tokens = np.concatenate([part for t in texts for part in (tok.encode(t), sep)])
+  desc = f"{len(texts)} book(s) parsed from {path}" + (
+      f", {len(skipped)} skipped" if skipped else "")
+  return tokens.astype(token_store.dtype_for(tok.vocab_size)), tok, desc

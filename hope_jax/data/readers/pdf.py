@@ -1,0 +1,143 @@
+"""PDF books via pypdf; pages without a text layer go to OCR when enabled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from hope_jax.data.readers.document import (
+  BookSkipped,
+  Chapter,
+  Document,
+  ReadOptions,
+  clean_inline,
+  lines_to_paragraphs,
+)
+
+_PAGE_NUMBER = re.compile(r"^(\d{1,4}|[ivxlcdm]{1,7}|-\s*\d{1,4}\s*-)$", re.IGNORECASE)
+
+
+def _has_images(page) -> bool:
+  """Whether the page draws an image XObject (directly or in a form)."""
+
+  def scan(resources, depth):
+    xobjects = resources.get("/XObject") if resources else None
+    if xobjects is None:
+      return False
+    xobjects = xobjects.get_object()
+    for name in xobjects:
+      obj = xobjects[name].get_object()
+      if obj.get("/Subtype") == "/Image":
+        return True
+      if obj.get("/Subtype") == "/Form" and depth < 3 and scan(obj.get("/Resources"), depth + 1):
+        return True
+    return False
+
+  try:
+    res = page.get("/Resources")
+    return scan(res.get_object() if res is not None else None, 0)
+  except Exception:  # A broken resource dictionary: treat as no images.
+    return False
+
+
+def _chapter_starts(reader) -> dict[int, str]:
+  """0-based page -> title of the top-level outline (bookmark) entries."""
+  starts: dict[int, str] = {}
+  try:
+    for entry in reader.outline:
+      if isinstance(entry, list):  # Children of the previous entry.
+        continue
+      page = reader.get_destination_page_number(entry)
+      if page is not None and page >= 0:
+        starts.setdefault(page, clean_inline(str(entry.title)))
+  except Exception as e:  # Broken outlines are common; the text is still usable.
+    logging.debug("ignoring a broken PDF outline: %s", e)
+  return starts
+
+
+def read_pdf(path: str, options: ReadOptions, source: str | None = None) -> Document:
+  """Reads the text layer of every page; chapters come from the outline."""
+  from pypdf import PdfReader
+  from pypdf.errors import DependencyError, PdfReadError
+
+  # pypdf logs every repair it makes on damaged files; the skip reason says enough.
+  logging.getLogger("pypdf").setLevel(logging.ERROR)
+  name = source or os.path.basename(path)
+  try:
+    reader = PdfReader(path, strict=False)
+    if reader.is_encrypted:
+      try:
+        ok = reader.decrypt("")
+      except (DependencyError, NotImplementedError) as e:
+        raise BookSkipped(f"encrypted (cannot decrypt: {e})") from None
+      if not ok:
+        raise BookSkipped("encrypted (a password is required to open it)")
+    pages = list(reader.pages)
+  except BookSkipped:
+    raise
+  except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+    raise BookSkipped(f"corrupt PDF ({type(e).__name__}: {str(e)[:120]})") from None
+  if not pages:
+    raise BookSkipped("empty: the PDF has no pages")
+
+  page_texts, failed, no_text = [], 0, []
+  for page in pages:
+    try:
+      page_texts.append(page.extract_text() or "")
+    except Exception as e:  # pypdf raises many types on damaged content streams.
+      logging.debug("page text extraction failed in %s: %s", name, e)
+      page_texts.append("")
+      failed += 1
+  if failed == len(pages):
+    raise BookSkipped("corrupt PDF (text extraction failed on every page)")
+  for i, page in enumerate(pages):
+    if not page_texts[i].strip() and _has_images(page):
+      no_text.append(i)
+
+  ocr_pages = 0
+  if no_text and options.enable_ocr:
+    from hope_jax.data.readers import ocr
+
+    for i in no_text:
+      page_texts[i] = ocr.ocr_pdf_page(path, i + 1, options.ocr_lang, options.ocr_dpi)
+      ocr_pages += 1
+    no_text = []
+  if not any(t.strip() for t in page_texts):
+    if no_text:
+      raise BookSkipped(f"needs OCR: {len(no_text)} of {len(pages)} pages are images without a "
+                        "text layer (rerun with --enable_ocr)")
+    raise BookSkipped("empty: no text on any page")
+
+  starts = _chapter_starts(reader)
+  chapters: list[Chapter] = []
+  lines: list[str] = []
+  title: str | None = None
+
+  def flush():
+    body = list(lines)
+    while body and not body[0].strip():
+      body.pop(0)
+    if title and body and clean_inline(body[0]) == title:  # The heading printed on the page.
+      body.pop(0)
+    paragraphs = lines_to_paragraphs(body)
+    if paragraphs or title:
+      chapters.append(Chapter(title, paragraphs))
+
+  for i, text in enumerate(page_texts):
+    if i in starts:
+      flush()
+      lines, title = [], starts[i]
+    page_lines = text.split("\n")
+    # Drop running page numbers (a lone number as the first or last line).
+    while page_lines and _PAGE_NUMBER.match(page_lines[-1].strip()):
+      page_lines.pop()
+    while page_lines and _PAGE_NUMBER.match(page_lines[0].strip()):
+      page_lines.pop(0)
+    lines.extend(page_lines)
+  flush()
+  meta = reader.metadata
+  meta_title = clean_inline(str(meta.title)) if meta is not None and meta.title else ""
+  return Document(source=name, format="pdf", title=meta_title or os.path.splitext(
+      os.path.basename(name))[0], chapters=chapters, pages=len(pages), ocr_pages=ocr_pages,
+      pages_without_text=[i + 1 for i in no_text])

@@ -1,0 +1,130 @@
+"""Plain text in any common encoding, and the TXT book reader.
+
+Encoding: a byte-order mark wins; then strict UTF-8; then charset-normalizer's
+best guess (GB18030, Big5, Shift-JIS, EUC-KR, Windows code pages, ...). Among
+single-byte Latin code pages the guess is unreliable on short texts, so
+Windows-1252 (Western European) is preferred whenever it decodes the bytes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from typing import Iterator
+
+from hope_jax.data.readers.document import (
+  BookSkipped,
+  Chapter,
+  Document,
+  ReadOptions,
+  clean_inline,
+  lines_to_paragraphs,
+)
+
+SAMPLE_BYTES = 1 << 22  # Bytes looked at to detect the encoding of a large file.
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+_LATIN_SINGLE_BYTE = re.compile(r"^(cp125\d|latin_?\d|iso8859_\d+|mac_\w+|cp850|cp437)$")
+
+# A line that opens a chapter: "Chapter 12", "CHAPTER IV. The Sea", "Part two",
+# "第十二章", "第3回" (Chinese and Japanese novels).
+CHAPTER_LINE = re.compile(
+    r"^((chapter|book|part)\s+([0-9]+|[ivxlcdm]+|[a-z]+)\b.{0,70}"
+    r"|第[0-9０-９一二三四五六七八九十百千零〇]+[章回節节卷部話话].{0,40})$",
+    re.IGNORECASE)
+
+
+def detect_encoding(sample: bytes, complete: bool = True) -> str:
+  """The encoding of `sample` (`complete=False`: it may end mid-character)."""
+  for bom, name in _BOMS:
+    if sample.startswith(bom):
+      return name
+  try:
+    codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
+    return "utf-8"
+  except UnicodeDecodeError:
+    pass
+  from charset_normalizer import from_bytes
+
+  best = from_bytes(sample).best()
+  name = best.encoding if best is not None else "latin-1"
+  if _LATIN_SINGLE_BYTE.match(name):
+    try:
+      sample.decode("cp1252")
+      return "cp1252"
+    except UnicodeDecodeError:
+      pass
+  return name
+
+
+def decode_bytes(raw: bytes) -> tuple[str, str]:
+  """Decodes a whole file's bytes; returns (text, encoding)."""
+  enc = detect_encoding(raw)
+  return raw.decode(enc, errors="replace"), enc
+
+
+def read_text_file(path: str) -> str:
+  """The text of a file in any common encoding, newlines normalized to "\\n"."""
+  with open(path, "rb") as f:
+    text, _ = decode_bytes(f.read())
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def iter_text_chunks(path: str, chunk_bytes: int = 1 << 24) -> Iterator[str]:
+  """Streams a large text file as decoded chunks (bounded memory)."""
+  with open(path, "rb") as f:
+    enc = detect_encoding(f.read(SAMPLE_BYTES), complete=os.path.getsize(path) <= SAMPLE_BYTES)
+    f.seek(0)
+    decoder = codecs.getincrementaldecoder(enc)(errors="replace")
+    pending_cr = False
+    while True:
+      raw = f.read(chunk_bytes)
+      text = decoder.decode(raw, final=not raw)
+      if pending_cr:
+        text = "\r" + text
+      pending_cr = text.endswith("\r") and bool(raw)  # A "\r\n" may straddle two chunks.
+      if pending_cr:
+        text = text[:-1]
+      text = text.replace("\r\n", "\n").replace("\r", "\n")
+      if text:
+        yield text
+      if not raw:
+        return
+
+
+def split_chapters(paragraphs: list[str]) -> list[Chapter]:
+  """Groups paragraphs into chapters at chapter-heading paragraphs."""
+  chapters = [Chapter(None, [])]
+  for p in paragraphs:
+    if len(p) <= 80 and CHAPTER_LINE.match(p):
+      chapters.append(Chapter(p, []))
+    else:
+      chapters[-1].paragraphs.append(p)
+  return [c for c in chapters if c.title is not None or c.paragraphs]
+
+
+def read_txt(path: str, options: ReadOptions, source: str | None = None) -> Document:
+  """A TXT book: paragraphs split at blank lines, chapters at heading lines."""
+  del options  # No options apply to plain text.
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise BookSkipped(f"unreadable ({e.strerror or e})") from None
+  text, enc = decode_bytes(raw)
+  if "\x00" in text:
+    raise BookSkipped(f"not a text file (binary data; decoded as {enc})")
+  lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+  if any(not ln.strip() for ln in lines):
+    paragraphs = lines_to_paragraphs(lines, guess_breaks=False)
+  else:  # No blank lines at all: one paragraph per line.
+    paragraphs = [p for p in (clean_inline(ln) for ln in lines) if p]
+  if not paragraphs:
+    raise BookSkipped("empty: no text found")
+  name = source or os.path.basename(path)
+  title = os.path.splitext(os.path.basename(name))[0]
+  return Document(source=name, format="txt", title=title, chapters=split_chapters(paragraphs),
+                  encoding=enc)

@@ -1,0 +1,83 @@
+"""Token ids on disk: a raw little-endian array, read back as `np.memmap`.
+
+A corpus of several GB then trains without being loaded: the sampler slices
+windows out of the memory map and the OS pages in only what it touches.
+The dtype is the smallest that holds the vocabulary (uint8 up to 256, uint16
+up to 65,536 tokens, else uint32); its name and the token count live in the JSON beside
+the file (`metadata.json` of a preprocessed book folder, or a cache record).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hope_jax.config import ConfigError
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+  if vocab_size <= 1 << 8:  # Byte-level ids: one byte per token.
+    return np.dtype("u1")
+  return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+class TokenWriter:
+  """Appends id arrays to `path`; the file appears only when `close()` succeeds."""
+
+  def __init__(self, path: str, vocab_size: int):
+    self.path, self.vocab_size = path, vocab_size
+    self.dtype = dtype_for(vocab_size)
+    self._tmp = path + ".partial"
+    self._file = open(self._tmp, "wb")
+    self.count = 0
+
+  def write(self, ids: np.ndarray) -> int:
+    """Appends `ids`; returns the offset (in tokens) where they start."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"token id out of range [0, {self.vocab_size}) while writing {self.path}")
+    offset = self.count
+    self._file.write(ids.astype(self.dtype, copy=False).tobytes())
+    self.count += int(ids.size)
+    return offset
+
+  def close(self) -> int:
+    self._file.close()
+    os.replace(self._tmp, self.path)
+    return self.count
+
+  def abort(self) -> None:
+    self._file.close()
+    if os.path.exists(self._tmp):
+      os.remove(self._tmp)
+
+  def __enter__(self) -> "TokenWriter":
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def open_tokens(path: str, dtype: str, count: int) -> np.ndarray:
+  """Memory-maps `count` ids of `dtype` from `path`, read-only.
+
+  Raises:
+    ConfigError: the file is missing or its size does not match the record.
+  """
+  dt = np.dtype(dtype)
+  if dt not in (np.dtype("u1"), np.dtype("<u2"), np.dtype("<u4")):
+    raise ConfigError(f"{path}: unsupported token dtype {dtype!r} (expected uint8/16/32)")
+  if not os.path.isfile(path):
+    raise ConfigError(f"token file {path} is missing; re-run the preprocessing that wrote it")
+  size = os.path.getsize(path)
+  if size != count * dt.itemsize:
+    raise ConfigError(
+        f"token file {path} has {size} bytes but its record says {count} tokens of {dt.name} "
+        f"({count * dt.itemsize} bytes); it is truncated or stale, re-run the preprocessing")
+  if count == 0:
+    return np.zeros((0,), dtype=dt)
+  return np.memmap(path, dtype=dt, mode="r", shape=(count,))

@@ -1,0 +1,154 @@
+"""The training loop: data, jitted steps, evaluation, logging, checkpoints.
+
+The host dispatches step n+1 before it reads step n's metrics, so the device
+never waits on Python. `num_steps` is the step the run ends at: rerunning the
+same command (with `training.resume_from=latest`) after a crash finishes the job.
+Checkpoints are saved asynchronously every `save_every` steps, at the end and on
+Ctrl-C; `close()` in `finally` never returns before a pending save is committed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from hope_jax.checkpoint import CheckpointManager
+from hope_jax.config import validate_run_config
+from hope_jax.data import load_corpus
+from hope_jax.data.sampler import BatchSampler, eval_batches
+from hope_jax.train.metrics import MetricWriter, Progress, format_duration, log_line
+from hope_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hope_jax.train.state import ModelDef, make_init_fn, param_count
+from hope_jax.train.step import LN2, make_eval_step, make_train_step
+
+BITS_UNIT = {"byte": "bits/byte", "char": "bits/char"}
+
+
+def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int) -> dict[str, float]:
+  """Mean validation loss over `t.eval_batches` fixed batches."""
+  losses = [eval_step(params, b) for b in eval_batches(val_tokens, t.batch_size, seq_len,
+                                                       t.eval_batches)]
+  loss = float(np.mean(jax.device_get(losses)))
+  return {"eval/loss": loss, "eval/bits_per_token": loss / LN2,
+          "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(config: Any) -> dict[str, Any]:
+  """Runs (or resumes) the job described by `config`; returns a summary dict.
+
+  Raises:
+    ConfigError: bad configuration or data, before anything is compiled.
+  """
+  model_cfg = validate_run_config(config)
+  corpus = load_corpus(config.data, model_cfg.vocab_size)
+  # After the config and data checks, before any compile: the directory lock and listing.
+  ckpt = CheckpointManager(config)
+  try:
+    return _train(config, model_cfg, corpus, ckpt)
+  finally:
+    ckpt.close()  # Waits for a pending async save; raises if it failed.
+
+
+def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager) -> dict[str, Any]:
+  t, d = config.training, config.data
+  unit = BITS_UNIT.get(getattr(corpus.tokenizer, "name", ""), "bits/token")
+  logging.info("Data: %s | %d train / %d validation tokens", corpus.description,
+               len(corpus.train), len(corpus.val))
+
+  model_def = ModelDef(model_cfg, seed=t.seed)
+  tx = make_optimizer(t)
+  init_fn = make_init_fn(model_def, tx, t.seed)
+  restored = ckpt.restore_for_training(jax.eval_shape(init_fn))
+  # The optimizer is rebuilt from the current config, so a changed learning rate or
+  # schedule takes effect from the resumed step; only its counters come from the state.
+  state = restored[0] if restored else jax.jit(init_fn)()
+  start_step, end_step = int(state["step"]), int(t.num_steps)
+  logging.info("Model: block=%s, %s parameters | %d steps to go (%d -> %d)", model_cfg.block,
+               f"{param_count(state['params']):,}", max(end_step - start_step, 0), start_step,
+               end_step)
+
+  sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed)
+  train_step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model_def))
+  schedule = learning_rate_schedule(t)
+  writer = MetricWriter(t.log_dir or os.path.join(t.checkpoint_dir, "logs"))
+  progress = Progress(start_step, end_step, t.batch_size * d.seq_len, t.progress_bar)
+
+  losses: list[tuple[int, float]] = []
+  last_eval: dict[str, float] = {}
+  interrupted = False
+  window: list[float] = []
+
+  def record(step: int, metrics: dict) -> None:
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    losses.append((step, m["loss"]))
+    window.append(m["loss"])
+    row = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"]}
+    if step % t.log_every == 0 or step == end_step:
+      tok_s, eta = progress.rate(step)
+      mean = float(np.mean(window))
+      window.clear()
+      row.update({"train/loss_avg": mean, "train/learning_rate": float(schedule(step - 1)),
+                  "train/tokens_per_s": tok_s})
+      log_line(step, end_step, mean, mean / LN2, float(schedule(step - 1)), tok_s, eta, unit)
+    if not math.isfinite(m["loss"]):
+      raise FloatingPointError(f"training loss is {m['loss']} at step {step}")
+    writer.write(step, row)
+    progress.tick(step, {"loss": f"{m['loss']:.3f}"})
+
+  def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
+    # Donating `state` into the next step is safe once save() returns: Orbax then
+    # holds host copies (on CPU, numpy views that make JAX skip the donation).
+    ckpt.save(step, state, sampler.state(step), metrics=metrics, force=force)
+
+  t0 = time.perf_counter()
+  pending = None
+  try:
+    for s in range(start_step, end_step):
+      batch = sampler.batch(s)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        record(*pending)
+      pending = (s + 1, metrics)
+      if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
+        record(*pending)
+        pending = None
+        last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len)
+        writer.write(s + 1, last_eval)
+        logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
+                     unit, last_eval["eval/bits_per_token"])
+      if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
+        save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
+    if pending is not None:
+      record(*pending)
+      pending = None
+  except KeyboardInterrupt:
+    interrupted = True
+    if any(x.is_deleted() for x in jax.tree.leaves(state)):  # Interrupted inside a donated step.
+      logging.warning("Interrupted mid-step; the last checkpoint is step %s.", ckpt.latest_step)
+    else:
+      logging.warning("Interrupted at step %d; saving a checkpoint and stopping cleanly.",
+                      int(state["step"]))
+      save(int(state["step"]), force=True)
+  finally:
+    progress.close()
+
+  final_step = int(state["step"])
+  if not interrupted and final_step > start_step:
+    last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len)
+    writer.write(final_step, last_eval)
+    logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
+                 last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
+  if not interrupted:
+    save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
+  writer.close()
+  elapsed = time.perf_counter() - t0
+  logging.info("Done: step %d in %s", final_step, format_duration(elapsed))
+  return {"step": final_step, "losses": losses, "eval": last_eval, "interrupted": interrupted,
+          "elapsed_s": elapsed, "state": state, "model_def": model_def}

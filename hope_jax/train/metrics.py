@@ -1,0 +1,89 @@
+"""Where metrics go: absl INFO lines, a JSONL file and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from absl import logging
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricWriter:
+  """Appends `{"step": n, ...}` rows to `metrics.jsonl` and scalars to TensorBoard."""
+
+  def __init__(self, log_dir: str, *, tensorboard: bool = True):
+    os.makedirs(log_dir, exist_ok=True)
+    self.log_dir = log_dir
+    self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(k, float(v), int(step))
+
+  def flush(self) -> None:
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    self.flush()
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """Throughput and ETA between log lines; a tqdm bar on an interactive terminal."""
+
+  def __init__(self, start_step: int, end_step: int, tokens_per_step: int, enabled: bool):
+    self.end_step, self.tokens_per_step = end_step, tokens_per_step
+    self._t, self._step = time.perf_counter(), start_step
+    self._bar = None
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=end_step, initial=start_step, unit="step", dynamic_ncols=True,
+                       leave=False)
+
+  def tick(self, step: int, postfix: dict[str, str] | None = None) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      if postfix:
+        self._bar.set_postfix(postfix, refresh=False)
+
+  def rate(self, step: int) -> tuple[float, float]:
+    """(tokens/s since the last call, seconds remaining at that rate)."""
+    now = time.perf_counter()
+    dt, ds = now - self._t, step - self._step
+    self._t, self._step = now, step
+    steps_per_s = ds / dt if dt > 0 else 0.0
+    eta = (self.end_step - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    return steps_per_s * self.tokens_per_step, eta
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def log_line(step: int, end: int, loss: float, bits: float, lr: float, tok_s: float,
+             eta: float, unit: str) -> None:
+  logging.info("step %d/%d | loss %.4f | %s %.4f | lr %.2e | %.0f tok/s | %s left", step, end,
+               loss, unit, bits, lr, tok_s, format_duration(eta))

@@ -1,0 +1,35 @@
+"""AdamW with warmup + cosine decay and global-norm clipping (optax)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def learning_rate_schedule(t: Any) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine to `learning_rate * min_lr_ratio`."""
+  if t.lr_schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
+         optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=max(t.warmup_steps, 1),
+      decay_steps=max(t.num_steps, t.warmup_steps + 1),
+      end_value=t.learning_rate * t.min_lr_ratio)
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices only: not on norm scales, biases or gate/rate biases."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(t: Any, params: Any = None) -> optax.GradientTransformation:
+  """The outer optimizer for the `training` config section."""
+  del params  # The mask is computed from the params pytree at init.
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                  mask=decay_mask),
+  )

@@ -1,0 +1,278 @@
+"""The checkpoint adapter on real Orbax and a real disk: format, listing, errors, retention."""
+
+import json
+import logging as py_logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import logging
+
+from hope_jax import checkpoint as ck
+from hope_jax.checkpoint import CheckpointError, CheckpointManager
+from tests.conftest import REPO
+from tests.ckpt_worker import config as worker_config
+from tests.ckpt_worker import make_state
+
+
+def _config(directory, **training):
+  cfg = worker_config(str(directory))
+  for k, v in training.items():
+    cfg.training[k] = v
+  return cfg
+
+
+def _state(step=0, mb=0.05, seed=0):
+  return dict(make_state(mb, seed), step=jnp.int32(step))
+
+
+def _save(directory, steps, metrics=None, mb=0.05, **training):
+  mgr = CheckpointManager(_config(directory, **training))
+  for i, step in enumerate(steps):
+    mgr.save(step, _state(step, mb, seed=step), {"step": step},
+             metrics=None if metrics is None else {"eval/loss": metrics[i]})
+  mgr.close()
+
+
+def _equal(a, b):
+  def raw(x):
+    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(raw(x), raw(y))),
+                                          a, b)))
+
+
+class _Capture(py_logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def emit(self, record):
+    self.records.append((record.levelno, record.getMessage()))
+
+
+@pytest.fixture
+def absl_log():
+  handler = _Capture()
+  logger = logging.get_absl_logger()
+  old = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(py_logging.INFO)
+  yield handler.records
+  logger.removeHandler(handler)
+  logger.setLevel(old)
+
+
+def test_layout_manifest_and_exact_roundtrip(tmp_path):
+  _save(tmp_path, [10, 20])
+  entries = ck.list_checkpoints(str(tmp_path))
+  assert [(e.step, e.valid) for e in entries] == [(10, True), (20, True)]
+  names = sorted(n for n in os.listdir(tmp_path) if n != ".lock")
+  assert names == ["checkpoint_step_10", os.path.basename(entries[0].manifest_path),
+                   "checkpoint_step_20", os.path.basename(entries[1].manifest_path)]
+  manifest = json.load(open(entries[1].manifest_path))
+  assert manifest["step"] == 20 and manifest["model_file"] == "checkpoint_step_20"
+  assert entries[1].manifest_path.endswith(f"checkpoint_step_20_ts_{manifest['timestamp']}.json")
+  assert manifest["config"]["model"]["hidden_size"] == 32
+  assert manifest["num_params"] > 0 and manifest["versions"]["orbax_checkpoint"]
+  # Exact restore into the training structure (optax named tuples, typed key).
+  want = _state(20, seed=20)
+  mgr = CheckpointManager(_config(tmp_path))
+  state, loader, _ = mgr.restore_for_training(jax.eval_shape(lambda: want))
+  mgr.close()
+  assert _equal(state, want) and loader == {"step": 20}
+  assert type(state["opt_state"][0]) is type(want["opt_state"][0])
+  # The programmatic API, without a structure.
+  r = ck.restore(entries[0].manifest_path, with_opt_state=True)
+  assert r.step == 10 and _equal(r.params, _state(10, seed=10)["params"])
+  assert jnp.issubdtype(r.rng.dtype, jax.dtypes.prng_key)
+  assert r.config.model.hidden_size == 32
+  # No pickles: every small non-array file is JSON or plain text.
+  for root, _, files in os.walk(tmp_path):
+    for f in files:
+      with open(os.path.join(root, f), "rb") as fh:
+        assert not fh.read(2).startswith(b"\x80"), f"pickle-like file {f}"
+
+
+def test_startup_log_lines(tmp_path, absl_log):
+  _save(tmp_path, [5, 10])
+  mgr = CheckpointManager(_config(tmp_path))
+  mgr.restore_for_training(jax.eval_shape(lambda: _state(10)))
+  mgr.close()
+  msgs = [m for _, m in absl_log]
+  manifest = ck.list_checkpoints(str(tmp_path))[-1].manifest_path
+  for line in (f'Found 2 existing checkpoint(s) in "{tmp_path}"', "Latest checkpoint at step: 10",
+               f'Resuming training from checkpoint: "{manifest}"', "Resumed from step 10",
+               "20 step(s) remain: training ends at step 30 (training.num_steps)"):
+    assert line in msgs, (line, msgs)
+  assert not any("orbax" in m.lower() and lvl < py_logging.WARNING for lvl, m in absl_log)
+
+
+def test_model_config_mismatch_names_every_key(tmp_path):
+  _save(tmp_path, [5])
+  path = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  cfg = _config(tmp_path)
+  cfg.model.cms_chunks = [8, 16]  # A list where a tuple was saved: equal, not a mismatch.
+  ck.restore(path, cfg)
+  cfg.model.hidden_size, cfg.model.num_heads = 64, 4
+  with pytest.raises(ck.ConfigMismatchError) as err:
+    ck.restore(path, cfg)
+  msg = str(err.value)
+  assert msg.startswith("Checkpoint model config doesn't match current config")
+  assert "model.hidden_size: checkpoint=32 current=64" in msg
+  assert "model.num_heads: checkpoint=2 current=4" in msg and "cms_chunks" not in msg
+  cfg.training.resume_from = path  # The manager refuses too, and never falls back.
+  mgr = CheckpointManager(cfg)
+  with pytest.raises(ck.ConfigMismatchError):
+    mgr.restore_for_training(jax.eval_shape(lambda: _state(5)))
+  mgr.close()
+
+
+def _data_file(payload):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(payload) for f in fs if "/d/" in r + "/"]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x10  # One bit in the middle of a 1.5 MB array's data.
+  open(path, "wb").write(data)
+
+
+def _truncate(path):
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _edit(manifest, **changes):
+  m = json.load(open(manifest))
+  for k, v in changes.items():
+    if v is None:
+      m.pop(k)
+    else:
+      m[k] = v
+  json.dump(m, open(manifest, "w"))
+
+
+CORRUPTIONS = {
+    "missing manifest": (lambda m, p: os.remove(m), "manifest file does not exist"),
+    "not JSON": (lambda m, p: open(m, "w").write("{not json"), "manifest is not valid JSON"),
+    "missing field": (lambda m, p: _edit(m, timestamp=None), "missing field(s) timestamp"),
+    "missing payload": (lambda m, p: shutil.rmtree(p), "does not exist"),
+    "escaping model_file": (lambda m, p: _edit(m, model_file="../elsewhere"),
+                            "points outside the checkpoint directory"),
+    "absolute model_file": (lambda m, p: _edit(m, model_file=p), "must be a relative path"),
+    "truncated array": (lambda m, p: _truncate(_data_file(os.path.join(p, "params"))), ""),
+    "bit-flipped array": (lambda m, p: _flip(_data_file(os.path.join(p, "params"))),
+                          "checksum mismatch"),
+    "missing item": (lambda m, p: shutil.rmtree(os.path.join(p, "train")), "item 'train'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corruption_gives_failed_to_load(tmp_path, case):
+  _save(tmp_path, [5], mb=6.0)  # Arrays above Orbax's 1 KiB inline limit, so files exist.
+  manifest = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  damage, reason = CORRUPTIONS[case]
+  damage(manifest, os.path.join(tmp_path, "checkpoint_step_5"))
+  with pytest.raises(CheckpointError) as err:
+    ck.restore(manifest, with_opt_state=True)
+  assert str(err.value).startswith(f"Failed to load checkpoint: {manifest}: "), err.value
+  assert reason in str(err.value)
+  assert "\n" not in str(err.value)
+
+
+def test_latest_skips_a_broken_newest_with_a_warning(tmp_path, absl_log):
+  _save(tmp_path, [5, 10], mb=6.0)
+  _flip(_data_file(os.path.join(tmp_path, "checkpoint_step_10", "params")))
+  assert ck.restore_latest(str(tmp_path)).step == 5
+  mgr = CheckpointManager(_config(tmp_path))
+  state, _, manifest = mgr.restore_for_training(jax.eval_shape(lambda: _state(5, mb=6.0)))
+  assert manifest["step"] == 5 and int(state["step"]) == 5
+  # The broken one is set aside, so step 10 can be saved again by this run.
+  assert mgr.save(10, _state(10, mb=6.0, seed=10), {"step": 10}, force=True)
+  mgr.close()
+  warnings = [m for lvl, m in absl_log if lvl == py_logging.WARNING]
+  assert any("Skipping unreadable checkpoint" in m and "checksum mismatch" in m for m in warnings)
+  assert os.listdir(tmp_path / "unreadable")
+  assert [e.step for e in ck.list_checkpoints(str(tmp_path)) if e.valid] == [5, 10]
+  assert ck.restore_latest(str(tmp_path)).step == 10
+
+
+@pytest.mark.parametrize("keep_best", [None, "eval/loss"])
+def test_retention_keeps_last_n_and_best_and_always_the_newest(tmp_path, keep_best):
+  losses = [5.0, 1.0, 4.0, 3.0, 2.5, 9.0]  # Best at step 2; the newest (6) is the worst.
+  _save(tmp_path, [1, 2, 3, 4, 5, 6], metrics=losses, keep_last=2, keep_best=keep_best)
+  want = [2, 5, 6] if keep_best else [5, 6]
+  assert [e.step for e in ck.list_checkpoints(str(tmp_path))] == want
+  assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(".json") and
+                n.startswith("checkpoint")) == [f"checkpoint_step_{s}" for s in want]
+  assert all(e.valid for e in ck.list_checkpoints(str(tmp_path)))
+
+
+def test_max_mode_keeps_the_highest(tmp_path):
+  _save(tmp_path, [1, 2, 3, 4], metrics=[0.1, 0.9, 0.2, 0.3], keep_last=1,
+        keep_best="eval/acc", keep_best_mode="max")
+  # Metrics named eval/loss here are missing for eval/acc: kept only by recency.
+  assert [e.step for e in ck.list_checkpoints(str(tmp_path))] == [4]
+  _save(tmp_path / "b", [1, 2, 3, 4], metrics=[0.1, 0.9, 0.2, 0.3], keep_last=1,
+        keep_best="eval/loss", keep_best_mode="max")
+  assert [e.step for e in ck.list_checkpoints(str(tmp_path / "b"))] == [2, 4]
+
+
+def test_fresh_run_refuses_to_overwrite_and_older_resume_refuses_to_mix(tmp_path):
+  _save(tmp_path, [5, 10])
+  mgr = CheckpointManager(_config(tmp_path, resume_from=None))
+  with pytest.raises(CheckpointError, match="already holds 2 checkpoint"):
+    mgr.restore_for_training(jax.eval_shape(lambda: _state()))
+  mgr.close()
+  older = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  mgr = CheckpointManager(_config(tmp_path, resume_from=older))
+  with pytest.raises(CheckpointError, match=r"newer than the resume point \(step 5\)"):
+    mgr.restore_for_training(jax.eval_shape(lambda: _state()))
+  mgr.close()
+
+
+def test_lost_manifest_is_rebuilt_and_stray_temp_files_removed(tmp_path):
+  _save(tmp_path, [5])
+  manifest = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  text = open(manifest).read()
+  os.remove(manifest)  # As if killed between Orbax's commit and the manifest write.
+  open(str(tmp_path / "checkpoint_step_9_ts_1.json.tmp.123"), "w").write("{")
+  CheckpointManager(_config(tmp_path)).close()
+  assert open(manifest).read() == text
+  assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def _worker(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "ckpt_worker.py"), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_second_process_on_the_same_directory_is_refused(tmp_path):
+  holder = _worker("hold", str(tmp_path))
+  try:
+    assert holder.stdout.readline().strip() == "HOLDING"
+    with pytest.raises(CheckpointError, match=rf"in use by another training process \(pid "
+                       rf"{holder.pid} "):
+      CheckpointManager(_config(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  CheckpointManager(_config(tmp_path)).close()  # A killed holder leaves no stale lock.
+
+
+def test_failed_save_reports_directory_and_reason_and_keeps_earlier(tmp_path):
+  proc = _worker("fsize_limit", str(tmp_path))
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 3, out + err
+  assert f'Failed to save checkpoint for step 2 in "{tmp_path}"' in out
+  assert "File too large" in out or "EFBIG" in out or "too large" in out.lower(), out
+  assert [e.step for e in ck.list_checkpoints(str(tmp_path))] == [1]
+  assert ck.restore_latest(str(tmp_path), with_opt_state=True).step == 1

@@ -1,0 +1,70 @@
+"""Every bad input ends the CLI with one stderr line, exit status 2, no traceback."""
+
+import pytest
+
+from tests.conftest import run_cli
+
+TINY = "--config=experiments/tiny.py"
+
+CASES = [
+    ([TINY, "--config.training.num_stepz=3"],
+     "unknown config key 'training.num_stepz' (did you mean 'training.num_steps'?)"),
+    ([TINY, "--config.trainin.num_steps=3"], "unknown config key 'trainin'"),
+    ([TINY, "--config.training.num_steps=1.5"], "config key 'training.num_steps': '1.5' (expected int)"),
+    ([TINY, "--config.model.use_alpha=maybe"], "'model.use_alpha'"),
+    ([TINY, "--config.model.num_heads=3"], "model.hidden_size (32) must be divisible by model.num_heads (3)"),
+    ([TINY, "--config.model.chunk_mem=6"], "model.chunk_mem (6) and model.chunk_other (4)"),
+    ([TINY, "--config.model.block=hope", "--config.model.cms_chunks=(4,16)"],
+     "model.cms_chunks[0] (4) must be a multiple of model.chunk_other"),
+    ([TINY, "--config.model.eta_max=0.5"], "model.eta_max (0.5) must not exceed model.alpha_min"),
+    ([TINY, "--config.model.block=mamba"], "model.block='mamba' is not one of"),
+    ([TINY, "--config.data.data_type=text"], "data.data_path is required"),
+    ([TINY, "--config.data.data_type=text", "--config.data.data_path=does/not/exist.txt"],
+     "data.data_path: no such file or directory: does/not/exist.txt"),
+    ([TINY, "--config.data.data_type=csv"], "data.data_type='csv' is not one of"),
+    ([TINY, "--config.model.vocab_size=100"], "vocab size mismatch: the tokenizer has 256 tokens"),
+    (["--config=experiments/missing.py"], "cannot load config file 'experiments/missing.py'"),
+    ([], "--config is required"),
+]
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[c[1][:40] for c in CASES])
+def test_bad_input_is_one_line_exit_2(args, expected):
+  proc = run_cli(["-m", "hope_jax.train", *args])
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("hope_jax.train: error: ")
+  assert expected in lines[0]
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+  """SIGINT mid-training: no traceback, a warning line, exit status 130."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from tests.conftest import REPO
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "hope_jax.train", TINY, "--config.training.num_steps=100000",
+       "--config.training.log_every=1", f"--config.training.checkpoint_dir={tmp_path}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 120
+  seen = ""
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    seen += line
+    if "step 3/" in line:
+      break
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  seen += out
+  assert proc.returncode == 130, seen[-2000:]
+  assert "Traceback" not in seen
+  assert "Interrupted at step" in seen

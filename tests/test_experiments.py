@@ -1,0 +1,44 @@
+"""Every experiments/**/*.py loads and builds its model shapes with jax.eval_shape."""
+
+import glob
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hope_jax.config import ModelConfig, validate_run_config
+from hope_jax.train.state import ModelDef
+from tests.conftest import REPO
+
+FILES = sorted(
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "experiments", "**", "*.py"),
+                                                 recursive=True)
+    if not p.endswith("__init__.py"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("path", FILES)
+def test_experiment_builds(path):
+  module = load(path)
+  assert "python -m hope_jax." in (module.__doc__ or ""), f"{path}: docstring lacks its run command"
+  cfg = module.get_config()
+  assert set(cfg.keys()) >= {"model", "training", "data"}
+  model_cfg = validate_run_config(cfg)
+  model_def = ModelDef(model_cfg)
+  tokens = jax.ShapeDtypeStruct((2, cfg.data.seq_len), jnp.int32)
+  out = jax.eval_shape(model_def.apply, model_def.abstract_params(), tokens)
+  assert out.shape == (2, cfg.data.seq_len, model_cfg.vocab_size)
+
+
+def test_model_section_mirrors_model_config():
+  from experiments import base
+
+  assert set(base.get_config().model.keys()) == set(ModelConfig().to_dict().keys())
