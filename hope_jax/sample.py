@@ -127,7 +127,7 @@ def main(argv) -> None:
   try:
     model, config = load_model(f.checkpoint_dir)
     tok = _tokenizer(config, f.checkpoint_dir, f.tokenizer_path)
-  except (FileNotFoundError, ValueError, KeyError) as err:
+  except (FileNotFoundError, ValueError, KeyError) as err:  # CheckpointError is a ValueError.
     print(f"hope_jax.sample: error: {err}", file=sys.stderr)
     sys.exit(2)
   prompt = np.asarray(tok.encode(f.prompt), np.int32)[None]

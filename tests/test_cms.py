@@ -178,7 +178,12 @@ def test_outer_frequency_steps_levels_every_f_steps():
   assert freqs["blocks"][0]["ffn"]["levels"][1]["mlp"]["down"]["kernel"] == 2
   assert freqs["blocks"][0]["ffn"]["levels"][0]["mlp"]["down"]["kernel"] == 1
   assert freqs["embed"] == 1
-  tx = wrap_outer_frequency(optax.adamw(1e-2, weight_decay=0.1), params, cfg)
+  from experiments import base
+  from hope_jax.train.optimizer import make_optimizer
+
+  t = base.get_config().training
+  t.warmup_steps = 0
+  tx = make_optimizer(t, params, cfg)  # The train loop's optimizer, wrapped for outer_freq.
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   moved = []
@@ -189,5 +194,7 @@ def test_outer_frequency_steps_levels_every_f_steps():
     moved.append((bool(jnp.any(lvl(new, 0) != lvl(params, 0))),
                   bool(jnp.any(lvl(new, 1) != lvl(params, 1)))))
     params = new
-  assert moved == [(True, False), (True, True), (True, False), (True, True)]
-  assert wrap_outer_frequency(tx, params, tiny()) is tx  # Other modes: unchanged.
+  # Step 1 moves nothing (the warmup starts at lr 0); then level 2 only on even steps.
+  assert moved == [(False, False), (True, True), (True, False), (True, True)]
+  plain = optax.adamw(1e-2)
+  assert wrap_outer_frequency(plain, params, tiny()) is plain  # Other modes: unchanged.
