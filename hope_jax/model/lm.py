@@ -12,10 +12,10 @@ Two forward paths give the same logits:
   * static CMS (or no CMS): every block runs on the whole sequence in parallel;
   * `cms_signal="lm_grad"`: a model-level `lax.scan` over chunks of C_1 tokens (spec §3.3).
     Its carry holds every layer's mixer state (`init_state`/`step`) and CMS fast state.
-    Per chunk: forward all layers from the carried state, take the chunk's summed next-token
-    CE (token t's target is token t+1; the last position has none), `jax.vjp` w.r.t. the CMS
-    deltas only, then `hope_jax.ops.cms.schedule_update` writes the levels whose boundary
-    ends this chunk. The inner gradients are stop-gradient (first-order writes).
+    Per chunk: forward all layers from the carried state; separately, on a stop-gradient
+    copy, take the chunk's summed next-token CE (token t's target is token t+1; the last
+    position has none) and its `jax.vjp` w.r.t. the CMS deltas only; then
+    `hope_jax.ops.cms.schedule_update` writes the levels whose boundary ends this chunk.
 `init_cache`/`decode_step` carry the same state token by token; a CMS boundary write is
 applied when the next token (which supplies the last target) arrives, by recomputing the
 finished chunk from a snapshot of the mixer states at its start.
@@ -130,19 +130,23 @@ class LanguageModel(nnx.Module):
     return self.logits(x_BCD), new_states
 
   def chunk_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas):
-    """`chunk_forward` plus, per layer and level, d(chunk CE sum)/d(level weights).
+    """Per layer and level, d(chunk CE sum)/d(level weights) at the current fast weights.
 
     The CE is summed over the chunk's unmasked tokens and over the batch; each sequence's
-    delta only touches its own loss, so one vjp gives every per-sequence gradient. The
-    gradients are stop-gradient: the outer loss never differentiates the inner step.
+    delta only touches its own loss, so one vjp gives every per-sequence gradient. Every
+    input (parameters included) enters through stop_gradient, so an outer differentiation
+    never traces through this inner backward pass (first-order writes, and a compile that
+    stays small when the mixers are themselves scans).
     """
-    deltas = jax.tree.map(jax.lax.stop_gradient, deltas)
-    fwd = lambda d: self.chunk_forward(tokens_BC, states, d)
-    logits_BCV, vjp_fn, new_states = jax.vjp(fwd, deltas, has_aux=True)
-    dlogits = jax.grad(cms_ops.masked_token_ce)(jax.lax.stop_gradient(logits_BCV), targets_BC,
-                                                mask_BC)
+    sg = lambda t: jax.tree.map(jax.lax.stop_gradient, t)
+    graphdef, params = nnx.split(self)
+    frozen = nnx.merge(graphdef, sg(params))
+    states = sg(states)
+    fwd = lambda d: frozen.chunk_forward(tokens_BC, states, d)[0]
+    logits_BCV, vjp_fn = jax.vjp(fwd, sg(deltas))
+    dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, targets_BC, mask_BC)
     (grads,) = vjp_fn(dlogits)
-    return logits_BCV, new_states, jax.tree.map(jax.lax.stop_gradient, grads)
+    return sg(grads)
 
   def _init_states(self, batch_size: int, max_len: int):
     mixers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
@@ -180,8 +184,12 @@ class LanguageModel(nnx.Module):
     def body(carry, xs):
       states, fast = carry
       tok_BC, tgt_BC, mask_BC, index = xs
-      logits_BCV, states, grads = self.chunk_grads(
-          tok_BC, tgt_BC, mask_BC, states, [f["delta"] for f in fast])
+      deltas = [f["delta"] for f in fast]
+      # The outer (differentiable) forward, straight-through in the deltas; then the inner
+      # gradient from a separate, fully stop-gradient recomputation of the same chunk.
+      grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas)
+      logits_BCV, states = self.chunk_forward(tok_BC, states,
+                                              jax.tree.map(jax.lax.stop_gradient, deltas))
       fast = self._write(fast, grads, (index + 1) * c1)
       out = (logits_BCV, [f["delta"] for f in fast] if collect_deltas else None)
       return (states, fast), out
@@ -221,8 +229,8 @@ class LanguageModel(nnx.Module):
         starts = [_restore(b.mixer, m, s)
                   for b, m, s in zip(self.blocks, c["mixer"], c["snap"])]
         tgt_BC = jnp.concatenate([c["buf"][:, 1:], tokens_B[:, None]], axis=1)
-        _, _, grads = self.chunk_grads(c["buf"], tgt_BC, jnp.ones(tgt_BC.shape, jnp.float32),
-                                       starts, [f["delta"] for f in c["fast"]])
+        grads = self.chunk_grads(c["buf"], tgt_BC, jnp.ones(tgt_BC.shape, jnp.float32),
+                                 starts, [f["delta"] for f in c["fast"]])
         snap = [_snapshot(b.mixer, m) for b, m in zip(self.blocks, c["mixer"])]
         return {**c, "fast": self._write(c["fast"], grads, pos), "snap": snap}
 
