@@ -111,7 +111,8 @@ def main() -> None:
   for name in args.models.split(","):
     cfg = ModelConfig(**COMMON, **MODELS[name])
     cfg.validate()
-    row = {"model": name, "block": cfg.block, "cms_signal": cfg.cms_signal}
+    row = {"model": name, "block": cfg.block,
+           "cms_signal": cfg.cms_signal if cfg.block in ("hope", "hope_attention") else None}
     if not args.skip_train:
       row["train_tokens_per_s"] = train_tokens_per_s(cfg, args.steps, args.batch, args.seq)
     for n in gens:
