@@ -193,6 +193,10 @@ class ModelConfig:
       if any(c % chunks[0] for c in chunks):
         raise ConfigError(
             f"model.cms_chunks {chunks} must all be multiples of the first (fastest) level")
+      if self.cms_variant == "nested" and any(b % a for a, b in zip(chunks, chunks[1:])):
+        raise ConfigError(
+            f"model.cms_variant='nested' needs each of model.cms_chunks {chunks} to divide the "
+            "next (a level restarts at the next level's boundaries)")
       if self.block == "hope" and chunks[0] % big:
         raise ConfigError(
             f"model.cms_chunks[0] ({chunks[0]}) must be a multiple of model.chunk_other "

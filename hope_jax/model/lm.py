@@ -1,4 +1,4 @@
-"""The language-model skeleton shared by every block type (spec §4).
+"""The language-model skeleton shared by every block type (spec §4), and streaming decode (§5).
 
   tokens -> embedding -> N x block -> final RMSNorm -> logits (tied embedding)
 
@@ -7,16 +7,31 @@ A block is a pre-norm residual sequence mixer followed by a feed-forward part:
   titans_lmm:      x += SelfModTitans(norm x) [static projections];  x += SwiGLU(norm x)
   hope:            x += SelfModTitans(norm x);  x = CMS(x)
   hope_attention:  x += Attention(norm x);  x = CMS(x)
+
+Two forward paths give the same logits:
+  * static CMS (or no CMS): every block runs on the whole sequence in parallel;
+  * `cms_signal="lm_grad"`: a model-level `lax.scan` over chunks of C_1 tokens (spec §3.3).
+    Its carry holds every layer's mixer state (`init_state`/`step`) and CMS fast state.
+    Per chunk: forward all layers from the carried state; separately, on a stop-gradient
+    copy, take the chunk's summed next-token CE (token t's target is token t+1; the last
+    position has none) and its `jax.vjp` w.r.t. the CMS deltas only; then
+    `hope_jax.ops.cms.schedule_update` writes the levels whose boundary ends this chunk.
+`init_cache`/`decode_step` carry the same state token by token; a CMS boundary write is
+applied when the next token (which supplies the last target) arrives, by recomputing the
+finished chunk from a snapshot of the mixer states at its start.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from hope_jax.config import ModelConfig
 from hope_jax.model.attention import Attention
+from hope_jax.model.cms import has_fast_weights
 from hope_jax.model.layers import DTYPES, Linear, RMSNorm, SwiGLU, normal
+from hope_jax.ops import cms as cms_ops
 
 
 def _mixer(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -44,11 +59,28 @@ class Block(nnx.Module):
       self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_width, num_layers=cfg.num_layers, rngs=rngs,
                         dtype=DTYPES[cfg.dtype], param_dtype=pd)
 
-  def __call__(self, x_BLD):
-    x_BLD = x_BLD + self.mixer(self.norm_mixer(x_BLD))
+  def _ffn(self, x_BLD, delta=None):
     if self.uses_cms:
-      return self.ffn(x_BLD)
+      return self.ffn(x_BLD, None if delta is None else {"delta": delta})
     return x_BLD + self.ffn(self.norm_ffn(x_BLD))
+
+  def __call__(self, x_BLD):
+    return self._ffn(x_BLD + self.mixer(self.norm_mixer(x_BLD)))
+
+  def step(self, x_BLD, state, delta=None):
+    """The block on a piece of tokens that follows `state` (the mixer's recurrent state)."""
+    y_BLD, state = self.mixer.step(self.norm_mixer(x_BLD), state)
+    return self._ffn(x_BLD + y_BLD, delta), state
+
+
+def _snapshot(mixer, state):
+  """What the boundary recompute needs of a mixer state; a KV cache is append-only, so its
+  position suffices (entries past it are masked and rewritten)."""
+  return {"pos": state["pos"]} if isinstance(mixer, Attention) else state
+
+
+def _restore(mixer, current, snap):
+  return {**current, "pos": snap["pos"]} if isinstance(mixer, Attention) else snap
 
 
 class LanguageModel(nnx.Module):
@@ -63,6 +95,7 @@ class LanguageModel(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, std=0.02, rngs=rngs,
                             dtype=DTYPES[cfg.dtype], param_dtype=pd)
+    self.fast_cms = has_fast_weights(cfg)
 
   def embed_tokens(self, tokens_BL):
     return jnp.take(self.embed[...], tokens_BL, axis=0).astype(DTYPES[self.cfg.dtype])
@@ -75,7 +108,156 @@ class LanguageModel(nnx.Module):
     return self.lm_head(h_BLD).astype(jnp.float32)
 
   def __call__(self, tokens_BL):
+    if self.fast_cms:
+      return self.forward_with_fast_state(tokens_BL)[0]
     x_BLD = self.embed_tokens(tokens_BL)
     for block in self.blocks:
       x_BLD = block(x_BLD)
     return self.logits(x_BLD)
+
+  # ------------------------------------------------------------ chunk pieces
+
+  def chunk_forward(self, tokens_BC, states, deltas):
+    """All layers on a piece of tokens from carried mixer states and CMS deltas.
+
+    Returns (logits_BCV, new_states); `deltas` is a per-layer list (None: static CMS).
+    """
+    x_BCD = self.embed_tokens(tokens_BC)
+    new_states = []
+    for block, state, delta in zip(self.blocks, states, deltas):
+      x_BCD, state = block.step(x_BCD, state, delta)
+      new_states.append(state)
+    return self.logits(x_BCD), new_states
+
+  def chunk_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas):
+    """Per layer and level, d(chunk CE sum)/d(level weights) at the current fast weights.
+
+    The CE is summed over the chunk's unmasked tokens and over the batch; each sequence's
+    delta only touches its own loss, so one vjp gives every per-sequence gradient. Every
+    input (parameters included) enters through stop_gradient, so an outer differentiation
+    never traces through this inner backward pass (first-order writes, and a compile that
+    stays small when the mixers are themselves scans).
+    """
+    sg = lambda t: jax.tree.map(jax.lax.stop_gradient, t)
+    graphdef, params = nnx.split(self)
+    frozen = nnx.merge(graphdef, sg(params))
+    states = sg(states)
+    fwd = lambda d: frozen.chunk_forward(tokens_BC, states, d)[0]
+    logits_BCV, vjp_fn = jax.vjp(fwd, sg(deltas))
+    dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, targets_BC, mask_BC)
+    (grads,) = vjp_fn(dlogits)
+    return sg(grads)
+
+  def _init_states(self, batch_size: int, max_len: int):
+    mixers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
+    fast = [b.ffn.init_fast_state(batch_size) if b.uses_cms else None for b in self.blocks]
+    return mixers, fast
+
+  def _write(self, fast, grads, tokens_seen):
+    cfg = self.cfg
+    return [cms_ops.schedule_update(f, g, tokens_seen, cfg.cms_chunks, cfg.cms_lr,
+                                    cfg.cms_grad_clip) for f, g in zip(fast, grads)]
+
+  # --------------------------------------------------------- lm_grad forward
+
+  def forward_with_fast_state(self, tokens_BL, collect_deltas: bool = False):
+    """The `lm_grad` forward: a `lax.scan` over chunks of C_1 tokens (spec §3.3).
+
+    Args:
+      tokens_BL: int tokens; L need not be a multiple of C_1 (the tail is padded and its
+        positions carry no loss).
+      collect_deltas: also return every chunk's post-write deltas (for tests/diagnostics).
+
+    Returns:
+      (logits_BLV, final fast state per layer, per-chunk deltas or None).
+    """
+    b, l = tokens_BL.shape
+    c1 = self.cfg.cms_chunks[0]
+    n = -(-l // c1)
+    pad = n * c1 - l
+    toks_BL = jnp.pad(tokens_BL, ((0, 0), (0, pad)))
+    tgts_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, pad + 1)))
+    mask_BL = jnp.broadcast_to(jnp.arange(n * c1)[None] < l - 1, (b, n * c1)).astype(jnp.float32)
+    to_chunks = lambda a: a.reshape(b, n, c1).swapaxes(0, 1)
+    states, fast = self._init_states(b, n * c1)
+
+    def body(carry, xs):
+      states, fast = carry
+      tok_BC, tgt_BC, mask_BC, index = xs
+      deltas = [f["delta"] for f in fast]
+      # The outer (differentiable) forward, straight-through in the deltas; then the inner
+      # gradient from a separate, fully stop-gradient recomputation of the same chunk.
+      grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas)
+      logits_BCV, states = self.chunk_forward(tok_BC, states,
+                                              jax.tree.map(jax.lax.stop_gradient, deltas))
+      fast = self._write(fast, grads, (index + 1) * c1)
+      out = (logits_BCV, [f["delta"] for f in fast] if collect_deltas else None)
+      return (states, fast), out
+
+    if self.cfg.remat:
+      body = jax.checkpoint(body)
+    xs = (to_chunks(toks_BL), to_chunks(tgts_BL), to_chunks(mask_BL), jnp.arange(n))
+    (_, fast), (logits_NBCV, deltas) = jax.lax.scan(body, (states, fast), xs)
+    logits_BLV = logits_NBCV.swapaxes(0, 1).reshape(b, n * c1, -1)[:, :l]
+    return logits_BLV, fast, deltas
+
+  # ------------------------------------------------------- streaming decode
+
+  def init_cache(self, batch_size: int, max_len: int = 2048):
+    """Every recurrent state of spec §5 for `batch_size` sequences, as a pytree of arrays.
+
+    `max_len` bounds the KV cache of attention blocks (decoding past it is not supported);
+    the `hope` and `titans_lmm` states do not depend on it.
+    """
+    mixers, fast = self._init_states(batch_size, max_len)
+    cache = {"pos": jnp.zeros((), jnp.int32), "mixer": mixers}
+    if self.fast_cms:
+      cache["fast"] = fast
+      cache["snap"] = [_snapshot(b.mixer, s) for b, s in zip(self.blocks, mixers)]
+      cache["buf"] = jnp.zeros((batch_size, self.cfg.cms_chunks[0]), jnp.int32)
+    return cache
+
+  def decode_step(self, tokens_B, cache):
+    """Feeds one token per sequence; returns (logits_BV, cache). Jit-friendly."""
+    pos = cache["pos"]
+    deltas = [None] * len(self.blocks)
+    if self.fast_cms:
+      c1 = self.cfg.cms_chunks[0]
+
+      def boundary(c):
+        # Token `pos` is the last target of the finished chunk [pos - C_1, pos).
+        starts = [_restore(b.mixer, m, s)
+                  for b, m, s in zip(self.blocks, c["mixer"], c["snap"])]
+        tgt_BC = jnp.concatenate([c["buf"][:, 1:], tokens_B[:, None]], axis=1)
+        grads = self.chunk_grads(c["buf"], tgt_BC, jnp.ones(tgt_BC.shape, jnp.float32),
+                                 starts, [f["delta"] for f in c["fast"]])
+        snap = [_snapshot(b.mixer, m) for b, m in zip(self.blocks, c["mixer"])]
+        return {**c, "fast": self._write(c["fast"], grads, pos), "snap": snap}
+
+      at_boundary = (pos > 0) & (jnp.mod(pos, c1) == 0)
+      cache = jax.lax.cond(at_boundary, boundary, lambda c: c, cache)
+      buf = jax.lax.dynamic_update_slice(cache["buf"], tokens_B[:, None].astype(jnp.int32),
+                                         (0, jnp.mod(pos, c1)))
+      cache = {**cache, "buf": buf}
+      deltas = [f["delta"] for f in cache["fast"]]
+    logits_B1V, mixers = self.chunk_forward(tokens_B[:, None], cache["mixer"], deltas)
+    return logits_B1V[:, 0], {**cache, "mixer": mixers, "pos": pos + 1}
+
+  def prefill(self, tokens_BL, cache):
+    """Feeds a prompt; returns (logits of its last token `[B, V]`, cache).
+
+    Without in-context CMS writes the whole prompt goes through every mixer's `step` in one
+    parallel piece; with them it runs `decode_step` in a `lax.scan`, so every boundary write
+    happens exactly where streaming would apply it.
+    """
+    if not self.fast_cms:
+      logits_BLV, mixers = self.chunk_forward(tokens_BL, cache["mixer"],
+                                              [None] * len(self.blocks))
+      return logits_BLV[:, -1], {**cache, "mixer": mixers, "pos": cache["pos"] + tokens_BL.shape[1]}
+
+    def body(c, tok_B):
+      logits_BV, c = self.decode_step(tok_B, c)
+      return c, logits_BV
+
+    cache, logits_LBV = jax.lax.scan(body, cache, tokens_BL.swapaxes(0, 1))
+    return logits_LBV[-1], cache

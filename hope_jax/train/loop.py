@@ -88,7 +88,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                len(corpus.train), len(corpus.val))
 
   model_def = ModelDef(model_cfg, seed=t.seed)
-  tx = make_optimizer(t)
+  tx = make_optimizer(t, model_def.abstract_params(), model_cfg)
   init_fn = make_init_fn(model_def, tx, t.seed)
   abstract = jax.eval_shape(init_fn)
   # The restore target carries this run's shardings, so a checkpoint saved on another

@@ -25,11 +25,20 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_optimizer(t: Any, params: Any = None) -> optax.GradientTransformation:
-  """The outer optimizer for the `training` config section."""
-  del params  # The mask is computed from the params pytree at init.
-  return optax.chain(
+def make_optimizer(t: Any, params: Any = None,
+                   model_cfg: Any = None) -> optax.GradientTransformation:
+  """The outer optimizer for the `training` config section.
+
+  With `params` (concrete or abstract) and a `model_cfg` whose `cms_mode` is "outer_freq",
+  CMS level l only steps every f_l outer steps (`hope_jax.train.outer_freq`).
+  """
+  tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                   mask=decay_mask),
   )
+  if params is not None and model_cfg is not None:
+    from hope_jax.train.outer_freq import wrap_outer_frequency
+
+    tx = wrap_outer_frequency(tx, params, model_cfg)
+  return tx

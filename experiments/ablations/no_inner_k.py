@@ -1,0 +1,13 @@
+"""Table 6 ablation: HOPE w/o inner-k: M_k is never written in context, stays at its meta-init (spec §2.3).
+
+Run:
+  python -m hope_jax.train --config=experiments/ablations/no_inner_k.py
+"""
+
+from experiments import hope
+
+
+def get_config():
+  cfg = hope.get_config()
+  cfg.model.frozen_memories = ("k",)
+  return cfg

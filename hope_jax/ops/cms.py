@@ -1,0 +1,111 @@
+"""Pure-JAX pieces of the Continuum Memory System (spec §3).
+
+A CMS level is a pre-norm residual SwiGLU. Under `cms_signal="lm_grad"` every
+sequence owns fast weights `theta = theta_0 + delta` per level; the deltas and
+the gradient accumulators live in a per-layer dict
+
+  {"delta": [level -> {"gate": W_BDF, "up": W_BDF, "down": W_BFD}],
+   "acc":   [same shapes],                       # grads since the level's last write
+   "slow":  [levels 0..K-2],  "slow_acc": [...]} # only for cms_variant="nested"
+
+and `schedule_update` applies spec §3.2/§3.4 at the end of every C_1-token chunk.
+Axis letters: B batch, L length, D model width, F level hidden width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+Weights = dict[str, Array]  # {"gate", "up", "down"} of one level.
+
+
+def swiglu_batched(x_BLD: Float[Array, "B L D"], w: Weights) -> Float[Array, "B L D"]:
+  """SwiGLU with per-sequence weights: `w` holds `[B, D, F]`/`[B, F, D]` matrices."""
+  g_BLF = jnp.einsum("bld,bdf->blf", x_BLD, w["gate"].astype(x_BLD.dtype))
+  u_BLF = jnp.einsum("bld,bdf->blf", x_BLD, w["up"].astype(x_BLD.dtype))
+  return jnp.einsum("blf,bfd->bld", jax.nn.silu(g_BLF) * u_BLF, w["down"].astype(x_BLD.dtype))
+
+
+def swiglu_batched_reference(x_BLD, w: Weights):
+  """Reference twin of `swiglu_batched`: one plain SwiGLU per sequence via a Python loop."""
+  outs = []
+  for b in range(x_BLD.shape[0]):
+    h = jax.nn.silu(x_BLD[b] @ w["gate"][b]) * (x_BLD[b] @ w["up"][b])
+    outs.append(h @ w["down"][b])
+  return jnp.stack(outs)
+
+
+def add_delta(theta0: Weights, delta: Weights) -> Weights:
+  """Per-sequence weights `theta_0 + delta` (theta_0 broadcast over the batch)."""
+  return {k: theta0[k][None].astype(jnp.float32) + delta[k] for k in theta0}
+
+
+def clip_by_norm(g: Weights, max_norm: float) -> Weights:
+  """Scales each sequence's gradient so its joint Frobenius norm is at most `max_norm`."""
+  sq_B = sum(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim))) for v in g.values())
+  scale_B = jnp.minimum(1.0, max_norm / (jnp.sqrt(sq_B) + 1e-12))
+  return {k: v * scale_B.reshape((-1,) + (1,) * (v.ndim - 1)) for k, v in g.items()}
+
+
+def level_boundaries(tokens_seen, chunks: Sequence[int]):
+  """Which levels write after `tokens_seen` tokens: `tokens_seen % C_l == 0` (bool per level)."""
+  return [jnp.equal(jnp.mod(tokens_seen, c), 0) for c in chunks]
+
+
+def init_fast_state(shapes: Sequence[dict[str, tuple[int, ...]]], batch_size: int,
+                    nested: bool) -> dict[str, Any]:
+  """Zero deltas and accumulators for levels with the given weight shapes."""
+  zeros = lambda: [{k: jnp.zeros((batch_size,) + s, jnp.float32) for k, s in lvl.items()}
+                   for lvl in shapes]
+  state = {"delta": zeros(), "acc": zeros()}
+  if nested:
+    state["slow"] = zeros()[:-1]
+    state["slow_acc"] = zeros()[:-1]
+  return state
+
+
+def schedule_update(state: dict[str, Any], grads: list[Weights], tokens_seen,
+                    chunks: Sequence[int], lr: float, clip: float) -> dict[str, Any]:
+  """Adds one chunk's gradients and applies every level whose boundary is reached.
+
+  Spec §3.2: at a multiple of C_l, theta_l <- theta_l - lr * clip(sum of the chunk grads
+  since the last write). Spec §3.4 nested: at a multiple of C_{l+1}, level l restarts from
+  its slow init phi_l, which first takes a step on level l's grads over that C_{l+1} window.
+
+  Args:
+    state: the per-layer fast state (see the module docstring).
+    grads: per level, the gradient of this chunk's loss w.r.t. the level's current weights.
+    tokens_seen: tokens processed including this chunk (a traced int is fine).
+    chunks: (C_1, ..., C_K).
+  """
+  hits = level_boundaries(tokens_seen, chunks)
+  step = lambda w, a: jax.tree.map(lambda x, y: x - lr * y, w, clip_by_norm(a, clip))
+  pick = lambda c, a, b: jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+  zero = lambda t: jax.tree.map(jnp.zeros_like, t)
+  new = {"delta": [], "acc": []}
+  for lvl, g in enumerate(grads):
+    acc = jax.tree.map(jnp.add, state["acc"][lvl], g)
+    new["delta"].append(pick(hits[lvl], step(state["delta"][lvl], acc), state["delta"][lvl]))
+    new["acc"].append(pick(hits[lvl], zero(acc), acc))
+  if "slow" in state:
+    new["slow"], new["slow_acc"] = [], []
+    for lvl in range(len(chunks) - 1):
+      slow_acc = jax.tree.map(jnp.add, state["slow_acc"][lvl], grads[lvl])
+      slow = pick(hits[lvl + 1], step(state["slow"][lvl], slow_acc), state["slow"][lvl])
+      new["slow"].append(slow)
+      new["slow_acc"].append(pick(hits[lvl + 1], zero(slow_acc), slow_acc))
+      # The reset overrides the level's own write at the same boundary.
+      new["delta"][lvl] = pick(hits[lvl + 1], slow, new["delta"][lvl])
+      new["acc"][lvl] = pick(hits[lvl + 1], zero(new["acc"][lvl]), new["acc"][lvl])
+  return new
+
+
+def masked_token_ce(logits_BLV, targets_BL, mask_BL):
+  """Sum over tokens (and the batch) of next-token cross-entropy in float32, masked."""
+  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+  nll_BL = -jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll_BL * mask_BL)
