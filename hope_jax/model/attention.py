@@ -41,8 +41,12 @@ class Attention(nnx.Module):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "pos": jnp.zeros((), jnp.int32)}
 
-  def step(self, u_BLD, cache):
-    """Processes L new tokens against the cache (exactly as the parallel call would)."""
+  def step(self, u_BLD, cache, aligned: bool = False):
+    """Processes L new tokens against the cache (exactly as the parallel call would).
+
+    `aligned` is accepted for interface parity with the Titans mixer; any position works.
+    """
+    del aligned
     import jax
 
     pos = cache["pos"]

@@ -67,9 +67,9 @@ class Block(nnx.Module):
   def __call__(self, x_BLD):
     return self._ffn(x_BLD + self.mixer(self.norm_mixer(x_BLD)))
 
-  def step(self, x_BLD, state, delta=None):
+  def step(self, x_BLD, state, delta=None, aligned: bool = False):
     """The block on a piece of tokens that follows `state` (the mixer's recurrent state)."""
-    y_BLD, state = self.mixer.step(self.norm_mixer(x_BLD), state)
+    y_BLD, state = self.mixer.step(self.norm_mixer(x_BLD), state, aligned=aligned)
     return self._ffn(x_BLD + y_BLD, delta), state
 
 
@@ -117,7 +117,7 @@ class LanguageModel(nnx.Module):
 
   # ------------------------------------------------------------ chunk pieces
 
-  def chunk_forward(self, tokens_BC, states, deltas):
+  def chunk_forward(self, tokens_BC, states, deltas, aligned: bool = False):
     """All layers on a piece of tokens from carried mixer states and CMS deltas.
 
     Returns (logits_BCV, new_states); `deltas` is a per-layer list (None: static CMS).
@@ -125,7 +125,7 @@ class LanguageModel(nnx.Module):
     x_BCD = self.embed_tokens(tokens_BC)
     new_states = []
     for block, state, delta in zip(self.blocks, states, deltas):
-      x_BCD, state = block.step(x_BCD, state, delta)
+      x_BCD, state = block.step(x_BCD, state, delta, aligned=aligned)
       new_states.append(state)
     return self.logits(x_BCD), new_states
 
@@ -142,7 +142,8 @@ class LanguageModel(nnx.Module):
     graphdef, params = nnx.split(self)
     frozen = nnx.merge(graphdef, sg(params))
     states = sg(states)
-    fwd = lambda d: frozen.chunk_forward(tokens_BC, states, d)[0]
+    # Pieces start on the C_1 grid (a multiple of every mixer chunk): chunked path only.
+    fwd = lambda d: frozen.chunk_forward(tokens_BC, states, d, aligned=True)[0]
     logits_BCV, vjp_fn = jax.vjp(fwd, sg(deltas))
     dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, targets_BC, mask_BC)
     (grads,) = vjp_fn(dlogits)
@@ -189,7 +190,8 @@ class LanguageModel(nnx.Module):
       # gradient from a separate, fully stop-gradient recomputation of the same chunk.
       grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas)
       logits_BCV, states = self.chunk_forward(tok_BC, states,
-                                              jax.tree.map(jax.lax.stop_gradient, deltas))
+                                              jax.tree.map(jax.lax.stop_gradient, deltas),
+                                              aligned=True)
       fast = self._write(fast, grads, (index + 1) * c1)
       out = (logits_BCV, [f["delta"] for f in fast] if collect_deltas else None)
       return (states, fast), out

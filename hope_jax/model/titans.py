@@ -234,12 +234,22 @@ class SelfModTitans(nnx.Module):
     y, _, _ = self._forward(u_BLD, self.init_state(u_BLD.shape[0], u_BLD.shape[1]), "chunked")
     return y
 
-  def step(self, u_BLD, state):
+  def step(self, u_BLD, state, aligned: bool = False):
     """Continues from `state` with L new tokens; equals `__call__` on the whole prefix.
 
     A piece whose length is a multiple of the chunk grid and that starts on the grid
     takes the chunked scans; any other piece goes token by token (spec §5).
+
+    Args:
+      u_BLD: the new tokens' inputs.
+      state: from `init_state` or a previous `step`.
+      aligned: the caller guarantees that `state` sits on the chunk grid (the model-level
+        CMS scan does). Skips the `lax.cond` on the traced position, which would otherwise
+        compile (and differentiate) the token-by-token path as well.
     """
+    if aligned and u_BLD.shape[1] % self.align == 0:
+      y, new_state, _ = self._forward(u_BLD, state, "chunked")
+      return y, new_state
     if u_BLD.shape[1] % self.align:
       y, new_state, _ = self._forward(u_BLD, state, "token")
       return y, new_state
