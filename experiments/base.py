@@ -86,7 +86,7 @@ def get_config() -> config_dict.ConfigDict:
   # is one window of seq_len + 1 tokens; evaluation reports accuracy at the answers.
   d.task_train_examples = 16384  # Examples generated for training (seeded).
   d.task_val_examples = 256  # Held-out examples (another seed domain).
-  d.task_seed = 0
+  d.task_seed = 0  # Seed of the synthetic task examples (validation uses its own stream).
   d.mqar_pairs = 8  # Key-value pairs per example (distinct keys).
   d.mqar_queries = config_dict.placeholder(int)  # Keys asked back; None -> all pairs.
   d.mqar_gap = config_dict.placeholder(int)  # Filler tokens before the queries; None -> max.

@@ -29,34 +29,34 @@ class ModelConfig:
   """
 
   # Skeleton.
-  block: str = "hope"
-  vocab_size: int = 256
-  hidden_size: int = 256
-  num_layers: int = 4
-  num_heads: int = 4
-  tie_embeddings: bool = True
+  block: str = "hope"  # "hope" | "hope_attention" | "titans_lmm" | "transformer_pp"
+  vocab_size: int = 256  # Must match the tokenizer (256 for bytes).
+  hidden_size: int = 256  # D, the model width.
+  num_layers: int = 4  # Number of blocks.
+  num_heads: int = 4  # H; hidden_size must be divisible by it (head_dim = D / H).
+  tie_embeddings: bool = True  # Logits use the token embedding matrix.
   dtype: str = "float32"  # Compute dtype of the outer (static) matmuls.
-  param_dtype: str = "float32"
+  param_dtype: str = "float32"  # Storage dtype of the outer parameters.
   ffn_hidden: int = 0  # SwiGLU width; 0 -> 8D/3 rounded up to 64.
-  rope_theta: float = 10000.0
+  rope_theta: float = 10000.0  # RoPE base of the attention blocks.
 
   # Self-modifying Titans sublayer (spec §2).
   mem_hidden_proj: int = 0  # E_p per head; 0 -> head_dim.
   mem_hidden_mem: int = 0  # E_m per head; 0 -> 4 * head_dim.
   chunk_other: int = 16  # C_o: chunk of the k/v/eta/alpha(/q) memories.
   chunk_mem: int = 64  # C_m: chunk of the main memory.
-  adaptive_q: bool = False
-  frozen_memories: tuple[str, ...] = ()
+  adaptive_q: bool = False  # Also generate q with an in-context memory (Table 6 row 1).
+  frozen_memories: tuple[str, ...] = ()  # Memories never updated in context ("w/o inner-k/v/q").
   memory_target: str = "self"  # "self" | "v"
   memory_input: str = "proj"  # "proj" | "identity"
   conv_position: str = "pre_memory"  # "pre_memory" | "post_memory"
-  conv_width: int = 4
+  conv_width: int = 4  # Causal depthwise conv window on the memory-input and q streams.
   dgd_precond: str = "input_layer"  # "input_layer" | "per_layer" | "none"
-  momentum: bool = True
-  use_alpha: bool = True
-  eta_max: float = 0.1
-  alpha_min: float = 0.1
-  inner_grad_clip: float = 1.0
+  momentum: bool = True  # Momentum S of the inner updates (False: "w/o momentum").
+  use_alpha: bool = True  # Retention alpha (False: alpha = 1, "w/o weight decay").
+  eta_max: float = 0.1  # Inner learning rates eta lie in (0, eta_max).
+  alpha_min: float = 0.1  # Retention alpha lies in (alpha_min, 1); eta_max <= alpha_min.
+  inner_grad_clip: float = 1.0  # Per-token clip of the inner gradients.
   read_mode: str = "chunk_start"  # "chunk_start" | "dual"
   selfmod_meta_grad: str = "full"  # "full" | "first_order"
   impl: str = "chunked"  # "chunked" | "reference"
@@ -64,15 +64,15 @@ class ModelConfig:
   static_projections: bool = False  # Titans-LMM: k/v/eta/alpha from linear maps.
 
   # Continuum Memory System (spec §3).
-  cms_chunks: tuple[int, ...] = (64, 256, 1024, 4096)
+  cms_chunks: tuple[int, ...] = (64, 256, 1024, 4096)  # C_1 < ... < C_K: update period of each level.
   cms_hidden: int = 0  # Total SwiGLU width over levels; 0 -> 8D/3 rounded to 64.
   cms_signal: str = "lm_grad"  # "lm_grad" | "static"
   cms_mode: str = "in_context"  # "in_context" | "outer_freq"
   cms_variant: str = "sequential"  # "sequential" | "nested" | "independent"
-  cms_meta_grad: str = "first_order"
-  cms_lr: float = 1e-4
-  cms_grad_clip: float = 1.0
-  cms_state_scope: str = "per_sequence"
+  cms_meta_grad: str = "first_order"  # Stop-gradient writes, straight-through to the meta-init.
+  cms_lr: float = 1e-4  # Learning rate of the in-context CMS writes.
+  cms_grad_clip: float = 1.0  # Frobenius clip of each level's summed chunk gradient.
+  cms_state_scope: str = "per_sequence"  # Every sequence owns its CMS fast weights.
   cms_ablate: str = "none"  # "none" | "single_static" | "static_chain"
   cms_order: str = "fast_first"  # "fast_first" | "slow_first"
 

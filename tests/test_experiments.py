@@ -42,3 +42,14 @@ def test_model_section_mirrors_model_config():
   from experiments import base
 
   assert set(base.get_config().model.keys()) == set(ModelConfig().to_dict().keys())
+
+
+def test_configuration_doc_is_current():
+  """docs/configuration.md is generated from the code; regenerate it when keys change."""
+  from hope_jax import configdoc
+
+  assert configdoc.undocumented() == [], "add a comment beside these keys"
+  with open(os.path.join(REPO, "docs", "configuration.md"), encoding="utf-8") as f:
+    committed = f.read()
+  assert committed == configdoc.render(), (
+      "docs/configuration.md is stale: python -m hope_jax.configdoc > docs/configuration.md")

@@ -23,4 +23,6 @@ def causal_dwconv(x_BLD, w_KD, b_D, prev_BKD):
   y_BLD = b_D[None, None, :].astype(x_BLD.dtype)
   for j in range(k):  # K = 4 taps: a static unroll of shifted multiply-adds.
     y_BLD = y_BLD + xp_BSD[:, j:j + length] * w_KD[j][None, None, :].astype(x_BLD.dtype)
-  return y_BLD, xp_BSD[:, xp_BSD.shape[1] - (k - 1):]
+  # The buffer keeps the state's dtype (float32) whatever the compute dtype, so a scan
+  # carrying it stays type-stable under bfloat16.
+  return y_BLD, xp_BSD[:, xp_BSD.shape[1] - (k - 1):].astype(prev_BKD.dtype)
