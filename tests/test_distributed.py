@@ -32,7 +32,8 @@ TOL = 1e-5  # float32 losses of differently partitioned sums.
 
 
 def devices_env(n: int) -> dict:
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+  fast_compile = os.environ.get("XLA_FLAGS", "")  # conftest's compile-time flags, kept.
+  return {"XLA_FLAGS": f"{fast_compile} --xla_force_host_platform_device_count={n}".strip()}
 
 
 def cli_args(directory, steps, **overrides) -> list[str]:
