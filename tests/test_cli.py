@@ -68,3 +68,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
   assert proc.returncode == 130, seen[-2000:]
   assert "Traceback" not in seen
   assert "Interrupted at step" in seen
+  from hope_jax.checkpoint import list_checkpoints
+
+  saved = [e for e in list_checkpoints(str(tmp_path)) if e.valid]
+  assert saved and saved[-1].step >= 3, "Ctrl-C must save a checkpoint before stopping"

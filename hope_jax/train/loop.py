@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -57,6 +59,31 @@ def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int,
   loss = float(np.mean(jax.device_get(losses)))
   return {"eval/loss": loss, "eval/bits_per_token": loss / LN2,
           "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+class _StopRequest:
+  """The first SIGINT asks the loop to stop after the current step; a second one raises.
+
+  A KeyboardInterrupt raised inside a jitted step whose input was donated would leave no
+  valid state to save, so the first Ctrl-C only sets a flag the loop checks between steps.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+    logging.warning("Ctrl-C: stopping after this step (press again to abort at once).")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
 
 
 def train(config: Any) -> dict[str, Any]:
@@ -146,8 +173,11 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
 
   t0 = time.perf_counter()
   pending = None
+  stop = _StopRequest()
   try:
     for s in range(start_step, end_step):
+      if stop.requested:  # Ctrl-C lands here, between steps, never inside a donated one.
+        raise KeyboardInterrupt
       # Each process reads only the rows its devices hold.
       batch = placement.put_batch(lambda a, z, s=s: sampler.rows(s, a, z), batch_shape)
       state, metrics = train_step(state, batch)
@@ -175,9 +205,11 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                       int(state["step"]))
       save(int(state["step"]), force=True)
   finally:
+    stop.restore()
     progress.close()
 
-  final_step = int(state["step"])
+  state_alive = not any(x.is_deleted() for x in jax.tree.leaves(state))
+  final_step = int(state["step"]) if state_alive else int(ckpt.latest_step or start_step)
   if not interrupted and final_step > start_step:
     last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
     writer.write(final_step, last_eval)
