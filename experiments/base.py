@@ -1,4 +1,4 @@
-"""The main job: a small model on the embedded default corpus, ~10 min on 2 CPU cores.
+"""The main job: a small HOPE model on the embedded default corpus, ~10 min on 2 CPU cores.
 
 Run:
   python -m hope_jax.train --config=experiments/base.py
@@ -18,7 +18,7 @@ def get_config() -> config_dict.ConfigDict:
 
   # Every ModelConfig field is present so any can be overridden from the CLI.
   cfg.model = config_dict.ConfigDict(ModelConfig().to_dict())
-  cfg.model.block = "transformer_pp"
+  cfg.model.block = "hope"  # Self-modifying Titans + Continuum Memory System.
   cfg.model.vocab_size = 256  # Byte-level tokens.
   cfg.model.hidden_size = 128
   cfg.model.num_layers = 2
@@ -29,7 +29,7 @@ def get_config() -> config_dict.ConfigDict:
 
   cfg.training = config_dict.ConfigDict()
   t = cfg.training
-  t.batch_size = 16  # Sequences per step (global, over all devices).
+  t.batch_size = 8  # Sequences per step (global, over all devices).
   t.learning_rate = 3e-3  # Peak learning rate after warmup.
   t.min_lr_ratio = 0.1  # Cosine decays to learning_rate * min_lr_ratio.
   t.warmup_steps = 50  # Linear learning-rate warmup from 0.
@@ -38,9 +38,9 @@ def get_config() -> config_dict.ConfigDict:
   t.b1 = 0.9  # AdamW first-moment decay.
   t.b2 = 0.95  # AdamW second-moment decay.
   t.grad_clip = 1.0  # Global-norm clip of the outer gradient.
-  t.num_steps = 1500  # The step the run ends at (a total, not "this many more").
+  t.num_steps = 600  # The step the run ends at (a total, not "this many more").
   t.log_every = 25  # Steps between log lines (loss, bits, lr, tokens/s, time left).
-  t.eval_every = 250  # Steps between validation evaluations (and always at the end).
+  t.eval_every = 200  # Steps between validation evaluations (and always at the end).
   t.eval_batches = 8  # Validation batches per evaluation.
   t.seed = 0  # Seeds parameters, the RNG state and the batch order.
   t.checkpoint_dir = "./checkpoints"  # One directory per experiment; logs go under it too.
@@ -74,7 +74,7 @@ def get_config() -> config_dict.ConfigDict:
   d.data_path = config_dict.placeholder(str)  # File or folder for "text" / "books".
   d.tokenizer_path = config_dict.placeholder(str)  # vocab.json for character vocabularies.
   d.tokenizer = "byte"  # "byte" | "char" (books/text with a vocab.json)
-  d.seq_len = 256  # Tokens per training sequence.
+  d.seq_len = 128  # Tokens per training sequence.
   d.val_fraction = 0.05  # Tail of the token stream held out for validation.
   d.preserve_structure = False  # books: keep chapter/paragraph markers.
   d.enable_ocr = False  # books: OCR scanned PDFs with Tesseract.

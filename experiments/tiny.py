@@ -9,6 +9,9 @@ from experiments import base
 
 def get_config():
   cfg = base.get_config()
+  # The loop, checkpoint and CLI tests exercise the machinery, so they use the fastest block;
+  # HOPE, Titans and CMS have their own tests (override with --config.model.block=hope).
+  cfg.model.block = "transformer_pp"
   cfg.model.hidden_size = 32
   cfg.model.num_layers = 1
   cfg.model.num_heads = 2
