@@ -33,7 +33,7 @@ def _chunk_step(model, tokens_BC, states, deltas):
   """All layers on one aligned chunk; also returns every block's input."""
   x_BCD = model.embed_tokens(tokens_BC)
   inputs, new_states = [], []
-  for block, state, delta in zip(model.blocks, states, deltas):
+  for block, state, delta in zip(model.blocks, states, deltas, strict=True):
     inputs.append(x_BCD)
     x_BCD, state = block.step(x_BCD, state, delta, aligned=True)
     new_states.append(state)

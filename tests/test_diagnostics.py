@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import hope_jax
-from hope_jax import diagnostics
 from experiments import tiny
+from hope_jax import diagnostics
 
 
 def _model(block="hope"):
@@ -34,7 +34,7 @@ def test_trace_replays_the_model_and_records_memories():
   n = tokens.shape[1] // c
   np.testing.assert_array_equal(out["chunk_ends"], np.arange(1, n + 1) * c)
   h, cfg = model.cfg.num_heads, model.cfg
-  for j, layer in enumerate(out["layers"]):
+  for layer in out["layers"]:
     assert layer["eta_BLH"].shape == (2, 32, h)
     assert np.all(layer["eta_BLH"] > 0) and np.all(layer["eta_BLH"] <= cfg.eta_max)
     assert np.all(layer["alpha_BLH"] >= cfg.alpha_min) and np.all(layer["alpha_BLH"] <= 1)

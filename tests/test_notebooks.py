@@ -25,16 +25,21 @@ def test_committed_notebook_has_no_outputs(path):
       assert cell.execution_count is None, f"{path.name} cell {i} has an execution count"
 
 
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, monkeypatch, tmp_path):
+def test_notebook_runs(path, monkeypatch, jax_cache):
   from nbclient import NotebookClient
 
   # The kernel inherits this environment: smoke sizes, no display, the worktree on the path.
   monkeypatch.setenv("HOPE_NB_SMOKE", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")
-  # The quickstart trains three times with the same shapes: a persistent compilation cache
-  # lets the second and third runs skip XLA compilation.
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  # The notebooks train four times with the same smoke config: a persistent compilation
+  # cache, shared by both, lets all runs after the first skip XLA compilation.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(jax_cache))
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
