@@ -11,10 +11,10 @@ from experiments import tiny
 from hope_jax import diagnostics
 
 
-def _model(block="hope"):
+def _model(block="hope", num_layers=2):
   cfg = tiny.get_config()
   cfg.model.block = block
-  cfg.model.num_layers = 2
+  cfg.model.num_layers = num_layers
   return hope_jax.build_model(cfg.model, seed=0)
 
 
@@ -67,6 +67,19 @@ def test_trace_attention_block_has_no_titans_fields():
   layer = out["layers"][0]
   assert layer["eta_BLH"] is None and layer["drift"] == {}
   assert layer["cms_writes"] is not None
+
+
+def test_trace_without_cms_runs_on_the_mixer_grid():
+  model = _model("titans_lmm", num_layers=1)
+  tokens = _tokens(1, 16)
+  out = diagnostics.trace(model, tokens)
+  assert out["chunk"] == model.blocks[0].mixer.align
+  chex.assert_trees_all_close(out["logits_BLV"],
+                              np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens)),
+                              atol=1e-5, rtol=1e-5)
+  layer = out["layers"][0]
+  assert layer["cms_writes"] is None and layer["cms_delta_norm"] is None
+  assert layer["eta_BLH"].shape == (1, 16, model.cfg.num_heads) and layer["drift"]
 
 
 def test_trace_rejects_unaligned_length():
