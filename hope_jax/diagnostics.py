@@ -1,0 +1,135 @@
+"""What a HOPE model does in context, token by token: for notebooks and debugging.
+
+`trace(model, tokens_BL)` replays the model chunk by chunk (C_1 tokens, the grid the
+`lm_grad` scan runs on) and records, per layer:
+
+  * `eta_BLH`, `alpha_BLH`: the learning rate and retention each self-modifying memory
+    chose for every token and head (`SelfModTitans.inspect`; None for attention mixers),
+  * `drift`: how far each memory's fast weights are from their initial values after each
+    chunk, {"<memory>/<W1|W2>": [B, N, H]} (Frobenius norm of W_run - W_0),
+  * `cms_delta_norm` [K, B, N]: the norm of each CMS level's in-context delta after each
+    chunk, and `cms_writes` [K, N]: whether the level's write boundary ended that chunk
+    (None without in-context CMS).
+
+The replay uses the deltas collected by `forward_with_fast_state(collect_deltas=True)`,
+so it runs exactly the computation of the model's own forward; `trace` also returns the
+replay's logits, which tests compare with `model(tokens_BL)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hope_jax.ops import cms as cms_ops
+
+
+@nnx.jit
+def _chunk_step(model, tokens_BC, states, deltas):
+  """All layers on one aligned chunk; also returns every block's input."""
+  x_BCD = model.embed_tokens(tokens_BC)
+  inputs, new_states = [], []
+  for block, state, delta in zip(model.blocks, states, deltas, strict=True):
+    inputs.append(x_BCD)
+    x_BCD, state = block.step(x_BCD, state, delta, aligned=True)
+    new_states.append(state)
+  return inputs, new_states, model.logits(x_BCD)
+
+
+@nnx.jit
+def _deltas(model, tokens_BL):
+  return model.forward_with_fast_state(tokens_BL, collect_deltas=True)[2]
+
+
+@nnx.jit
+def _inspect(mixer, u_BLD):
+  return mixer.inspect(u_BLD)
+
+
+def _memory_drift(state, state0, mixer) -> dict[str, jax.Array]:
+  """{"<memory>/<W>": [B, H]}: |W_run - W_0| of every fast memory of a Titans mixer."""
+  out = {}
+  for group, names in (("proj", mixer.spec.live), ("mem", ("memory",))):
+    for w in ("W1", "W2") if state[group] else ():
+      d = state[group][f"{w}_run"] - state0[group][f"{w}_run"]
+      norms = jnp.sqrt(jnp.sum(d * d, axis=(-2, -1)))  # [B, H, M]
+      out.update({f"{n}/{w}": norms[..., i] for i, n in enumerate(names)})
+  return out
+
+
+def _grid(model) -> int:
+  """The chunk length of the replay: C_1 with in-context CMS, else the mixers' grid."""
+  if model.fast_cms:
+    return int(model.cfg.cms_chunks[0])
+  return max(int(getattr(b.mixer, "align", 1)) for b in model.blocks)
+
+
+def trace(model, tokens_BL) -> dict[str, Any]:
+  """Runs `model` over `tokens_BL` and records what its memories do (module docstring).
+
+  Args:
+    model: a `LanguageModel` (any block; the Titans and CMS fields are filled where the
+      block has them).
+    tokens_BL: int tokens; L must be a multiple of the replay chunk (`chunk` in the result).
+
+  Returns:
+    {"chunk": C, "chunk_ends": [N] token counts, "logits_BLV": the replay's logits,
+     "layers": [per layer {"eta_BLH", "alpha_BLH", "drift", "cms_delta_norm", "cms_writes"}]}
+    with numpy arrays.
+
+  Raises:
+    ValueError: L is not a multiple of the chunk.
+  """
+  tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
+  b, l = tokens_BL.shape
+  c = _grid(model)
+  if l % c:
+    raise ValueError(f"trace: sequence length {l} must be a multiple of the chunk {c} "
+                     "(cms_chunks[0], or the mixers' chunk grid)")
+  n = l // c
+  states, fast = model._init_states(b, l)
+  if model.fast_cms:
+    deltas_N = _deltas(model, tokens_BL)
+    first = [f["delta"] if f is not None else None for f in fast]
+    # Chunk i runs on the deltas written after chunk i - 1.
+    deltas_at = lambda i: first if i == 0 else jax.tree.map(lambda a: a[i - 1], deltas_N)
+  else:
+    deltas_N = None
+    deltas_at = lambda i: [None] * len(model.blocks)
+
+  states0 = states
+  inputs, drifts, logits = [[] for _ in model.blocks], [[] for _ in model.blocks], []
+  for i in range(n):
+    xs, states, lg = _chunk_step(model, tokens_BL[:, i * c:(i + 1) * c], states, deltas_at(i))
+    logits.append(lg)
+    for j, block in enumerate(model.blocks):
+      inputs[j].append(xs[j])
+      if hasattr(block.mixer, "inspect"):
+        drifts[j].append(_memory_drift(states[j], states0[j], block.mixer))
+
+  chunk_ends = np.arange(1, n + 1) * c
+  layers = []
+  for j, block in enumerate(model.blocks):
+    layer = {"eta_BLH": None, "alpha_BLH": None, "drift": {}, "cms_delta_norm": None,
+             "cms_writes": None}
+    if hasattr(block.mixer, "inspect"):
+      x_BLD = jnp.concatenate(inputs[j], axis=1)
+      got = _inspect(block.mixer, block.norm_mixer(x_BLD))
+      layer["eta_BLH"] = np.asarray(got["eta_BLH"])
+      if block.mixer.cfg.use_alpha:
+        layer["alpha_BLH"] = np.asarray(got["alpha_BLH"])
+      layer["drift"] = {k: np.stack([np.asarray(d[k]) for d in drifts[j]], axis=1)
+                        for k in drifts[j][0]}
+    if deltas_N is not None and deltas_N[j] is not None:
+      norms = [jnp.sqrt(sum(jnp.sum(jnp.square(a), axis=tuple(range(2, a.ndim)))
+                            for a in lvl.values())) for lvl in deltas_N[j]]  # each [N, B]
+      layer["cms_delta_norm"] = np.stack([np.asarray(x).T for x in norms])
+      hits = cms_ops.level_boundaries(jnp.asarray(chunk_ends), model.cfg.cms_chunks)
+      layer["cms_writes"] = np.stack([np.asarray(h) for h in hits])
+    layers.append(layer)
+  return {"chunk": c, "chunk_ends": chunk_ends,
+          "logits_BLV": np.asarray(jnp.concatenate(logits, axis=1)), "layers": layers}
