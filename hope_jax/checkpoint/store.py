@@ -108,13 +108,7 @@ def save_args(params, train, checksums, loader_state, manifest) -> ocp.args.Comp
 
 def _path_str(path) -> str:
   """A key path as "params/layers/0/w": the same for int and "0" keys, tuples and lists."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:

@@ -90,13 +90,7 @@ def make_mesh(data: int, fsdp: int, devices=None) -> Mesh:
 
 def path_str(path) -> str:
   """A key path as "params/blocks/0/mixer/q/kernel" (ints and strings alike)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def partition_spec(path: str, shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
