@@ -50,17 +50,6 @@ def _inspect(mixer, u_BLD):
   return mixer.inspect(u_BLD)
 
 
-def _memory_drift(state, state0, mixer) -> dict[str, jax.Array]:
-  """{"<memory>/<W>": [B, H]}: |W_run - W_0| of every fast memory of a Titans mixer."""
-  out = {}
-  for group, names in (("proj", mixer.spec.live), ("mem", ("memory",))):
-    for w in ("W1", "W2") if state[group] else ():
-      d = state[group][f"{w}_run"] - state0[group][f"{w}_run"]
-      norms = jnp.sqrt(jnp.sum(d * d, axis=(-2, -1)))  # [B, H, M]
-      out.update({f"{n}/{w}": norms[..., i] for i, n in enumerate(names)})
-  return out
-
-
 def _grid(model) -> int:
   """The chunk length of the replay: C_1 with in-context CMS, else the mixers' grid."""
   if model.fast_cms:
@@ -109,7 +98,7 @@ def trace(model, tokens_BL) -> dict[str, Any]:
     for j, block in enumerate(model.blocks):
       inputs[j].append(xs[j])
       if hasattr(block.mixer, "inspect"):
-        drifts[j].append(_memory_drift(states[j], states0[j], block.mixer))
+        drifts[j].append(block.mixer.drift(states[j], states0[j]))
 
   chunk_ends = np.arange(1, n + 1) * c
   layers = []

@@ -16,6 +16,20 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module")
+def xla_compile_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the subprocesses of a test module."""
+  keys = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  old = {k: os.environ.get(k) for k in keys}
+  os.environ.update({keys[0]: str(tmp_path_factory.mktemp("xla_cache")), keys[1]: "0"})
+  yield
+  for k, v in old.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
 @pytest.fixture
 def tiny_config():
   from experiments import tiny

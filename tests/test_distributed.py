@@ -61,17 +61,8 @@ def assert_losses_close(got: dict, want: dict, steps) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """One XLA compilation cache for every subprocess here."""
-  keys = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-  old = {k: os.environ.get(k) for k in keys}
-  os.environ.update({keys[0]: str(tmp_path_factory.mktemp("xla_cache")), keys[1]: "0"})
-  yield
-  for k, v in old.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
+def compile_cache(xla_compile_cache):
+  """Every subprocess of this module shares one XLA compilation cache."""
 
 
 @pytest.fixture(scope="module")

@@ -24,21 +24,10 @@ COMMON = ["-m", "hope_jax.train", "--config=experiments/tiny.py",
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """One XLA compilation cache for every subprocess here: the same executables, less time."""
-  d = str(tmp_path_factory.mktemp("xla_cache"))
-  old = {k: os.environ.get(k) for k in ENV_CACHE}
-  os.environ.update({"JAX_COMPILATION_CACHE_DIR": d,
-                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
-  yield
-  for k, v in old.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
+def compile_cache(xla_compile_cache):
+  """Every subprocess of this module shares one XLA compilation cache."""
 
 
-ENV_CACHE = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 
 def _train(directory, num_steps, *extra):

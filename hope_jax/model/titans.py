@@ -261,11 +261,16 @@ class SelfModTitans(nnx.Module):
     state0 = self.init_state(u_BLD.shape[0], u_BLD.shape[1])
     _, state, gen = self._forward(u_BLD, state0, "chunked")
     l = u_BLD.shape[1]
-    drift = {}
+    return {"eta_BLH": gen["eta"][:, :, :l].transpose(0, 2, 1),
+            "alpha_BLH": jnp.exp(gen["la"][:, :, :l]).transpose(0, 2, 1),
+            "drift": self.drift(state, state0)}
+
+  def drift(self, state, state0) -> dict:
+    """{"<memory>/<W1|W2>": [B, H]}: |W_run - W_run0| of every fast memory between two states."""
+    out = {}
     for group, names in (("proj", self.spec.live), ("mem", ("memory",))):
       for w in ("W1", "W2") if state[group] else ():
         d = state[group][f"{w}_run"] - state0[group][f"{w}_run"]
         norms = jnp.sqrt(jnp.sum(d * d, axis=(-2, -1)))  # [B, H, M]
-        drift.update({f"{n}/{w}": norms[..., i] for i, n in enumerate(names)})
-    return {"eta_BLH": gen["eta"][:, :, :l].transpose(0, 2, 1),
-            "alpha_BLH": jnp.exp(gen["la"][:, :, :l]).transpose(0, 2, 1), "drift": drift}
+        out.update({f"{n}/{w}": norms[..., i] for i, n in enumerate(names)})
+    return out
