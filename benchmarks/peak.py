@@ -1,0 +1,79 @@
+"""The machine's dense matmul throughput through JAX: the denominator of every MFU here.
+
+Run:
+  python benchmarks/peak.py [--sizes=1024,2048,4096] [--dtypes=float32,bfloat16]
+
+`matmul_peak` is imported by the other benchmarks, so each states its results as a
+fraction of a peak measured in the same process, minutes apart, under the same load.
+The peak is the best of several square matmul sizes (a jitted chain of matmuls, so
+dispatch and transfers are amortised), each timed for at least `min_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+CHAIN = 8  # Matmuls per call: dispatch overhead is amortised over these.
+
+
+def _time_one(n: int, dtype, min_seconds: float) -> float:
+  """FLOP/s of an n x n x n matmul chain in `dtype` (float32 accumulation for bf16)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype) / n**0.5
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype) / n**0.5
+
+  @jax.jit
+  def chain(x):
+    for _ in range(CHAIN):
+      x = jnp.matmul(x, b, preferred_element_type=jnp.float32).astype(dtype)
+    return x
+
+  jax.block_until_ready(chain(a))  # Compile and warm up.
+  calls, start = 0, time.perf_counter()
+  while True:
+    x = chain(a)
+    calls += 1
+    jax.block_until_ready(x)
+    secs = time.perf_counter() - start
+    if secs >= min_seconds:
+      return calls * CHAIN * 2.0 * n**3 / secs
+
+
+def matmul_peak(dtype="float32", sizes=(1024, 2048), min_seconds: float = 1.0) -> dict:
+  """{"flops_per_s", "best_size", "by_size"}: the best measured dense matmul rate."""
+  dt = jnp.dtype(dtype)
+  by_size = {n: _time_one(n, dt, min_seconds) for n in sizes}
+  best = max(by_size, key=by_size.get)
+  return {"dtype": str(dt), "flops_per_s": by_size[best], "best_size": best,
+          "by_size": {str(n): v for n, v in by_size.items()}}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--sizes", default="512,1024,2048,4096")
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--min_seconds", type=float, default=2.0)
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args()
+  sizes = tuple(int(s) for s in args.sizes.split(","))
+  rows = [matmul_peak(d, sizes, args.min_seconds) for d in args.dtypes.split(",")]
+  print(f"Device: {jax.devices()[0]} ({os.cpu_count()} cores)\n")
+  print("| dtype | " + " | ".join(f"n={n}" for n in sizes) + " | peak |")
+  print("|---" * (len(sizes) + 2) + "|")
+  for r in rows:
+    cells = [f"{r['by_size'][str(n)] / 1e9:.1f}" for n in sizes]
+    print(f"| {r['dtype']} | " + " | ".join(cells) + f" | **{r['flops_per_s'] / 1e9:.1f}** GFLOP/s |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=2)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()

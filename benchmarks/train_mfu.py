@@ -1,0 +1,192 @@
+"""Train-step throughput, MFU, compile time and peak memory of the LM blocks (issue 7).
+
+Run (from the repository root):
+  python benchmarks/train_mfu.py                         # the five models at D=256, 4 layers,
+                                                         # H=4, L=512, B=8, float32
+  python benchmarks/train_mfu.py --models=hope,transformer_pp --lengths=512,2048,8192
+                                                         # scaling with length
+  options: --steps=N --tokens_per_step=N --set key=value (model overrides, repeatable)
+           --json=FILE --dtype=bfloat16 (compute dtype of the outer matmuls)
+
+Every row runs in its own subprocess (so its peak RSS is its own) and times the real
+train step (`hope_jax.train.step.make_train_step` with the AdamW chain of
+`make_optimizer`, jitted with the state donated, as the train loop does) on random
+tokens. In that same process, minutes apart, it measures the dense matmul peak
+(`benchmarks/peak.py`), so MFU is stated against this machine under this load:
+
+  MFU = tokens/s x FLOPs per token / peak,  FLOPs per token from `hope_jax.flops`
+  (hope-spec.md §8). Two MFUs for in-context CMS writes: without and with the write term.
+
+Also per row: compile time of the step (lower + compile), and the number of backend
+compiles seen while the timed steps ran (0 proves that steps never recompile).
+At length L the batch is max(1, tokens_per_step // L), so every length sees about the
+same tokens per step. Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMMON = dict(hidden_size=256, num_layers=4, num_heads=4, vocab_size=256)
+MODELS = {  # The spec's default config per block (hope-spec.md §9), at the size above.
+    "hope": dict(block="hope"),
+    "hope_static": dict(block="hope", cms_signal="static"),
+    "titans_lmm": dict(block="titans_lmm", memory_target="v", dgd_precond="none"),
+    "hope_attention": dict(block="hope_attention"),
+    "transformer_pp": dict(block="transformer_pp"),
+}
+
+
+def _parse_set(items: list[str]) -> dict:
+  out = {}
+  for item in items:
+    key, _, value = item.partition("=")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
+def measure(model: str, length: int, batch: int, steps: int, overrides: dict) -> dict:
+  """Runs in the child: peak, compile, warm-up, then `steps` timed train steps."""
+  sys.path.insert(0, REPO)
+  import jax
+  import numpy as np
+  from ml_collections import config_dict
+
+  from benchmarks.peak import matmul_peak
+  from hope_jax import flops
+  from hope_jax.config import ModelConfig
+  from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.state import ModelDef, make_init_fn, param_count
+  from hope_jax.train.step import make_train_step
+
+  kw = {**COMMON, **MODELS[model], **overrides}
+  if "cms_chunks" in kw:
+    kw["cms_chunks"] = tuple(kw["cms_chunks"])
+  cfg = ModelConfig(**kw)
+  cfg.validate()
+  peak32 = matmul_peak("float32", sizes=(1024,), min_seconds=1.0)["flops_per_s"]
+  peak16 = matmul_peak("bfloat16", sizes=(1024,), min_seconds=1.0)["flops_per_s"]
+
+  t = config_dict.ConfigDict(dict(learning_rate=1e-3, lr_schedule="cosine", warmup_steps=10,
+                                  num_steps=1000, min_lr_ratio=0.1, grad_clip=1.0, b1=0.9,
+                                  b2=0.95, weight_decay=0.1))
+  model_def = ModelDef(cfg)
+  tx = make_optimizer(t)
+  state = jax.jit(make_init_fn(model_def, tx, 0))()
+  n_params = param_count(state["params"])
+  step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batches = [jax.device_put(rng.integers(0, cfg.vocab_size, (batch, length + 1), np.int32))
+             for _ in range(2)]
+
+  start = time.perf_counter()
+  lowered = step.lower(state, batches[0])
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  mem = compiled.memory_analysis()
+  temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append(event)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+  state, metrics = step(state, batches[0])  # Warm-up through the jit cache (compiles once).
+  jax.block_until_ready(metrics)
+  warm_compiles = len(compiles)
+  start = time.perf_counter()
+  for i in range(steps):
+    state, metrics = step(state, batches[i % 2])
+  jax.block_until_ready(metrics)
+  secs = time.perf_counter() - start
+  recompiles = len(compiles) - warm_compiles
+
+  tok_s = steps * batch * length / secs
+  f = flops.step_flops(cfg, length)
+  return {"model": model, "L": length, "B": batch, "params": n_params,
+          "step_s": secs / steps, "tokens_per_s": tok_s,
+          "flops_per_token": f.train, "flops_per_token_with_cms_writes": f.train_with_cms_writes,
+          "peak_f32": peak32, "peak_bf16": peak16,
+          "mfu_f32": tok_s * f.train / peak32,
+          "mfu_f32_with_cms_writes": tok_s * f.train_with_cms_writes / peak32,
+          "lower_s": lower_s, "compile_s": compile_s, "recompiles_in_timed_steps": recompiles,
+          "xla_temp_bytes": temp_bytes,
+          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "loss": float(metrics["loss"]), "dtype": cfg.dtype, "overrides": overrides}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--models", default=",".join(MODELS))
+  ap.add_argument("--lengths", default="512")
+  ap.add_argument("--tokens_per_step", type=int, default=4096)
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--set", action="append", default=[], help="model override key=value")
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--json", default=None)
+  ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  overrides = _parse_set(args.set)
+  if args.dtype != "float32":
+    overrides["dtype"] = args.dtype
+  if args.child:
+    model, length, batch = args.child.split(":")
+    row = measure(model, int(length), int(batch), args.steps, overrides)
+    print("ROW " + json.dumps(row), flush=True)
+    return
+
+  rows = []
+  for length in (int(x) for x in args.lengths.split(",")):
+    batch = max(1, args.tokens_per_step // length)
+    for model in args.models.split(","):
+      if model not in MODELS:
+        raise SystemExit(f"--models: unknown model {model!r}; choose from {sorted(MODELS)}")
+      cmd = [sys.executable, os.path.abspath(__file__), f"--child={model}:{length}:{batch}",
+             f"--steps={args.steps}", f"--dtype={args.dtype}"] + [f"--set={s}" for s in args.set]
+      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+      found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+      if proc.returncode or not found:
+        tail = "\n".join(proc.stderr.splitlines()[-5:])
+        row = {"model": model, "L": length, "B": batch, "error": f"exit {proc.returncode}: {tail}"}
+      else:
+        row = json.loads(found[0])
+      rows.append(row)
+      print(json.dumps(row), file=sys.stderr, flush=True)
+
+  print(f"\n{os.cpu_count()} cores, {args.dtype} outer matmuls; MFU against the float32 "
+        "matmul peak measured in each row's process\n")
+  head = ["model", "L", "B", "params", "step (s)", "tokens/s", "MFLOP/token",
+          "MFU", "MFU incl. CMS writes", "peak f32 GFLOP/s", "compile (s)", "recompiles",
+          "peak RSS (GiB)"]
+  print("| " + " | ".join(head) + " |")
+  print("|---" * len(head) + "|")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['model']} | {r['L']} | {r['B']} | failed: {r['error'][-120:]} |")
+      continue
+    writes = r["flops_per_token_with_cms_writes"] != r["flops_per_token"]
+    print(f"| {r['model']} | {r['L']} | {r['B']} | {r['params']:,} | {r['step_s']:.2f} | "
+          f"{r['tokens_per_s']:.0f} | {r['flops_per_token'] / 1e6:.1f}"
+          + (f" ({r['flops_per_token_with_cms_writes'] / 1e6:.1f})" if writes else "")
+          + f" | {100 * r['mfu_f32']:.1f}% | "
+          + (f"{100 * r['mfu_f32_with_cms_writes']:.1f}%" if writes else "-")
+          + f" | {r['peak_f32'] / 1e9:.0f} | {r['lower_s'] + r['compile_s']:.1f} | "
+          f"{r['recompiles_in_timed_steps']} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"cores": os.cpu_count(), "dtype": args.dtype, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,81 @@
+"""Model FLOPs per token, the counting rule of hope-spec.md §8 (for MFU).
+
+A FLOP is half a multiply-add. The forward count `F_fwd` of each block follows
+§8 term by term; inner-loop work (reads, targets, inner gradients, closed-form
+updates) is model work and is counted. A training step costs 3 F_fwd (the outer
+backward taken as 2x the forward; rematerialisation is not counted). Under
+`cms_signal="lm_grad"` the in-context CMS writes add one activation-gradient pass
+over the model plus the CMS weight gradients, F_fwd + sum_layers F_cms; the paper
+does not say how its CMS update ran, so `step_flops` reports the step both with
+and without that term.
+
+Everything here is plain Python on a `ModelConfig`; nothing is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hope_jax.config import ModelConfig
+from hope_jax.model.cms import has_fast_weights
+from hope_jax.model.titans import proj_memory_names
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """FLOPs per token of one model (see module docstring)."""
+
+  fwd_layer: float  # F_fwd of one block (mixer + feed-forward/CMS).
+  fwd_model: float  # All blocks + the LM head (2 D V).
+  cms_layer: float  # F_cms of one block (0 without CMS).
+  train: float  # 3 fwd_model: forward, backward, no CMS-write term.
+  train_with_cms_writes: float  # train + fwd_model + layers * cms_layer under lm_grad.
+
+
+def titans_fwd(cfg: ModelConfig) -> float:
+  """F_titans of §8: the self-modifying Titans sublayer (or the Titans-LMM mixer)."""
+  d, h, e_p, e_m = cfg.hidden_size, cfg.num_heads, cfg.e_proj, cfg.e_mem
+  names = proj_memory_names(cfg)
+  p = len([n for n in names if n not in cfg.frozen_memories])
+  p_frozen = len(names) - p
+  upd = 18 if cfg.momentum else 10  # Closed-form update per D*E.
+  cc = 6 if cfg.momentum else 4  # C x C terms of the update per H*C*E.
+  n_static = (cfg.memory_input == "proj") + (not cfg.adaptive_q) + 2  # W_in, W_q, W_g, W_o.
+  f = 2.0 * n_static * d * d
+  f += (2 * d * h if cfg.momentum else 0) + 2 * 2 * cfg.conv_width * d  # beta proj, two convs.
+  f += p * (4 + 4 + 6 + upd) * d * e_p + 4 * d * p_frozen * e_p
+  v_hat = 4 if cfg.memory_target == "self" else 0
+  f += (4 + v_hat + 6 + upd) * d * e_m
+  chunks = ([cfg.chunk_other] if p else []) + [cfg.chunk_mem]
+  f += sum(2 * c * d + 5 * h * c * c for c in chunks)  # A = K K^T, T, Gamma, (A*Gamma) T^T.
+  f += cc * h * (cfg.chunk_other * p * e_p + cfg.chunk_mem * e_m)
+  if cfg.uses_static_projections:  # Titans-LMM: k, v, (q counted above) and eta/alpha maps.
+    f += 2 * 2 * d * d + 2 * d * h * (1 + cfg.use_alpha)
+  return f
+
+
+def attention_fwd(cfg: ModelConfig, seq_len: int) -> float:
+  """Causal attention with four D x D projections; scores averaged over positions."""
+  d = cfg.hidden_size
+  return 8.0 * d * d + 2.0 * seq_len * d
+
+
+def cms_fwd(cfg: ModelConfig) -> float:
+  """F_cms: SwiGLU levels of total width `cms_width` (3 matrices, 6 D F)."""
+  return 6.0 * cfg.hidden_size * cfg.cms_width
+
+
+def step_flops(cfg: ModelConfig, seq_len: int) -> StepFlops:
+  """FLOPs per token of the forward pass and the train step of `cfg` at `seq_len`."""
+  d = cfg.hidden_size
+  mixer = attention_fwd(cfg, seq_len) if cfg.block in ("transformer_pp", "hope_attention") \
+      else titans_fwd(cfg)
+  uses_cms = cfg.block in ("hope", "hope_attention")
+  cms = cms_fwd(cfg) if uses_cms else 0.0
+  ffn = cms if uses_cms else 6.0 * d * cfg.ffn_width
+  layer = mixer + ffn
+  model = cfg.num_layers * layer + 2.0 * d * cfg.vocab_size
+  train = 3.0 * model
+  writes = model + cfg.num_layers * cms if uses_cms and has_fast_weights(cfg) else 0.0
+  return StepFlops(fwd_layer=layer, fwd_model=model, cms_layer=cms, train=train,
+                   train_with_cms_writes=train + writes)
