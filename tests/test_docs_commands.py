@@ -1,7 +1,7 @@
 """The commands quoted in README.md and docs/checkpoints.md work as written.
 
 The commands are read out of the docs' fenced ```bash (and ```python) blocks, never
-copied here, and run in order in a scratch directory that looks like a clone of the
+copied here, and run in order (README's Python API block too) in a scratch directory that looks like a clone of the
 repository (its top-level entries are symlinked), so relative paths such as
 `experiments/base.py` and `checkpoints/run1` mean what they mean to a reader.
 
@@ -251,6 +251,14 @@ def test_readme_commands(workdir):
   proc = run(workdir, main_job)
   assert "final eval at step 6" in proc.stderr and steps(workdir, "checkpoints") == [2, 4, 6]
   assert os.path.exists(workdir / "checkpoints/logs/metrics.jsonl")
+
+  # The Python API block, as written: the base HOPE model and the main job's checkpoints.
+  (api_block,) = doc_blocks("README.md", "python")["Python API"]
+  (workdir / "api.py").write_text(api_block)
+  proc = run(workdir, ["python", "api.py"])
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 4 and all("valid=True" in line for line in lines[:3]), proc.stdout
+  assert lines[3] == "(1, 15, 256) (1, 256) 6", proc.stdout
 
   proc = run(workdir, override)
   assert steps(workdir, "checkpoints/d64") == [1]
