@@ -49,6 +49,24 @@ def test_closed_form_equals_token_scan(c, dgd, momentum, use_alpha):
     assert S_c is None and S_r is None
 
 
+@pytest.mark.parametrize("c,dgd,momentum,use_alpha",
+                         list(itertools.product([1, 3, 8], [True, False], [True, False],
+                                                [True, False])))
+def test_dual_read_closed_form_equals_token_scan(c, dgd, momentum, use_alpha):
+  """Dual reads: token t sees the updates of tokens < t of its chunk, not its own."""
+  W, S, K, D, eta, la, lb = _chunk_inputs(31 * c + 2 * dgd + momentum, c, momentum=momentum,
+                                          use_alpha=use_alpha)
+  X = jax.random.normal(jax.random.PRNGKey(c), (c, K.shape[1]))
+  T = cu.dgd_solve(K, eta * jnp.exp(-la)) if dgd else None
+  Y_c = cu.chunk_read_dual(W, S, K, D, eta, la, lb, T, X)
+  Y_r = cu.chunk_read_dual_reference(W, S, K, D, eta, la, lb, X, dgd=dgd)
+  chex.assert_shape(Y_c, (c, W.shape[0]))
+  chex.assert_trees_all_close(Y_c[0], X[0] @ W.T, atol=1e-6)  # Token 0 reads W_0.
+  if c > 1:
+    assert float(jnp.max(jnp.abs(Y_r[1:] - X[1:] @ W.T))) > 1e-2  # Later tokens do not.
+  chex.assert_trees_all_close(Y_c, Y_r, atol=1e-5, rtol=1e-5)
+
+
 def test_inner_grads_match_autodiff():
   """The analytic per-token gradients of §2.4 equal jax.grad of 1/2|M(k) - vhat|^2."""
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
