@@ -7,8 +7,9 @@ main memory over chunks of C_m tokens and emits its reads o. Each phase is a
 
   mode="chunked": scan over whole chunks; reads and gradients use the carried
     weights (chunk start), the update is `chunk_update_closed` (impl="chunked")
-    or the token recurrence (impl="reference"). Needs the chunk grid aligned
-    with the sequence start.
+    or the token recurrence (impl="reference"). Under read_mode="dual" phase B's
+    reads see the earlier tokens of their chunk (`dual_read`, the same two impls).
+    Needs the chunk grid aligned with the sequence start.
   mode="token": scan over tokens with (W_start, W_run, S_run) carried (spec §5);
     reads and gradients use W_start, W_run/S_run take the rank-1 update and
     W_start <- W_run at each global chunk boundary. Exact for any offset.
@@ -147,18 +148,16 @@ def dual_read(spec: InnerSpec, run, k_CD, factors: Factors, eta_C, la_C, lb_C, x
   first_order = spec.meta_grad == "first_order"
 
   def read(W, S, K, D, T, X, dgd):
+    args = (W, S, K, D, eta_C, la_C, lb)
     if first_order:
-      # As the token schedule: W_{t-1} = W_0 + sg(within-chunk change); x keeps its gradient.
-      sg = jax.lax.stop_gradient
-      W0, (W, S, K, D, T, eta, la, lbb) = W, sg((W, S, K, D, T, eta_C, la_C, lb))
-    else:
-      eta, la, lbb = eta_C, la_C, lb
+      # As on the token schedule: W^(t) = W_0 + sg(change within the chunk); X keeps its grad.
+      args, T = jax.lax.stop_gradient((args, T))
     if impl == "chunked":
-      Y = cu.chunk_read_dual(W, S, K, D, eta, la, lbb, T, X)
+      Y = cu.chunk_read_dual(*args, T, X)
     else:
-      Y = cu.chunk_read_dual_reference(W, S, K, D, eta, la, lbb, X, dgd=dgd)
+      Y = cu.chunk_read_dual_reference(*args, X, dgd=dgd)
     if first_order:
-      Y = Y + jnp.einsum("oi,ci->co", W0 - jax.lax.stop_gradient(W0), X)
+      Y = Y + jnp.einsum("oi,ci->co", W - jax.lax.stop_gradient(W), X)
     return Y
 
   f = factors
