@@ -33,6 +33,9 @@ CASES = {
     "hope_attention_static": dict(cms_signal="static"),
     "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1),
                                  marks=needs_titans),
+    # Parallel: chunked dual reads (closed form); decode: token schedule reading W_run.
+    "hope_dual": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1, read_mode="dual"),
+                              marks=needs_titans),
     "titans_lmm": pytest.param(dict(block="titans_lmm"), marks=needs_titans),
 }
 

@@ -49,6 +49,24 @@ def test_closed_form_equals_token_scan(c, dgd, momentum, use_alpha):
     assert S_c is None and S_r is None
 
 
+@pytest.mark.parametrize("c,dgd,momentum,use_alpha",
+                         list(itertools.product([1, 3, 8], [True, False], [True, False],
+                                                [True, False])))
+def test_dual_read_closed_form_equals_token_scan(c, dgd, momentum, use_alpha):
+  """Dual reads: token t sees the updates of tokens < t of its chunk, not its own."""
+  W, S, K, D, eta, la, lb = _chunk_inputs(31 * c + 2 * dgd + momentum, c, momentum=momentum,
+                                          use_alpha=use_alpha)
+  X = jax.random.normal(jax.random.PRNGKey(c), (c, K.shape[1]))
+  T = cu.dgd_solve(K, eta * jnp.exp(-la)) if dgd else None
+  Y_c = cu.chunk_read_dual(W, S, K, D, eta, la, lb, T, X)
+  Y_r = cu.chunk_read_dual_reference(W, S, K, D, eta, la, lb, X, dgd=dgd)
+  chex.assert_shape(Y_c, (c, W.shape[0]))
+  chex.assert_trees_all_close(Y_c[0], X[0] @ W.T, atol=1e-6)  # Token 0 reads W_0.
+  if c > 1:
+    assert float(jnp.max(jnp.abs(Y_r[1:] - X[1:] @ W.T))) > 1e-2  # Later tokens do not.
+  chex.assert_trees_all_close(Y_c, Y_r, atol=1e-5, rtol=1e-5)
+
+
 def test_inner_grads_match_autodiff():
   """The analytic per-token gradients of §2.4 equal jax.grad of 1/2|M(k) - vhat|^2."""
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -169,3 +187,32 @@ def test_first_order_meta_grad_is_straight_through(meta_grad):
     assert float(jnp.abs(g_k).max()) == 0.0
   else:
     assert float(jnp.abs(g_w - proj).max()) > 1e-2 and float(jnp.abs(g_k).max()) > 1e-2
+
+
+@pytest.mark.parametrize("meta_grad", ["full", "first_order"])
+def test_dual_read_chunked_equals_reference_and_honours_first_order(meta_grad):
+  """selfmod.dual_read: closed form == token scan (values, grads); first_order stops the keys."""
+  from hope_jax.ops import selfmod
+
+  spec = selfmod.InnerSpec(meta_grad=meta_grad, clip=0.0)
+  ks = jax.random.split(jax.random.PRNGKey(7), 5)
+  W1 = 0.3 * jax.random.normal(ks[0], (1, 4, 6))
+  W2 = jax.random.normal(ks[1], (1, 6, 4))
+  run = {"W1": W1, "W2": W2, "S1": 0.1 * W1, "S2": 0.1 * W2}
+  k = _unit(jax.random.normal(ks[2], (5, 4)))
+  vhat = jax.random.normal(ks[3], (1, 5, 4))
+  q = _unit(jax.random.normal(ks[4], (5, 4)))
+  eta, la, lb = jnp.full((5,), 0.3), jnp.full((5,), -0.2), jnp.full((5,), -0.5)
+
+  def out(W2, k, q, impl):
+    fac = selfmod.group_factors(spec, (W1, W2), k, vhat, eta, la, impl)
+    return selfmod.dual_read(spec, {**run, "W2": W2}, k, fac, eta, la, lb, q, impl)
+
+  loss = lambda *a: jnp.sum(jnp.sin(out(*a)))
+  y_c, y_r = out(W2, k, q, "chunked"), out(W2, k, q, "reference")
+  chex.assert_trees_all_close(y_c, y_r, atol=1e-5, rtol=1e-5)
+  g_c = jax.grad(loss, argnums=(0, 1, 2))(W2, k, q, "chunked")
+  g_r = jax.grad(loss, argnums=(0, 1, 2))(W2, k, q, "reference")
+  chex.assert_trees_all_close(g_c, g_r, atol=1e-5, rtol=1e-4)
+  # Keys enter only the within-chunk change, which first_order treats as a constant.
+  assert (float(jnp.abs(g_c[1]).max()) == 0.0) == (meta_grad == "first_order")

@@ -211,12 +211,11 @@ class SelfModTitans(nnx.Module):
       q_BHLD = self._heads(padt(jax.nn.silu(q_pre.astype(f32))))
     q_BHLD = l2norm(q_BHLD)
 
-    # Phase B: the main memory (dual reads exist only token by token).
+    # Phase B: the main memory.
     xs_b = {"q": q_BHLD, "k": k_BHLD, "v": v_BHLD, "eta": gen["eta"], "la": gen["la"],
             "lb": xs_a["lb"]}
-    mode_b = "token" if cfg.read_mode == "dual" else mode
     new_mem, out = selfmod.run_phase_bh(
-        spec, selfmod.phase_b_body, {}, state["mem"], xs_b, chunk=cfg.chunk_mem, mode=mode_b,
+        spec, selfmod.phase_b_body, {}, state["mem"], xs_b, chunk=cfg.chunk_mem, mode=mode,
         boundary_L=bnd(cfg.chunk_mem))
 
     # 2.8 Output: per-head RMSNorm, SiLU gate, output projection.

@@ -133,22 +133,100 @@ def chunk_update_closed(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=Non
   return W_new, S_new
 
 
+def _token_update(W, S, kappa_I, d_O, eta, log_alpha, log_beta, dgd: bool):
+  """One token of spec §2.6, with P_t applied as a rank-1 update (S is None without momentum)."""
+  grad_OI = eta * d_O[:, None] * kappa_I[None, :]
+  W_new = jnp.exp(log_alpha) * W
+  if dgd:
+    W_new = W_new - eta * jnp.einsum("oi,i->o", W, kappa_I)[:, None] * kappa_I[None, :]
+  if S is None:
+    return W_new - grad_OI, None
+  S = jnp.exp(log_beta) * S - grad_OI
+  return W_new + S, S
+
+
 def chunk_update_reference(W_OI, S_OI, K_CI, D_CO, eta_C, log_alpha_C, log_beta_C=None, *,
                            dgd: bool):
   """The literal token recurrence of spec §2.6 (P_t applied as a rank-1 update)."""
 
   def token(carry, xs):
-    W, S = carry
-    kappa_I, d_O, eta, log_alpha, log_beta = xs
-    grad_OI = eta * d_O[:, None] * kappa_I[None, :]
-    W = jnp.exp(log_alpha) * W
-    if dgd:
-      W = W - eta * jnp.einsum("oi,i->o", carry[0], kappa_I)[:, None] * kappa_I[None, :]
-    if S is None:
-      return (W - grad_OI, None), None
-    S = jnp.exp(log_beta) * S - grad_OI
-    return (W + S, S), None
+    return _token_update(*carry, *xs, dgd), None
 
   lb = jnp.zeros_like(eta_C) if log_beta_C is None else log_beta_C
   (W, S), _ = jax.lax.scan(token, (W_OI, S_OI), (K_CI, D_CO, eta_C, log_alpha_C, lb))
   return W, S
+
+
+# ------------------------------------------------------------ within-chunk reads
+
+
+def chunk_read_dual(W_OI, S_OI, K_CI, D_CO, eta_C, log_alpha_C, log_beta_C, T_CC, X_CI):
+  """Y[t] = W^(t) x_t for every token t of a chunk, in closed form (dual reads, Eq. 86).
+
+  W^(t) is the running weight after tokens 0..t-1 of the chunk (token t does not see its
+  own update). Derivation in docs/architecture.md ("Dual reads in closed form"): with
+  V(m, x) the read of x at position m *without* the DGD factors,
+
+    Y[t] = V(t, x_t) - sum_{i<t} R[t,i] (a_{t-1}/a_{i-1}) V(i, kappa_i),
+    R = (tril(X K^T, -1)) T,
+
+  so every term is a C x C matmul; all decay factors are ratios of products over
+  contiguous token ranges, taken from log-cumsums masked before `exp` (all <= 1).
+
+  Args:
+    W_OI, S_OI: weights and momentum at chunk start (S None without momentum).
+    K_CI, D_CO, eta_C: keys, gradient factors and rates, as in `chunk_update_closed`.
+    log_alpha_C, log_beta_C: per-token log alpha, log beta (None without momentum).
+    T_CC: `dgd_solve(K, eta / alpha)` under DGD, else None.
+    X_CI: one query per token.
+  """
+  c = K_CI.shape[0]
+  idx = jnp.arange(c)
+  strict_CC = idx[:, None] > idx[None, :]  # [t, s]: s < t.
+  la_cum = jnp.cumsum(log_alpha_C)
+  la_ex = la_cum - log_alpha_C  # log a_{t-1}: alpha over tokens before t.
+  masked_exp = lambda mask, expo: jnp.exp(jnp.where(mask, expo, -jnp.inf))
+  # E1[t, s] = prod_{s<j<t} alpha_j: how much of S_s (applied at token s) reaches token t.
+  E1_CC = masked_exp(strict_CC, la_ex[:, None] - la_cum[None, :])
+  if log_beta_C is None:
+    M_CC = E1_CC  # S_s = -eta_s G_s: only token s's own gradient.
+  else:
+    lb_cum = jnp.cumsum(log_beta_C)
+    # E2[s, i] = prod_{i<j<=s} beta_j: token i's gradient inside S_s.
+    E2_CC = masked_exp(idx[:, None] >= idx[None, :], lb_cum[:, None] - lb_cum[None, :])
+    M_CC = E1_CC @ E2_CC  # [t, i]: total weight of -eta_i G_i in W^(t) (without DGD).
+    g_C = E1_CC @ jnp.exp(lb_cum)  # Weight of S_0 in W^(t).
+  aex_C = jnp.exp(la_ex)
+  eta_D_CO = eta_C[:, None] * D_CO
+
+  def no_dgd_read(Q_CI):  # V(t, q_t) for one query per position.
+    QK_CC = jnp.einsum("ti,ci->tc", Q_CI, K_CI)
+    V_CO = aex_C[:, None] * jnp.einsum("oi,ti->to", W_OI, Q_CI)
+    V_CO = V_CO - jnp.einsum("tc,co->to", M_CC * QK_CC, eta_D_CO)
+    if S_OI is not None:
+      V_CO = V_CO + g_C[:, None] * jnp.einsum("oi,ti->to", S_OI, Q_CI)
+    return V_CO, QK_CC
+
+  Y_CO, XK_CC = no_dgd_read(X_CI)
+  if T_CC is None:
+    return Y_CO
+  # prod_{s<j<t} (I - omega_j kappa_j kappa_j^T) x_t = x_t - sum_{s<i<t} kappa_i R[t, i]
+  # for every s (contiguous diagonal blocks of T are the blocks' own solves).
+  R_CC = jnp.where(strict_CC, XK_CC, 0.0) @ T_CC
+  Ea_CC = masked_exp(strict_CC, la_ex[:, None] - la_ex[None, :])  # a_{t-1} / a_{i-1}.
+  Vk_CO, _ = no_dgd_read(K_CI)
+  return Y_CO - jnp.einsum("ti,io->to", R_CC * Ea_CC, Vk_CO)
+
+
+def chunk_read_dual_reference(W_OI, S_OI, K_CI, D_CO, eta_C, log_alpha_C, log_beta_C, X_CI, *,
+                              dgd: bool):
+  """The literal twin of `chunk_read_dual`: each token reads W x, then applies its update."""
+
+  def token(carry, xs):
+    x_I, upd = xs[0], xs[1:]
+    y_O = jnp.einsum("oi,i->o", carry[0], x_I)
+    return _token_update(*carry, *upd, dgd), y_O
+
+  lb = jnp.zeros_like(eta_C) if log_beta_C is None else log_beta_C
+  _, Y_CO = jax.lax.scan(token, (W_OI, S_OI), (X_CI, K_CI, D_CO, eta_C, log_alpha_C, lb))
+  return Y_CO

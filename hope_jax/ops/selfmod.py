@@ -7,8 +7,9 @@ main memory over chunks of C_m tokens and emits its reads o. Each phase is a
 
   mode="chunked": scan over whole chunks; reads and gradients use the carried
     weights (chunk start), the update is `chunk_update_closed` (impl="chunked")
-    or the token recurrence (impl="reference"). Needs the chunk grid aligned
-    with the sequence start.
+    or the token recurrence (impl="reference"). Under read_mode="dual" phase B's
+    reads see the earlier tokens of their chunk (`dual_read`, the same two impls).
+    Needs the chunk grid aligned with the sequence start.
   mode="token": scan over tokens with (W_start, W_run, S_run) carried (spec §5);
     reads and gradients use W_start, W_run/S_run take the rank-1 update and
     W_start <- W_run at each global chunk boundary. Exact for any offset.
@@ -22,12 +23,13 @@ its fast state is a dict of float32 arrays:
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from hope_jax.ops import chunk_update as cu
-from hope_jax.ops.memory import inner_grads, l2norm, mlp_apply
+from hope_jax.ops.memory import gelu, inner_grads, l2norm, mlp_apply
 
 PROJ_MEMORIES = ("k", "v", "q", "eta", "alpha")  # Canonical stacking order of P.
 
@@ -56,7 +58,43 @@ class InnerSpec:
 # ----------------------------------------------------------------- group update
 
 
-def group_update(spec: InnerSpec, read_W, run, k_CD, vhat_MCD, eta_C, la_C, lb_C, impl: str):
+class Factors(NamedTuple):
+  """One chunk's rank-1 gradient factors of a stack of M memories (G = d kappa^T, spec §2.7)."""
+
+  delta_MCE: jax.Array  # W2: d = delta, kappa = k (shared by every memory).
+  key1_MCE: jax.Array  # W1's keys: h, or h/|h| under dgd_precond="per_layer".
+  d1_MCD: jax.Array  # W1's factors: e, or e|h| under "per_layer".
+  T2_CC: jax.Array | None  # dgd_solve(k, eta/alpha) for W2 (impl="chunked" with DGD).
+  T1_MCC: jax.Array | None  # dgd_solve(key1, eta/alpha) for W1 ("chunked", "per_layer").
+
+
+def group_factors(spec: InnerSpec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl: str) -> Factors:
+  """Inner gradients at `read_W` (chunk start) and, for the closed form, the DGD solves.
+
+  Computed once per chunk and shared by the update and (under read_mode="dual") the reads.
+  """
+  W1, W2 = read_W
+  grads = lambda w1, w2, vh: inner_grads(w1, w2, k_CD, vh, clip=spec.clip)
+  e_MCD, h_MCE, delta_MCE = jax.vmap(grads)(W1, W2, vhat_MCD)
+  if spec.dgd_precond == "per_layer":
+    # W1's own input h, normalised as §4.5 assumes; the gradient e h^T is unchanged.
+    hn = jnp.sqrt(jnp.sum(h_MCE * h_MCE, axis=-1, keepdims=True) + 1e-12)
+    key1_MCE, d1_MCD = h_MCE / hn, e_MCD * hn
+  else:
+    key1_MCE, d1_MCD = h_MCE, e_MCD
+  T2 = T1 = None
+  if impl == "chunked":
+    omega_C = eta_C * jnp.exp(-la_C)
+    # One triangular solve for W2 of every memory: it depends only on (k, eta, alpha).
+    if spec.dgd_precond != "none":
+      T2 = cu.dgd_solve(k_CD, omega_C)
+    if spec.dgd_precond == "per_layer":
+      T1 = jax.vmap(cu.dgd_solve, (0, None))(key1_MCE, omega_C)
+  return Factors(delta_MCE, key1_MCE, d1_MCD, T2, T1)
+
+
+def group_update(spec: InnerSpec, read_W, run, k_CD, vhat_MCD, eta_C, la_C, lb_C, impl: str,
+                 factors: Factors | None = None):
   """Applies one chunk of inner updates to a stack of M memories sharing keys and rates.
 
   Args:
@@ -65,35 +103,25 @@ def group_update(spec: InnerSpec, read_W, run, k_CD, vhat_MCD, eta_C, la_C, lb_C
     k_CD: unit keys (shared by every memory). vhat_MCD: each memory's targets.
     eta_C, la_C, lb_C: rates, log alpha, log beta (lb ignored without momentum).
     impl: "chunked" (closed form) or "reference" (token recurrence).
+    factors: `group_factors` of this chunk when the caller already has them.
   """
-  W1, W2 = read_W
-  grads = lambda w1, w2, vh: inner_grads(w1, w2, k_CD, vh, clip=spec.clip)
-  e_MCD, h_MCE, delta_MCE = jax.vmap(grads)(W1, W2, vhat_MCD)
+  if factors is None:
+    factors = group_factors(spec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl)
+  delta_MCE, key1_MCE, d1_MCD, T2, T1 = factors
   lb = lb_C if spec.momentum else None
   S1, S2 = run.get("S1"), run.get("S2")
   dgd2 = spec.dgd_precond != "none"
-  if spec.dgd_precond == "per_layer":
-    # W1's own input h, normalised as §4.5 assumes; the gradient e h^T is unchanged.
-    hn = jnp.sqrt(jnp.sum(h_MCE * h_MCE, axis=-1, keepdims=True) + 1e-12)
-    key1_MCE, d1_MCD = h_MCE / hn, e_MCD * hn
-  else:
-    key1_MCE, d1_MCD = h_MCE, e_MCD
   dgd1 = spec.dgd_precond == "per_layer"
+  s_ax = 0 if S2 is not None else None
   if impl == "chunked":
     co = cu.decay_coeffs(la_C, lb)
-    omega_C = eta_C * jnp.exp(-la_C)
-    # One triangular solve for W2 of every memory: it depends only on (k, eta, alpha).
-    T2 = cu.dgd_solve(k_CD, omega_C) if dgd2 else None
-    T1 = jax.vmap(cu.dgd_solve, (0, None))(key1_MCE, omega_C) if dgd1 else None
     upd = cu.chunk_update_closed
-    s_ax = 0 if S2 is not None else None
     W2n, S2n = jax.vmap(upd, (0, s_ax, None, 0, None, None, None))(
         run["W2"], S2, k_CD, delta_MCE, eta_C, co, T2)
     W1n, S1n = jax.vmap(upd, (0, s_ax, 0, 0, None, None, 0 if dgd1 else None))(
         run["W1"], S1, key1_MCE, d1_MCD, eta_C, co, T1)
   else:
     ref = lambda W, S, K, D, dgd: cu.chunk_update_reference(W, S, K, D, eta_C, la_C, lb, dgd=dgd)
-    s_ax = 0 if S2 is not None else None
     W2n, S2n = jax.vmap(lambda W, S, D: ref(W, S, k_CD, D, dgd2), (0, s_ax, 0))(
         run["W2"], S2, delta_MCE)
     W1n, S1n = jax.vmap(lambda W, S, K, D: ref(W, S, K, D, dgd1), (0, s_ax, 0, 0))(
@@ -106,6 +134,38 @@ def group_update(spec: InnerSpec, read_W, run, k_CD, vhat_MCD, eta_C, la_C, lb_C
     new = {n: (run[n] + jax.lax.stop_gradient(v - run[n]) if n.startswith("W")
                else jax.lax.stop_gradient(v)) for n, v in new.items()}
   return new
+
+
+def dual_read(spec: InnerSpec, run, k_CD, factors: Factors, eta_C, la_C, lb_C, x_CD, impl: str):
+  """o_t = M_{t-1}(x_t) of one memory (M = 1) for every token of a chunk (read_mode="dual").
+
+  `run` holds the weights at chunk start; token t reads them after the updates of tokens
+  < t of this chunk (spec §2.7, Eq. 86): W2 first, then W1 on gelu of that read, each by
+  `chunk_read_dual` (impl="chunked") or by its token-scan twin (impl="reference").
+  """
+  lb = lb_C if spec.momentum else None
+  S1, S2 = (run["S1"][0], run["S2"][0]) if spec.momentum else (None, None)
+  first_order = spec.meta_grad == "first_order"
+
+  def read(W, S, K, D, T, X, dgd):
+    args = (W, S, K, D, eta_C, la_C, lb)
+    if first_order:
+      # As on the token schedule: W^(t) = W_0 + sg(change within the chunk); X keeps its grad.
+      args, T = jax.lax.stop_gradient((args, T))
+    if impl == "chunked":
+      Y = cu.chunk_read_dual(*args, T, X)
+    else:
+      Y = cu.chunk_read_dual_reference(*args, X, dgd=dgd)
+    if first_order:
+      Y = Y + jnp.einsum("oi,ci->co", W - jax.lax.stop_gradient(W), X)
+    return Y
+
+  f = factors
+  T1 = None if f.T1_MCC is None else f.T1_MCC[0]
+  z_CE = read(run["W2"][0], S2, k_CD, f.delta_MCE[0], f.T2_CC, x_CD, spec.dgd_precond != "none")
+  y_CD = read(run["W1"][0], S1, f.key1_MCE[0], f.d1_MCD[0], T1, gelu(z_CE),
+              spec.dgd_precond == "per_layer")
+  return x_CD + y_CD  # The same residual MLP as `mlp_apply`.
 
 
 # ----------------------------------------------------------------- phase bodies
@@ -156,17 +216,22 @@ def phase_a_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
 def phase_b_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
   """One chunk of phase B: the main memory's output reads o and its update.
 
-  xs: {"q", "k", "v": [N, Dh], "eta", "la", "lb": [N]}.
+  xs: {"q", "k", "v": [N, Dh], "eta", "la", "lb": [N]}. Under read_mode="dual" token t
+  reads M_{t-1}: the running weights on the token schedule (N = 1), the within-chunk
+  running weights (`dual_read`) on the chunked one.
   """
   del params
   W1, W2 = read_W[0][0], read_W[1][0]
-  if spec.read_mode == "dual":
-    o_ND = mlp_apply(run["W1"][0], run["W2"][0], xs["q"])  # M_{t-1}: token mode only.
+  vhat_ND = mlp_apply(W1, W2, xs["v"]) if spec.memory_target == "self" else xs["v"]
+  fac = group_factors(spec, read_W, xs["k"], vhat_ND[None], xs["eta"], xs["la"], impl)
+  if spec.read_mode == "dual" and xs["q"].shape[0] > 1:
+    o_ND = dual_read(spec, run, xs["k"], fac, xs["eta"], xs["la"], xs["lb"], xs["q"], impl)
+  elif spec.read_mode == "dual":
+    o_ND = mlp_apply(run["W1"][0], run["W2"][0], xs["q"])  # One token: M_{t-1} = W_run.
   else:
     o_ND = mlp_apply(W1, W2, xs["q"])  # Chunk-start read (Eq. 90).
-  vhat_ND = mlp_apply(W1, W2, xs["v"]) if spec.memory_target == "self" else xs["v"]
   run = group_update(spec, read_W, run, xs["k"], vhat_ND[None], xs["eta"], xs["la"], xs["lb"],
-                     impl)
+                     impl, factors=fac)
   return run, {"o": o_ND}
 
 
