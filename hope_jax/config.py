@@ -71,6 +71,7 @@ class ModelConfig:
   cms_variant: str = "sequential"  # "sequential" | "nested" | "independent"
   cms_meta_grad: str = "first_order"  # Stop-gradient writes, straight-through to the meta-init.
   cms_lr: float = 1e-4  # Learning rate of the in-context CMS writes.
+  lm_grad_fused: bool = True  # lm_grad: one forward per chunk serves the loss and the write.
   cms_grad_clip: float = 1.0  # Frobenius clip of each level's summed chunk gradient.
   cms_state_scope: str = "per_sequence"  # Every sequence owns its CMS fast weights.
   cms_ablate: str = "none"  # "none" | "single_static" | "static_chain"

@@ -95,6 +95,31 @@ def test_lm_grad_outer_gradient_reaches_every_parameter():
     assert float(jnp.abs(g).sum()) > 0, f"no outer gradient for {jax.tree_util.keystr(path)}"
 
 
+
+@pytest.mark.parametrize("block", ["hope_attention", pytest.param("hope", marks=needs_titans)])
+def test_fused_lm_grad_step_equals_the_two_pass_reference(block):
+  # One forward per chunk serving both the loss and the write (lm_grad_fused, the fast path)
+  # against a stop-gradient recomputation for the write (the reference): same loss, same
+  # outer gradient, same final fast weights. L=13 pads the last chunk.
+  tokens_BL = jax.random.randint(jax.random.key(7), (2, L), 0, 32)
+  results = []
+  for fused in (True, False):
+    model = hope_jax.build_model(tiny(block, cms_lr=30.0, num_layers=1, lm_grad_fused=fused),
+                                 seed=0)
+
+    def loss(m):
+      logits, fast, _ = m.forward_with_fast_state(tokens_BL[:, :-1])
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(logp, tokens_BL[:, 1:, None], axis=-1)), fast
+
+    (value, fast), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    results.append((value, fast, nnx.to_pure_dict(grads)))
+  (v1, f1, g1), (v2, f2, g2) = results
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), f1, f2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+  assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(f1))  # Writes happened.
+
 # ------------------------------------------------------------- experiment files
 
 FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(

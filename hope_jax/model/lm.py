@@ -83,6 +83,13 @@ def _restore(mixer, current, snap):
   return {**current, "pos": snap["pos"]} if isinstance(mixer, Attention) else snap
 
 
+def _zero_cotangent(x):
+  """A zero cotangent for `x` (float0 for integer leaves such as positions)."""
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return jnp.zeros(x.shape, jax.dtypes.float0)
+
+
 class LanguageModel(nnx.Module):
   """A HOPE-family causal LM; `model(tokens_BL)` returns float32 logits `[B, L, V]`."""
 
@@ -149,6 +156,40 @@ class LanguageModel(nnx.Module):
     (grads,) = vjp_fn(dlogits)
     return sg(grads)
 
+  def chunk_forward_and_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas):
+    """`chunk_forward` and `chunk_grads` of one aligned piece from a single forward pass.
+
+    Returns (logits_BCV, new_states, grads). The inner gradient is one backward pass
+    through the forward's own residuals, and the outer derivative reuses those residuals
+    too, so each chunk is run forward once (not twice, as `chunk_forward` + `chunk_grads`
+    do). A `custom_vjp` keeps the outer differentiation from tracing the inner backward
+    pass: the writes are first order (their cotangent is dropped) and the deltas enter the
+    outer loss straight-through, exactly as in the unfused pair.
+    """
+    graphdef, params = nnx.split(self)
+
+    def forward(p, s, d, tok):
+      return nnx.merge(graphdef, p).chunk_forward(tok, s, d, aligned=True)
+
+    def with_grads(p, s, d, tok, tgt, mask):
+      (logits_BCV, new_states), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s, d)
+      dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, tgt, mask)
+      _, _, grads = vjp_fn((dlogits, jax.tree.map(_zero_cotangent, new_states)))
+      return (logits_BCV, new_states, grads), vjp_fn
+
+    @jax.custom_vjp
+    def fused(p, s, d, tok, tgt, mask):
+      return with_grads(p, s, d, tok, tgt, mask)[0]
+
+    def fused_bwd(vjp_fn, cts):
+      ct_logits, ct_states, _ = cts  # The write's cotangent: dropped (first order).
+      ct_p, ct_s, _ = vjp_fn((ct_logits, ct_states))
+      return ct_p, ct_s, None, None, None, None  # Deltas enter straight-through.
+
+    fused.defvjp(with_grads, fused_bwd)
+    logits_BCV, new_states, grads = fused(params, states, deltas, tokens_BC, targets_BC, mask_BC)
+    return logits_BCV, new_states, jax.tree.map(jax.lax.stop_gradient, grads)
+
   def _init_states(self, batch_size: int, max_len: int):
     mixers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
     fast = [b.ffn.init_fast_state(batch_size) if b.uses_cms else None for b in self.blocks]
@@ -186,17 +227,22 @@ class LanguageModel(nnx.Module):
       states, fast = carry
       tok_BC, tgt_BC, mask_BC, index = xs
       deltas = [f["delta"] for f in fast]
-      # The outer (differentiable) forward, straight-through in the deltas; then the inner
-      # gradient from a separate, fully stop-gradient recomputation of the same chunk.
-      grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas)
-      logits_BCV, states = self.chunk_forward(tok_BC, states,
-                                              jax.tree.map(jax.lax.stop_gradient, deltas),
-                                              aligned=True)
+      if self.cfg.lm_grad_fused:
+        logits_BCV, states, grads = self.chunk_forward_and_grads(tok_BC, tgt_BC, mask_BC,
+                                                                 states, deltas)
+      else:
+        # The outer (differentiable) forward, straight-through in the deltas; then the
+        # inner gradient from a separate, fully stop-gradient recomputation of the chunk.
+        grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas)
+        logits_BCV, states = self.chunk_forward(tok_BC, states,
+                                                jax.tree.map(jax.lax.stop_gradient, deltas),
+                                                aligned=True)
       fast = self._write(fast, grads, (index + 1) * c1)
       out = (logits_BCV, [f["delta"] for f in fast] if collect_deltas else None)
       return (states, fast), out
 
-    if self.cfg.remat:
+    if self.cfg.remat and not self.cfg.lm_grad_fused:
+      # (The fused body keeps its residuals: recomputing it would redo the inner pass.)
       body = jax.checkpoint(body)
     xs = (to_chunks(toks_BL), to_chunks(tgts_BL), to_chunks(mask_BL), jnp.arange(n))
     (_, fast), (logits_NBCV, deltas) = jax.lax.scan(body, (states, fast), xs)
