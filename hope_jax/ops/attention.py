@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def rope_angles(positions_L: Int[Array, "L"], head_dim: int, theta: float):
+def rope_angles(positions_L: Int[Array, " L"], head_dim: int, theta: float):
   """cos/sin tables `[L, Dh/2]` for rotary embeddings."""
   inv_freq_K = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   ang_LK = positions_L.astype(jnp.float32)[:, None] * inv_freq_K[None, :]

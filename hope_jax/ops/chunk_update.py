@@ -72,13 +72,12 @@ def decay_coeffs(log_alpha_C, log_beta_C=None) -> DecayCoeffs:
                      b_last=b_last)
 
 
-def dgd_solve(K_CI: Float[Array, "C I"], omega_C: Float[Array, "C"]) -> Float[Array, "C C"]:
+def dgd_solve(K_CI: Float[Array, "C I"], omega_C: Float[Array, " C"]) -> Float[Array, "C C"]:
   """T = (I + diag(omega) tril(K K^T, -1))^{-1} diag(omega), lower triangular.
 
   prod_{j>t} (I - omega_j k_j k_j^T) = I - K_{>t}^T T[>t,>t]^T K_{>t} for every t
   (the trailing block of a triangular inverse is the inverse of the trailing block).
   """
-  c = K_CI.shape[0]
   A_CC = jnp.einsum("ci,di->cd", K_CI, K_CI)
   N_CC = omega_C[:, None] * jnp.tril(A_CC, -1)
   return unit_lower_inverse(N_CC) * omega_C[None, :]
