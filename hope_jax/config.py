@@ -194,7 +194,7 @@ class ModelConfig:
       if any(c % chunks[0] for c in chunks):
         raise ConfigError(
             f"model.cms_chunks {chunks} must all be multiples of the first (fastest) level")
-      if self.cms_variant == "nested" and any(b % a for a, b in zip(chunks, chunks[1:])):
+      if self.cms_variant == "nested" and any(b % a for a, b in zip(chunks, chunks[1:], strict=False)):
         raise ConfigError(
             f"model.cms_variant='nested' needs each of model.cms_chunks {chunks} to divide the "
             "next (a level restarts at the next level's boundaries)")

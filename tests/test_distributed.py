@@ -95,7 +95,7 @@ def eight(tmp_path_factory):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
-  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid", "comm"), result))
+  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid", "comm"), result, strict=True))
 
 
 def test_data_parallel_fsdp_and_2x4_mesh_match_one_device(reference, eight):
@@ -180,7 +180,7 @@ def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path
         [sys.executable, *cli_args(d, 4, **{"training.mesh.data": 2, "training.mesh.fsdp": 2})],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "Process 0 of 2; 2 local / 4 global devices" in outs[0][1]
   assert "step 4/4" in outs[0][1] and "step 4/4" not in outs[1][1]  # Process 0 logs.
@@ -192,7 +192,7 @@ def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path
   got = ck.restore_latest(str(d), with_opt_state=True)  # This process: one device.
   ref = ck.restore(ck.list_checkpoints(str(reference))[0].manifest_path, with_opt_state=True)
   assert got.step == ref.step == 4
-  for x, y in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+  for x, y in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params), strict=True):
     # Adam moved each weight by ~1e-2 per step; the layouts differ by summation order only.
     assert x.shape == y.shape and x.dtype == y.dtype
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=TOL)

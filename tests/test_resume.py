@@ -82,7 +82,7 @@ def test_changed_learning_rate_takes_effect_on_resume(tmp_path, straight, resume
   assert after.step == 16 and after.config.training.learning_rate == 1e-12
   at12 = straight[1].params
   moved = max(float(jnp.max(jnp.abs(x - y))) for x, y in
-              zip(jax.tree.leaves(after.params), jax.tree.leaves(at12)))
+              zip(jax.tree.leaves(after.params), jax.tree.leaves(at12), strict=True))
   assert 0 < moved < 1e-9  # Adam steps are ~lr in size: the new lr, not the old 1e-2.
   rows = [json.loads(l) for l in open(d / "logs" / "metrics.jsonl")]
   assert [r["train/learning_rate"] for r in rows if r["step"] > 12 and

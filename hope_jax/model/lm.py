@@ -131,7 +131,7 @@ class LanguageModel(nnx.Module):
     """
     x_BCD = self.embed_tokens(tokens_BC)
     new_states = []
-    for block, state, delta in zip(self.blocks, states, deltas):
+    for block, state, delta in zip(self.blocks, states, deltas, strict=True):
       x_BCD, state = block.step(x_BCD, state, delta, aligned=aligned)
       new_states.append(state)
     return self.logits(x_BCD), new_states
@@ -198,7 +198,7 @@ class LanguageModel(nnx.Module):
   def _write(self, fast, grads, tokens_seen):
     cfg = self.cfg
     return [cms_ops.schedule_update(f, g, tokens_seen, cfg.cms_chunks, cfg.cms_lr,
-                                    cfg.cms_grad_clip) for f, g in zip(fast, grads)]
+                                    cfg.cms_grad_clip) for f, g in zip(fast, grads, strict=True)]
 
   # --------------------------------------------------------- lm_grad forward
 
@@ -261,7 +261,7 @@ class LanguageModel(nnx.Module):
     cache = {"pos": jnp.zeros((), jnp.int32), "mixer": mixers}
     if self.fast_cms:
       cache["fast"] = fast
-      cache["snap"] = [_snapshot(b.mixer, s) for b, s in zip(self.blocks, mixers)]
+      cache["snap"] = [_snapshot(b.mixer, s) for b, s in zip(self.blocks, mixers, strict=True)]
       cache["buf"] = jnp.zeros((batch_size, self.cfg.cms_chunks[0]), jnp.int32)
     return cache
 
@@ -275,11 +275,11 @@ class LanguageModel(nnx.Module):
       def boundary(c):
         # Token `pos` is the last target of the finished chunk [pos - C_1, pos).
         starts = [_restore(b.mixer, m, s)
-                  for b, m, s in zip(self.blocks, c["mixer"], c["snap"])]
+                  for b, m, s in zip(self.blocks, c["mixer"], c["snap"], strict=True)]
         tgt_BC = jnp.concatenate([c["buf"][:, 1:], tokens_B[:, None]], axis=1)
         grads = self.chunk_grads(c["buf"], tgt_BC, jnp.ones(tgt_BC.shape, jnp.float32),
                                  starts, [f["delta"] for f in c["fast"]])
-        snap = [_snapshot(b.mixer, m) for b, m in zip(self.blocks, c["mixer"])]
+        snap = [_snapshot(b.mixer, m) for b, m in zip(self.blocks, c["mixer"], strict=True)]
         return {**c, "fast": self._write(c["fast"], grads, pos), "snap": snap}
 
       at_boundary = (pos > 0) & (jnp.mod(pos, c1) == 0)

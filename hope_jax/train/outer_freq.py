@@ -31,7 +31,7 @@ def level_frequencies(params: Any, model_cfg: ModelConfig) -> Any:
 
   def freq(path, _):
     keys = [_key(p) for p in path]
-    for a, b in zip(keys, keys[1:]):
+    for a, b in zip(keys, keys[1:], strict=False):
       if a == "levels" and isinstance(b, int) and model_cfg.cms_ablate != "single_static":
         return chunks[b] // chunks[0]
     return 1
