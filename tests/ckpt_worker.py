@@ -5,7 +5,6 @@
   python tests/ckpt_worker.py hold DIR            # hold the directory until killed
 """
 
-import os
 import resource
 import signal
 import sys

@@ -9,16 +9,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 from absl import logging
 
 from hope_jax import checkpoint as ck
 from hope_jax.checkpoint import CheckpointError, CheckpointManager
-from tests.conftest import REPO
 from tests.ckpt_worker import config as worker_config
 from tests.ckpt_worker import make_state
+from tests.conftest import REPO
 
 
 def _config(directory, **training):

@@ -145,7 +145,7 @@ def test_lm_grad_writes_equal_jax_grad_of_the_chunk_loss(clip):
   for b in range(2):
     tok = tokens_BL[b:b + 1]
     g0_c0, g1_c0 = _static_level_grads(hope_jax.build_model(static_cfg, seed=0), tok, 0, 4)
-    at = lambda tree, c: {k: v[c, b] for k, v in tree.items()}
+    at = lambda tree, c, b=b: {k: v[c, b] for k, v in tree.items()}
     # Level 1 (C=4) writes after every chunk: delta = -lr * clip(chunk-0 grad).
     want = jax.tree.map(lambda g: -lr * g, clip_fn(g0_c0))
     jax.tree.map(close, at(d0, 0), want)

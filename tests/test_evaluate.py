@@ -85,9 +85,8 @@ def three_checkpoints(tmp_path_factory):
 
   Returns (directory, {step: expected validation loss}, config).
   """
-  from hope_jax.checkpoint import CheckpointManager
-
   from experiments import tiny
+  from hope_jax.checkpoint import CheckpointManager
   from hope_jax.train.loop import train
 
   root = tmp_path_factory.mktemp("evaluate")

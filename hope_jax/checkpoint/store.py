@@ -29,6 +29,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from hope_jax.checkpoint.manifest import PAYLOAD_PREFIX, canonical, load_error
 
+
 class _QuietOrbax(py_logging.Filter):
   """Drops Orbax's own INFO chatter (dozens of lines per save) unless --v>=1; keeps warnings."""
 
