@@ -78,8 +78,8 @@ def make(block: str, overrides: dict, tiny: bool = False) -> config_dict.ConfigD
   d.seq_len = 128
   cfg.model.chunk_other, cfg.model.chunk_mem = 16, 32
   cfg.model.cms_chunks = (32, 64, 128)
-  t.batch_size = 16
-  t.num_steps = 400  # 400 x 16 x 128 = 819,200 training tokens per model and data set.
+  t.batch_size = 8
+  t.num_steps = 400  # 400 x 8 x 128 = 409,600 training tokens per model and data set.
   t.warmup_steps = 50
   t.eval_every = 10**9  # Scored once at the end, by the comparison itself.
   t.save_every = 10**9
