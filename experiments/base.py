@@ -24,7 +24,10 @@ def get_config() -> config_dict.ConfigDict:
   cfg.model.num_layers = 2
   cfg.model.num_heads = 4
   cfg.model.chunk_other = 16
-  cfg.model.chunk_mem = 32
+  # Dual reads at C_m=16 had the lowest validation loss of chunk_start/dual x C_m 16/64
+  # (python benchmarks/read_modes.py; docs/results.md).
+  cfg.model.chunk_mem = 16
+  cfg.model.read_mode = "dual"
   cfg.model.cms_chunks = (32, 64, 128)
 
   cfg.training = config_dict.ConfigDict()

@@ -13,6 +13,6 @@ def get_config():
   cfg = base.get_config()
   cfg.model.block = "hope"
   cfg.model.cms_signal = "lm_grad"
-  cfg.model.cms_chunks = (32, 64, 128)  # C_1 is a multiple of chunk_other=16, chunk_mem=32.
+  cfg.model.cms_chunks = (32, 64, 128)  # C_1 is a multiple of chunk_other and chunk_mem (16).
   cfg.model.cms_lr = 1e-4
   return cfg

@@ -61,3 +61,16 @@ def test_tiny_comparison_of_all_three_models(tmp_path):
   if len(AVAILABLE) < len(MODELS):
     pytest.skip(f"blocks not in this tree yet: { {m: n for m, n in MISSING.items() if n} }")
   _run_compare(list(MODELS), tmp_path)
+
+
+def test_read_mode_comparison_runs_end_to_end(tmp_path):
+  # The issue-11 measurement's command on its tiny setting: both read modes, same budget.
+  out = tmp_path / "read_modes.json"
+  proc = run_cli(["benchmarks/read_modes.py", "--tiny", "--chunk_mems=4", "--steps=2",
+                  "--max_windows=2", f"--workdir={tmp_path / 'runs'}", f"--json={out}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [(r["read_mode"], r["chunk_mem"]) for r in rows] == [("chunk_start", 4), ("dual", 4)]
+  assert rows[0]["params"] == rows[1]["params"] and rows[0]["train_tokens"] == 2 * 2 * 8
+  assert rows[0]["metrics"]["eval/bits_per_byte"] != rows[1]["metrics"]["eval/bits_per_byte"]
+  assert "| dual | 4 |" in proc.stdout

@@ -76,7 +76,7 @@ def make(block: str, overrides: dict, tiny: bool = False) -> config_dict.ConfigD
   cfg.model.num_layers = 4
   cfg.model.num_heads = 4
   d.seq_len = 128
-  cfg.model.chunk_other, cfg.model.chunk_mem = 16, 32
+  cfg.model.chunk_other, cfg.model.chunk_mem = 16, 16  # As experiments/base.py.
   cfg.model.cms_chunks = (32, 64, 128)
   t.batch_size = 8
   t.num_steps = 400  # 400 x 8 x 128 = 409,600 training tokens per model and data set.
