@@ -1,12 +1,12 @@
 """Training and generation throughput of the LM blocks (issue 4's numbers).
 
 Run:
-  python benchmarks/lm_throughput.py [--steps=3] [--gen=1024,16384] [--models=hope_lm_grad,...]
+  python benchmarks/lm_throughput.py [--steps=3] [--gen=1024,16384] [--models=hope,hope_static,...]
       [--json=benchmarks/lm_throughput.json]
 
-Training: tokens/s of a jitted forward + backward + AdamW step at D=256, 4 layers, H=4,
-L=512, B=8 (float32), after one compile/warm-up step. Generation: greedy `decode_step` for
-N tokens at batch 1 as one jitted `lax.scan` (compile excluded), and the bytes held by the
+Training: tokens/s of the real train step (`benchmarks/train_mfu.py:measure`, which also
+reports MFU) at D=256, 4 layers, H=4, L=512, B=8 (float32), after one warm-up step.
+Generation: greedy `decode_step` for N tokens at batch 1 as one jitted `lax.scan` (compile excluded), and the bytes held by the
 recurrent cache (what a sequence keeps between tokens). Prints a markdown table and writes
 JSON.
 """
@@ -24,49 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import hope_jax  # noqa: E402
+from benchmarks.train_mfu import COMMON, MODELS, measure  # noqa: E402
 from hope_jax.config import ModelConfig  # noqa: E402
-
-COMMON = dict(hidden_size=256, num_layers=4, num_heads=4, vocab_size=256)
-MODELS = {
-    "hope_lm_grad": dict(block="hope", cms_signal="lm_grad"),
-    "hope_static": dict(block="hope", cms_signal="static"),
-    "titans_lmm": dict(block="titans_lmm", memory_target="v", dgd_precond="none"),
-    "transformer_pp": dict(block="transformer_pp"),
-}
 
 
 def nbytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
-def train_tokens_per_s(cfg: ModelConfig, steps: int, batch: int, seq: int) -> float:
-  model = hope_jax.build_model(cfg, seed=0)
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = optax.adamw(3e-4, weight_decay=0.1)
-  opt = tx.init(params)
-  tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
-
-  @jax.jit
-  def step(params, opt, tokens):
-    def loss(p):
-      logits = nnx.merge(graphdef, p)(tokens[:, :-1])
-      logp = jax.nn.log_softmax(logits)
-      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, value
-
-  params, opt, value = jax.block_until_ready(step(params, opt, tokens))  # Compile + warm-up.
-  start = time.perf_counter()
-  for _ in range(steps):
-    params, opt, value = step(params, opt, tokens)
-  jax.block_until_ready(value)
-  return steps * batch * seq / (time.perf_counter() - start)
 
 
 def generation(cfg: ModelConfig, n: int):
@@ -114,7 +80,9 @@ def main() -> None:
     row = {"model": name, "block": cfg.block,
            "cms_signal": cfg.cms_signal if cfg.block in ("hope", "hope_attention") else None}
     if not args.skip_train:
-      row["train_tokens_per_s"] = train_tokens_per_s(cfg, args.steps, args.batch, args.seq)
+      # The real train step, as benchmarks/train_mfu.py times it (same model presets).
+      row["train_tokens_per_s"] = measure(name, args.seq, args.batch, args.steps, {})[
+          "tokens_per_s"]
     for n in gens:
       row[f"gen{n}_tokens_per_s"], row[f"gen{n}_cache_bytes"] = generation(cfg, n)
     rows.append(row)

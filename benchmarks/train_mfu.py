@@ -61,9 +61,9 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict) ->
   sys.path.insert(0, REPO)
   import jax
   import numpy as np
-  from ml_collections import config_dict
 
   from benchmarks.peak import matmul_peak
+  from experiments import base
   from hope_jax import flops
   from hope_jax.config import ModelConfig
   from hope_jax.train.optimizer import make_optimizer
@@ -78,11 +78,8 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict) ->
   peak32 = matmul_peak("float32", sizes=(1024,), min_seconds=1.0)["flops_per_s"]
   peak16 = matmul_peak("bfloat16", sizes=(1024,), min_seconds=1.0)["flops_per_s"]
 
-  t = config_dict.ConfigDict(dict(learning_rate=1e-3, lr_schedule="cosine", warmup_steps=10,
-                                  num_steps=1000, min_lr_ratio=0.1, grad_clip=1.0, b1=0.9,
-                                  b2=0.95, weight_decay=0.1))
   model_def = ModelDef(cfg)
-  tx = make_optimizer(t)
+  tx = make_optimizer(base.get_config().training)  # The base run's AdamW chain and schedule.
   state = jax.jit(make_init_fn(model_def, tx, 0))()
   n_params = param_count(state["params"])
   step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)

@@ -140,29 +140,19 @@ class LanguageModel(nnx.Module):
     """Per layer and level, d(chunk CE sum)/d(level weights) at the current fast weights.
 
     The CE is summed over the chunk's unmasked tokens and over the batch; each sequence's
-    delta only touches its own loss, so one vjp gives every per-sequence gradient. Every
-    input (parameters included) enters through stop_gradient, so an outer differentiation
-    never traces through this inner backward pass (first-order writes, and a compile that
-    stays small when the mixers are themselves scans).
+    delta only touches its own loss, so one vjp gives every per-sequence gradient. The
+    gradients of `chunk_forward_and_grads` (its logits and states, unused, are dropped by
+    XLA); an outer differentiation never traces through this inner backward pass.
     """
-    sg = lambda t: jax.tree.map(jax.lax.stop_gradient, t)
-    graphdef, params = nnx.split(self)
-    frozen = nnx.merge(graphdef, sg(params))
-    states = sg(states)
-    # Pieces start on the C_1 grid (a multiple of every mixer chunk): chunked path only.
-    fwd = lambda d: frozen.chunk_forward(tokens_BC, states, d, aligned=True)[0]
-    logits_BCV, vjp_fn = jax.vjp(fwd, sg(deltas))
-    dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, targets_BC, mask_BC)
-    (grads,) = vjp_fn(dlogits)
-    return sg(grads)
+    return self.chunk_forward_and_grads(tokens_BC, targets_BC, mask_BC, states, deltas)[2]
 
   def chunk_forward_and_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas):
-    """`chunk_forward` and `chunk_grads` of one aligned piece from a single forward pass.
+    """`chunk_forward` and the write gradients of one aligned piece from one forward pass.
 
     Returns (logits_BCV, new_states, grads). The inner gradient is one backward pass
     through the forward's own residuals, and the outer derivative reuses those residuals
-    too, so each chunk is run forward once (not twice, as `chunk_forward` + `chunk_grads`
-    do). A `custom_vjp` keeps the outer differentiation from tracing the inner backward
+    too, so each chunk is run forward once (the reference, `lm_grad_fused=False`, runs
+    `chunk_grads` and then `chunk_forward` again). A `custom_vjp` keeps the outer differentiation from tracing the inner backward
     pass: the writes are first order (their cotangent is dropped) and the deltas enter the
     outer loss straight-through, exactly as in the unfused pair.
     """
@@ -232,7 +222,7 @@ class LanguageModel(nnx.Module):
                                                                  states, deltas)
       else:
         # The outer (differentiable) forward, straight-through in the deltas; then the
-        # inner gradient from a separate, fully stop-gradient recomputation of the chunk.
+        # inner gradient from a separate pass over the same chunk.
         grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas)
         logits_BCV, states = self.chunk_forward(tok_BC, states,
                                                 jax.tree.map(jax.lax.stop_gradient, deltas),
