@@ -5,8 +5,10 @@ Run (from the repository root):
                                                          # H=4, L=512, B=8, float32
   python benchmarks/train_mfu.py --models=hope,transformer_pp --lengths=512,2048,8192
                                                          # scaling with length
-  options: --steps=N --tokens_per_step=N --set key=value (model overrides, repeatable)
-           --json=FILE --dtype=bfloat16 (compute dtype of the outer matmuls)
+  options: --steps=N --tokens_per_step=N --batch=N --set key=value (model overrides,
+           repeatable) --json=FILE --dtype=bfloat16 (compute dtype of the outer matmuls)
+           --peak_sizes=1024 (matmul sizes of the peak; a GPU needs 4096 or 8192)
+           --timeout=SECONDS (per row)
 
 Every row runs in its own subprocess (so its peak RSS is its own) and times the real
 train step (`hope_jax.train.step.make_train_step` with the AdamW chain of
@@ -16,6 +18,7 @@ tokens. In that same process, minutes apart, it measures the dense matmul peak
 
   MFU = tokens/s x FLOPs per token / peak,  FLOPs per token from `hope_jax.flops`
   (hope-spec.md §8). Two MFUs for in-context CMS writes: without and with the write term.
+  The peak is that of the compute dtype (`--dtype`); the float32 MFU is kept as well.
 
 Also per row: compile time of the step (lower + compile), and the number of backend
 compiles seen while the timed steps ran (0 proves that steps never recompile).
@@ -56,7 +59,14 @@ def _parse_set(items: list[str]) -> dict:
   return out
 
 
-def measure(model: str, length: int, batch: int, steps: int, overrides: dict) -> dict:
+def _device_peak_bytes(jax) -> int | None:
+  """Peak bytes the accelerator's allocator has held (None on CPU, which has no such stat)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
+            peak_sizes: tuple[int, ...] = (1024,)) -> dict:
   """Runs in the child: peak, compile, warm-up, then `steps` timed train steps."""
   sys.path.insert(0, REPO)
   import jax
@@ -75,8 +85,9 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict) ->
     kw["cms_chunks"] = tuple(kw["cms_chunks"])
   cfg = ModelConfig(**kw)
   cfg.validate()
-  peak32 = matmul_peak("float32", sizes=(1024,), min_seconds=1.0)["flops_per_s"]
-  peak16 = matmul_peak("bfloat16", sizes=(1024,), min_seconds=1.0)["flops_per_s"]
+  peak32 = matmul_peak("float32", sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
+  peak16 = matmul_peak("bfloat16", sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
+  peak = peak16 if cfg.dtype == "bfloat16" else peak32
 
   model_def = ModelDef(cfg)
   tx = make_optimizer(base.get_config().training)  # The base run's AdamW chain and schedule.
@@ -115,11 +126,15 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict) ->
           "step_s": secs / steps, "tokens_per_s": tok_s,
           "flops_per_token": f.train, "flops_per_token_with_cms_writes": f.train_with_cms_writes,
           "peak_f32": peak32, "peak_bf16": peak16,
+          "peak_dtype": cfg.dtype, "mfu": tok_s * f.train / peak,
+          "mfu_with_cms_writes": tok_s * f.train_with_cms_writes / peak,
           "mfu_f32": tok_s * f.train / peak32,
           "mfu_f32_with_cms_writes": tok_s * f.train_with_cms_writes / peak32,
           "lower_s": lower_s, "compile_s": compile_s, "recompiles_in_timed_steps": recompiles,
           "xla_temp_bytes": temp_bytes,
           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "device": jax.local_devices()[0].device_kind,
+          "device_peak_bytes": _device_peak_bytes(jax),
           "loss": float(metrics["loss"]), "dtype": cfg.dtype, "overrides": overrides}
 
 
@@ -129,6 +144,9 @@ def main() -> None:
   ap.add_argument("--lengths", default="512")
   ap.add_argument("--tokens_per_step", type=int, default=4096)
   ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--batch", type=int, default=None, help="batch size (default: from tokens)")
+  ap.add_argument("--peak_sizes", default="1024", help="square matmul sizes of the peak")
+  ap.add_argument("--timeout", type=float, default=None, help="seconds per row")
   ap.add_argument("--set", action="append", default=[], help="model override key=value")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--json", default=None)
@@ -139,33 +157,45 @@ def main() -> None:
     overrides["dtype"] = args.dtype
   if args.child:
     model, length, batch = args.child.split(":")
-    row = measure(model, int(length), int(batch), args.steps, overrides)
+    row = measure(model, int(length), int(batch), args.steps, overrides,
+                  tuple(int(x) for x in args.peak_sizes.split(",")))
     print("ROW " + json.dumps(row), flush=True)
     return
 
   rows = []
   for length in (int(x) for x in args.lengths.split(",")):
-    batch = max(1, args.tokens_per_step // length)
+    batch = args.batch or max(1, args.tokens_per_step // length)
     for model in args.models.split(","):
       if model not in MODELS:
         raise SystemExit(f"--models: unknown model {model!r}; choose from {sorted(MODELS)}")
       cmd = [sys.executable, os.path.abspath(__file__), f"--child={model}:{length}:{batch}",
-             f"--steps={args.steps}", f"--dtype={args.dtype}"] + [f"--set={s}" for s in args.set]
-      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-      found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-      if proc.returncode or not found:
-        tail = "\n".join(proc.stderr.splitlines()[-5:])
-        row = {"model": model, "L": length, "B": batch, "error": f"exit {proc.returncode}: {tail}"}
-      else:
-        row = json.loads(found[0])
+             f"--steps={args.steps}", f"--dtype={args.dtype}",
+             f"--peak_sizes={args.peak_sizes}"] + [f"--set={s}" for s in args.set]
+      try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                              timeout=args.timeout)
+        found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+        if proc.returncode or not found:
+          tail = "\n".join(proc.stderr.splitlines()[-5:])
+          row = {"model": model, "L": length, "B": batch,
+                 "error": f"exit {proc.returncode}: {tail}"}
+        else:
+          row = json.loads(found[0])
+      except subprocess.TimeoutExpired:
+        row = {"model": model, "L": length, "B": batch,
+               "error": f"no result within --timeout={args.timeout:g} s"}
       rows.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
+      if args.json:  # After every row, so a later row's crash or timeout loses nothing.
+        with open(args.json, "w") as f:
+          json.dump({"cores": os.cpu_count(), "dtype": args.dtype, "rows": rows}, f, indent=2)
 
-  print(f"\n{os.cpu_count()} cores, {args.dtype} outer matmuls; MFU against the float32 "
-        "matmul peak measured in each row's process\n")
+  devices = sorted({r["device"] for r in rows if "device" in r})
+  print(f"\n{os.cpu_count()} cores, device {', '.join(devices) or '?'}, {args.dtype} outer "
+        f"matmuls; MFU against the {args.dtype} matmul peak measured in each row's process\n")
   head = ["model", "L", "B", "params", "step (s)", "tokens/s", "MFLOP/token",
-          "MFU", "MFU incl. CMS writes", "peak f32 GFLOP/s", "compile (s)", "recompiles",
-          "peak RSS (GiB)"]
+          "MFU", "MFU incl. CMS writes", f"peak {args.dtype} GFLOP/s", "compile (s)",
+          "recompiles", "peak RSS (GiB)", "peak device memory (GiB)"]
   print("| " + " | ".join(head) + " |")
   print("|---" * len(head) + "|")
   for r in rows:
@@ -173,16 +203,16 @@ def main() -> None:
       print(f"| {r['model']} | {r['L']} | {r['B']} | failed: {r['error'][-120:]} |")
       continue
     writes = r["flops_per_token_with_cms_writes"] != r["flops_per_token"]
+    peak = r["peak_bf16"] if r["peak_dtype"] == "bfloat16" else r["peak_f32"]
+    dev = r["device_peak_bytes"]
     print(f"| {r['model']} | {r['L']} | {r['B']} | {r['params']:,} | {r['step_s']:.2f} | "
           f"{r['tokens_per_s']:.0f} | {r['flops_per_token'] / 1e6:.1f}"
           + (f" ({r['flops_per_token_with_cms_writes'] / 1e6:.1f})" if writes else "")
-          + f" | {100 * r['mfu_f32']:.1f}% | "
-          + (f"{100 * r['mfu_f32_with_cms_writes']:.1f}%" if writes else "-")
-          + f" | {r['peak_f32'] / 1e9:.0f} | {r['lower_s'] + r['compile_s']:.1f} | "
-          f"{r['recompiles_in_timed_steps']} | {r['peak_rss_bytes'] / 2**30:.2f} |")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"cores": os.cpu_count(), "dtype": args.dtype, "rows": rows}, f, indent=2)
+          + f" | {100 * r['mfu']:.1f}% | "
+          + (f"{100 * r['mfu_with_cms_writes']:.1f}%" if writes else "-")
+          + f" | {peak / 1e9:.0f} | {r['lower_s'] + r['compile_s']:.1f} | "
+          f"{r['recompiles_in_timed_steps']} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+          + (f"{dev / 2**30:.2f} |" if dev is not None else "- |"))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,18 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
     assert "error" not in r, r
     assert r["recompiles_in_timed_steps"] == 0
     assert r["tokens_per_s"] > 0 and 0 < r["mfu_f32"] < 1
+    assert r["mfu"] == r["mfu_f32"] and r["peak_dtype"] == "float32"
     assert r["peak_f32"] > 1e8  # At least 0.1 GFLOP/s: the peak was really measured.
   assert rows[1]["mfu_f32_with_cms_writes"] > rows[1]["mfu_f32"]
   assert "| hope | 32 | 2 |" in proc.stdout
+
+
+def test_train_mfu_benchmark_reports_a_row_that_times_out(tmp_path):
+  out = tmp_path / "mfu.json"
+  cmd = [sys.executable, "benchmarks/train_mfu.py", "--models=transformer_pp", "--lengths=32",
+         "--timeout=0.05", f"--json={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["error"] == "no result within --timeout=0.05 s"
+  assert "| transformer_pp | 32 | 128 | failed: no result within" in proc.stdout
