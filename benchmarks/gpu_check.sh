@@ -33,7 +33,9 @@ python3 -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', j
 
 echo "== equivalence tests on $(python3 -c 'import jax; print(jax.default_backend())')"
 start=$SECONDS
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$TEST_TIMEOUT" python3 -m pytest -v -n 8 \
+# SIGINT at the limit: pytest stops its xdist workers and prints its summary (a plain TERM
+# left the workers compiling on the GPU while the benchmark ran, on 2026-11-26).
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 20 "$TEST_TIMEOUT" python3 -m pytest -v -n 8 \
   -p no:cacheprovider tests/test_titans_ops.py tests/test_titans_layer.py tests/test_cms.py \
   tests/test_lm.py tests/test_decode.py > "$OUT/tests.log" 2>&1
 echo "tests: exit $? after $((SECONDS - start)) s; $(grep -c PASSED "$OUT/tests.log") passed," \

@@ -77,9 +77,12 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   from hope_jax import flops
   from hope_jax.config import ModelConfig
   from hope_jax.train.optimizer import make_optimizer
-  from hope_jax.train.state import ModelDef, make_init_fn, param_count
+  from hope_jax.train.state import ModelDef, init_train_state, param_count
   from hope_jax.train.step import make_train_step
 
+  t0 = time.perf_counter()
+  log = lambda what: print(f"[{model} L={length} B={batch}] {time.perf_counter() - t0:7.1f} s "
+                           f"{what}", file=sys.stderr, flush=True)
   kw = {**COMMON, **MODELS[model], **overrides}
   if "cms_chunks" in kw:
     kw["cms_chunks"] = tuple(kw["cms_chunks"])
@@ -88,11 +91,16 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   peak32 = matmul_peak("float32", sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
   peak16 = matmul_peak("bfloat16", sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
   peak = peak16 if cfg.dtype == "bfloat16" else peak32
+  log(f"peak f32 {peak32 / 1e9:.0f}, bf16 {peak16 / 1e9:.0f} GFLOP/s")
 
   model_def = ModelDef(cfg)
   tx = make_optimizer(base.get_config().training)  # The base run's AdamW chain and schedule.
-  state = jax.jit(make_init_fn(model_def, tx, 0))()
+  # Eager init: every layer's initialisers hit the per-shape op cache, so 12 layers cost what
+  # one does. A jitted init compiles each layer's RNG ops anew: 23 s for D=1024, 12 layers on
+  # the 2-core CPU, and over 120 s on an H100, where it ate the GPU check's time.
+  state = init_train_state(model_def, tx, 0)
   n_params = param_count(state["params"])
+  log(f"initialised {n_params:,} parameters")
   step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
   rng = np.random.default_rng(0)
   batches = [jax.device_put(rng.integers(0, cfg.vocab_size, (batch, length + 1), np.int32))
@@ -103,6 +111,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
+  log(f"lowered in {lower_s:.1f} s, compiled in {compile_s:.1f} s")
   mem = compiled.memory_analysis()
   temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
 
@@ -113,6 +122,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   state, metrics = step(state, batches[0])  # Warm-up through the jit cache (compiles once).
   jax.block_until_ready(metrics)
   warm_compiles = len(compiles)
+  log("warm-up step done")
   start = time.perf_counter()
   for i in range(steps):
     state, metrics = step(state, batches[i % 2])
@@ -172,13 +182,13 @@ def main() -> None:
              f"--steps={args.steps}", f"--dtype={args.dtype}",
              f"--peak_sizes={args.peak_sizes}"] + [f"--set={s}" for s in args.set]
       try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+          # The child's stderr (its progress and any traceback) goes straight to ours.
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO,
                               timeout=args.timeout)
         found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         if proc.returncode or not found:
-          tail = "\n".join(proc.stderr.splitlines()[-5:])
           row = {"model": model, "L": length, "B": batch,
-                 "error": f"exit {proc.returncode}: {tail}"}
+                 "error": f"exit {proc.returncode} (its traceback is on stderr)"}
         else:
           row = json.loads(found[0])
       except subprocess.TimeoutExpired:
