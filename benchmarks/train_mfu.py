@@ -9,6 +9,7 @@ Run (from the repository root):
            repeatable) --json=FILE --dtype=bfloat16 (compute dtype of the outer matmuls)
            --peak_sizes=1024 (matmul sizes of the peak; a GPU needs 4096 or 8192)
            --timeout=SECONDS (per row)
+           --devices=N (data parallel; on a CPU, N host devices: 2 suits a 2-core machine)
 
 Every row runs in its own subprocess (so its peak RSS is its own) and times the real
 train step (`hope_jax.train.step.make_train_step` with the AdamW chain of
@@ -66,8 +67,13 @@ def _device_peak_bytes(jax) -> int | None:
 
 
 def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
-            peak_sizes: tuple[int, ...] = (1024,)) -> dict:
-  """Runs in the child: peak, compile, warm-up, then `steps` timed train steps."""
+            peak_sizes: tuple[int, ...] = (1024,), devices: int = 1) -> dict:
+  """Runs in the child: peak, compile, warm-up, then `steps` timed train steps.
+
+  With `devices` > 1 the step runs data parallel over that many devices (on a CPU, host
+  devices: the parent sets `--xla_force_host_platform_device_count`), as the train loop
+  runs it under `training.mesh.data`.
+  """
   sys.path.insert(0, REPO)
   import jax
   import numpy as np
@@ -77,6 +83,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   from hope_jax import flops
   from hope_jax.config import ModelConfig
   from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.sharding import Placement
   from hope_jax.train.state import ModelDef, init_train_state, param_count
   from hope_jax.train.step import make_train_step
 
@@ -101,10 +108,15 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   state = init_train_state(model_def, tx, 0)
   n_params = param_count(state["params"])
   log(f"initialised {n_params:,} parameters")
-  step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
+  placement = Placement({"data": devices, "fsdp": 1}, batch, jax.devices()[:devices])
+  abstract = jax.eval_shape(lambda: state)
+  if not placement.single:
+    state = jax.device_put(state, placement.shardings(abstract))
+  step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
   rng = np.random.default_rng(0)
-  batches = [jax.device_put(rng.integers(0, cfg.vocab_size, (batch, length + 1), np.int32))
-             for _ in range(2)]
+  rows = [rng.integers(0, cfg.vocab_size, (batch, length + 1), np.int32) for _ in range(2)]
+  batches = [jax.device_put(placement.put_batch(lambda a, z, r=r: r[a:z], r.shape))
+             for r in rows]
 
   start = time.perf_counter()
   lowered = step.lower(state, batches[0])
@@ -145,7 +157,8 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           "device": jax.local_devices()[0].device_kind,
           "device_peak_bytes": _device_peak_bytes(jax),
-          "loss": float(metrics["loss"]), "dtype": cfg.dtype, "overrides": overrides}
+          "loss": float(metrics["loss"]), "dtype": cfg.dtype, "devices": devices,
+          "overrides": overrides}
 
 
 def main() -> None:
@@ -157,6 +170,8 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=None, help="batch size (default: from tokens)")
   ap.add_argument("--peak_sizes", default="1024", help="square matmul sizes of the peak")
   ap.add_argument("--timeout", type=float, default=None, help="seconds per row")
+  ap.add_argument("--devices", type=int, default=1,
+                  help="data-parallel devices (on a CPU: host devices, one per core)")
   ap.add_argument("--set", action="append", default=[], help="model override key=value")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--json", default=None)
@@ -168,7 +183,7 @@ def main() -> None:
   if args.child:
     model, length, batch = args.child.split(":")
     row = measure(model, int(length), int(batch), args.steps, overrides,
-                  tuple(int(x) for x in args.peak_sizes.split(",")))
+                  tuple(int(x) for x in args.peak_sizes.split(",")), args.devices)
     print("ROW " + json.dumps(row), flush=True)
     return
 
@@ -180,10 +195,15 @@ def main() -> None:
         raise SystemExit(f"--models: unknown model {model!r}; choose from {sorted(MODELS)}")
       cmd = [sys.executable, os.path.abspath(__file__), f"--child={model}:{length}:{batch}",
              f"--steps={args.steps}", f"--dtype={args.dtype}",
-             f"--peak_sizes={args.peak_sizes}"] + [f"--set={s}" for s in args.set]
+             f"--peak_sizes={args.peak_sizes}", f"--devices={args.devices}"
+             ] + [f"--set={s}" for s in args.set]
+      env = dict(os.environ)
+      if args.devices > 1:  # Host devices for a CPU run (other platforms ignore the flag).
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={args.devices}")
       try:
-          # The child's stderr (its progress and any traceback) goes straight to ours.
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        # The child's stderr (its progress and any traceback) goes straight to ours.
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
                               timeout=args.timeout)
         found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         if proc.returncode or not found:

@@ -1,5 +1,6 @@
 """CMS: pure ops, module variants, the lm_grad schedule and write values (spec §7 test 9)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,27 @@ def test_swiglu_batched_matches_reference():
   x_BLD = jax.random.normal(jax.random.key(1), (3, 4, 6))
   np.testing.assert_allclose(cms_ops.swiglu_batched(x_BLD, w),
                              cms_ops.swiglu_batched_reference(x_BLD, w), rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_delta_equals_autodiff_of_the_composition():
+  """The hand-written backward of `swiglu_delta` against jax.vjp of swiglu_batched(add_delta)."""
+  b, l, d, f = 3, 5, 6, 4
+  delta = _weights(jax.random.key(3), b, d, f)
+  theta0 = {k: v[0] for k, v in _weights(jax.random.key(4), 1, d, f).items()}
+  x_BLD = jax.random.normal(jax.random.key(5), (b, l, d))
+  dy_BLD = jax.random.normal(jax.random.key(6), (b, l, d))
+  plain = lambda x, t, dl: cms_ops.swiglu_batched(x, cms_ops.add_delta(t, dl))
+  y_ref, vjp_ref = jax.vjp(plain, x_BLD, theta0, delta)
+  y, vjp = jax.vjp(cms_ops.swiglu_delta, x_BLD, theta0, delta)
+  chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-5)
+  grads, grads_ref = vjp(dy_BLD), vjp_ref(dy_BLD)
+  chex.assert_trees_all_equal_shapes_and_dtypes(grads, grads_ref)
+  chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)
+  # Each sequence's delta gradient depends on its own tokens only.
+  dy_BLD = dy_BLD.at[1:].set(0.0)
+  _, _, d_delta = vjp(dy_BLD)
+  assert float(jnp.abs(d_delta["gate"][1:]).max()) == 0.0
+  assert float(jnp.abs(d_delta["gate"][0]).max()) > 0.0
 
 
 def test_clip_by_norm_is_per_sequence_and_joint():

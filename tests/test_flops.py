@@ -74,3 +74,16 @@ def test_train_mfu_benchmark_reports_a_row_that_times_out(tmp_path):
   (row,) = json.loads(out.read_text())["rows"]
   assert row["error"] == "no result within --timeout=0.05 s"
   assert "| transformer_pp | 32 | 128 | failed: no result within" in proc.stdout
+
+
+def test_train_mfu_benchmark_runs_data_parallel_on_host_devices(tmp_path):
+  out = tmp_path / "mfu.json"
+  cmd = [sys.executable, "benchmarks/train_mfu.py", "--models=transformer_pp", "--lengths=32",
+         "--tokens_per_step=64", "--steps=1", "--set=hidden_size=32", "--set=num_layers=1",
+         "--set=num_heads=2", "--devices=2", f"--json={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (row,) = json.loads(out.read_text())["rows"]
+  assert "error" not in row, row
+  assert row["devices"] == 2 and row["recompiles_in_timed_steps"] == 0
+  assert row["tokens_per_s"] > 0

@@ -55,8 +55,7 @@ class CMSLevel(nnx.Module):
       return self.mlp(h_BLD)
     # Straight-through: the caller passes stop_gradient(delta) for the outer loss, so the
     # outer gradient reaches theta_0 only; the inner vjp differentiates w.r.t. delta itself.
-    w = cms_ops.add_delta(self.theta0(), delta)
-    return cms_ops.swiglu_batched(h_BLD, w)
+    return cms_ops.swiglu_delta(h_BLD, self.theta0(), delta)
 
 
 class CMS(nnx.Module):

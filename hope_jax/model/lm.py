@@ -60,9 +60,10 @@ class Block(nnx.Module):
                         dtype=DTYPES[cfg.dtype], param_dtype=pd)
 
   def _ffn(self, x_BLD, delta=None):
-    if self.uses_cms:
-      return self.ffn(x_BLD, None if delta is None else {"delta": delta})
-    return x_BLD + self.ffn(self.norm_ffn(x_BLD))
+    with jax.named_scope("ffn"):
+      if self.uses_cms:
+        return self.ffn(x_BLD, None if delta is None else {"delta": delta})
+      return x_BLD + self.ffn(self.norm_ffn(x_BLD))
 
   def __call__(self, x_BLD):
     return self._ffn(x_BLD + self.mixer(self.norm_mixer(x_BLD)))
@@ -164,7 +165,8 @@ class LanguageModel(nnx.Module):
     def with_grads(p, s, d, tok, tgt, mask):
       (logits_BCV, new_states), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s, d)
       dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, tgt, mask)
-      _, _, grads = vjp_fn((dlogits, jax.tree.map(_zero_cotangent, new_states)))
+      with jax.named_scope("cms_write_grads"):
+        _, _, grads = vjp_fn((dlogits, jax.tree.map(_zero_cotangent, new_states)))
       return (logits_BCV, new_states, grads), vjp_fn
 
     @jax.custom_vjp

@@ -194,9 +194,10 @@ class SelfModTitans(nnx.Module):
         params_a.update(W1_frozen=jnp.asarray(self.proj_w1[...], f32)[:, idx],
                         W2_frozen=jnp.asarray(self.proj_w2[...], f32)[:, idx])
       params_a = jax.tree.map(lambda a: a.astype(f32), params_a)
-      new_proj, gen = selfmod.run_phase_bh(
-          spec, selfmod.phase_a_body, params_a, state["proj"], xs_a, chunk=cfg.chunk_other,
-          mode=mode, boundary_L=bnd(cfg.chunk_other))
+      with jax.named_scope("phase_a"):
+        new_proj, gen = selfmod.run_phase_bh(
+            spec, selfmod.phase_a_body, params_a, state["proj"], xs_a, chunk=cfg.chunk_other,
+            mode=mode, boundary_L=bnd(cfg.chunk_other))
     q_BHLD = gen["q"] if cfg.adaptive_q else None
     k_BHLD, v_BHLD = gen["k"], gen["v"]
     if cfg.conv_position == "post_memory":
@@ -214,9 +215,10 @@ class SelfModTitans(nnx.Module):
     # Phase B: the main memory.
     xs_b = {"q": q_BHLD, "k": k_BHLD, "v": v_BHLD, "eta": gen["eta"], "la": gen["la"],
             "lb": xs_a["lb"]}
-    new_mem, out = selfmod.run_phase_bh(
-        spec, selfmod.phase_b_body, {}, state["mem"], xs_b, chunk=cfg.chunk_mem, mode=mode,
-        boundary_L=bnd(cfg.chunk_mem))
+    with jax.named_scope("phase_b"):
+      new_mem, out = selfmod.run_phase_bh(
+          spec, selfmod.phase_b_body, {}, state["mem"], xs_b, chunk=cfg.chunk_mem, mode=mode,
+          boundary_L=bnd(cfg.chunk_mem))
 
     # 2.8 Output: per-head RMSNorm, SiLU gate, output projection.
     o = out["o"][:, :, :l]

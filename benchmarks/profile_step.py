@@ -1,0 +1,166 @@
+"""Where a train step's time goes: a JAX profiler trace, summed by pass and model part.
+
+Run (from the repository root):
+  python benchmarks/profile_step.py                      # hope, D=256, 4 layers, L=512, B=8
+  python benchmarks/profile_step.py --set block=hope_attention --top=20
+  options: --set key=value (model overrides) --batch=N --length=N --out=DIR --top=N
+  python benchmarks/profile_step.py --summarise=DIR      # the tables of a trace taken before
+
+Times one jitted train step (the train loop's own `make_train_step`) under
+`jax.profiler.trace`, writes the trace to `--out` (open it with TensorBoard's profile
+plugin or xprof) and, when the `xprof` package is importable (`pip install xprof`; not a
+dependency of hope_jax), prints the busy time of the compute threads summed by
+
+  pass:   forward, the in-context CMS write's backward pass (`cms_write_grads`), or the
+          outer backward pass, each with the rematerialised recomputation apart;
+  part:   the named scopes of the model (`phase_a`, `phase_b` of the Titans sublayer,
+          `ffn` for the CMS or MLP) or "other" (scans, embeddings, head, optimizer);
+
+and the costliest XLA operations (`--summarise` needs only xprof, not jax). Each operation is attributed by the `op_name` XLA keeps
+for it (for a fusion, that of its root), so the split is close, not exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PARTS = ("phase_a", "phase_b", "ffn")
+
+
+def classify(op_name: str) -> tuple[str, str]:
+  """(pass, part) of one XLA operation from its `op_name` metadata."""
+  part = next((p for p in PARTS if p in op_name), "other")
+  if "cms_write_grads" in op_name:
+    kind = "CMS-write backward"
+  elif op_name.startswith("jit(train_step)/transpose("):
+    kind = "outer backward"
+  else:
+    kind = "forward"
+  if "rematted_computation" in op_name:
+    kind += " (remat)"
+  return kind, part
+
+
+def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
+  """Each complete event with its own time: its duration less that of events nested in it."""
+  ops = sorted((e for e in events if e.get("ph") == "X"),
+               key=lambda e: (e["pid"], e["tid"], e["ts"], -e.get("dur", 0)))
+  own = {}
+  stack: list[dict] = []
+  for e in ops:
+    while stack and ((stack[-1]["pid"], stack[-1]["tid"]) != (e["pid"], e["tid"])
+                     or stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]):
+      stack.pop()
+    own[id(e)] = e["dur"]
+    if stack:
+      own[id(stack[-1])] -= e["dur"]
+    stack.append(e)
+  return [(e, own[id(e)]) for e in ops]
+
+
+def summarise(trace_file: str, hlo_text: str, top: int) -> str:
+  """Markdown tables of busy time by (pass, part) and of the costliest operations."""
+  op_names = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
+    if m:
+      op_names[m.group(1)] = m.group(2)
+  with open(trace_file) as f:
+    events = json.load(f)["traceEvents"]
+  by_part: collections.Counter = collections.Counter()
+  by_op: collections.Counter = collections.Counter()
+  for e, us in exclusive_times(events):
+    if e["name"] not in op_names:  # Executor bookkeeping, Python frames, waits.
+      continue
+    kind, part = classify(op_names[e["name"]])
+    by_part[(kind, part)] += us
+    by_op[(re.sub(r"[._]\d+$", "", e["name"]), kind, part)] += us
+  total = sum(by_part.values())
+  out = [f"busy time of the compute threads: {total / 1e6:.2f} s", "",
+         "| pass | part | busy (s) | share |", "|---|---|---|---|"]
+  out += [f"| {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% |"
+          for (k, p), us in by_part.most_common()]
+  out += ["", "| operation kind | pass | part | busy (s) | share |", "|---|---|---|---|---|"]
+  out += [f"| {n} | {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% |"
+          for (n, k, p), us in by_op.most_common(top)]
+  return "\n".join(out)
+
+
+def summarise_dir(out: str, top: int) -> str:
+  """The tables of a trace directory written by this script (trace + `hlo.txt`)."""
+  from xprof.convert import raw_to_tool_data
+
+  (xspace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.xplane.pb"))
+  data, _ = raw_to_tool_data.xspace_to_tool_data([xspace], "trace_viewer", {})
+  trace_file = os.path.join(out, "trace.json")
+  with open(trace_file, "wb" if isinstance(data, bytes) else "w") as f:
+    f.write(data)
+  with open(os.path.join(out, "hlo.txt")) as f:
+    return summarise(trace_file, f.read(), top)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--summarise", default=None, help="print the tables of this trace directory")
+  ap.add_argument("--set", action="append", default=[], help="model override key=value")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--length", type=int, default=512)
+  ap.add_argument("--out", default=None, help="trace directory (default: a temporary one)")
+  ap.add_argument("--top", type=int, default=15)
+  args = ap.parse_args()
+  if args.summarise:
+    print(summarise_dir(args.summarise, args.top))
+    return
+
+  import jax
+  import numpy as np
+
+  from benchmarks.train_mfu import COMMON, _parse_set
+  from experiments import base
+  from hope_jax.config import ModelConfig
+  from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.state import ModelDef, init_train_state
+  from hope_jax.train.step import make_train_step
+
+  kw = {**COMMON, "block": "hope", **_parse_set(args.set)}
+  if "cms_chunks" in kw:
+    kw["cms_chunks"] = tuple(kw["cms_chunks"])
+  cfg = ModelConfig(**kw)
+  cfg.validate()
+  model_def = ModelDef(cfg)
+  tx = make_optimizer(base.get_config().training)
+  state = init_train_state(model_def, tx, 0)
+  step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
+  batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.length + 1),
+                                            np.int32)
+  compiled = step.lower(state, batch).compile()  # Its HLO names the traced operations.
+  state, metrics = compiled(state, batch)  # Warm-up.
+  jax.block_until_ready(metrics)
+  out = args.out or tempfile.mkdtemp(prefix="hope_jax_profile_")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "hlo.txt"), "w") as f:
+    f.write(compiled.as_text())
+  start = time.perf_counter()
+  with jax.profiler.trace(out):
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+  print(f"{cfg.block}: one step {time.perf_counter() - start:.2f} s (traced); trace in {out}")
+  try:
+    print(summarise_dir(out, args.top))
+  except ImportError:
+    print(f"(for the tables: pip install xprof, then --summarise={out})")
+
+
+if __name__ == "__main__":
+  main()
