@@ -6,9 +6,9 @@ Run:
 
 Training: tokens/s of the real train step (`benchmarks/train_mfu.py:measure`, which also
 reports MFU) at D=256, 4 layers, H=4, L=512, B=8 (float32), after one warm-up step.
-Generation: greedy `decode_step` for N tokens at batch 1 as one jitted `lax.scan` (compile excluded), and the bytes held by the
-recurrent cache (what a sequence keeps between tokens). Prints a markdown table and writes
-JSON.
+Generation: greedy `decode_step` for N tokens at batch 1 as one jitted `lax.scan` (compile
+excluded), and the bytes held by the recurrent cache (what a sequence keeps between
+tokens). Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations

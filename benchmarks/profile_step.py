@@ -2,8 +2,9 @@
 
 Run (from the repository root):
   python benchmarks/profile_step.py                      # hope, D=256, 4 layers, L=512, B=8
-  python benchmarks/profile_step.py --set block=hope_attention --top=20
-  options: --set key=value (model overrides) --batch=N --length=N --out=DIR --top=N
+  python benchmarks/profile_step.py --model=hope_attention --top=20
+  options: --model=NAME (a preset of train_mfu.py) --set key=value (model overrides)
+           --batch=N --length=N --out=DIR --top=N
   python benchmarks/profile_step.py --summarise=DIR      # the tables of a trace taken before
 
 Times one jitted train step (the train loop's own `make_train_step`) under
@@ -113,6 +114,7 @@ def summarise_dir(out: str, top: int) -> str:
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--summarise", default=None, help="print the tables of this trace directory")
+  ap.add_argument("--model", default="hope", help="a preset of benchmarks/train_mfu.py")
   ap.add_argument("--set", action="append", default=[], help="model override key=value")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--length", type=int, default=512)
@@ -126,21 +128,11 @@ def main() -> None:
   import jax
   import numpy as np
 
-  from benchmarks.train_mfu import COMMON, _parse_set
-  from experiments import base
-  from hope_jax.config import ModelConfig
-  from hope_jax.train.optimizer import make_optimizer
-  from hope_jax.train.state import ModelDef, init_train_state
+  from benchmarks.train_mfu import _parse_set, model_config, train_setup
   from hope_jax.train.step import make_train_step
 
-  kw = {**COMMON, "block": "hope", **_parse_set(args.set)}
-  if "cms_chunks" in kw:
-    kw["cms_chunks"] = tuple(kw["cms_chunks"])
-  cfg = ModelConfig(**kw)
-  cfg.validate()
-  model_def = ModelDef(cfg)
-  tx = make_optimizer(base.get_config().training)
-  state = init_train_state(model_def, tx, 0)
+  cfg = model_config(args.model, _parse_set(args.set))
+  model_def, tx, state = train_setup(cfg)
   step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
   batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.length + 1),
                                             np.int32)
@@ -155,7 +147,7 @@ def main() -> None:
   with jax.profiler.trace(out):
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-  print(f"{cfg.block}: one step {time.perf_counter() - start:.2f} s (traced); trace in {out}")
+  print(f"{args.model}: one step {time.perf_counter() - start:.2f} s (traced); trace in {out}")
   try:
     print(summarise_dir(out, args.top))
   except ImportError:

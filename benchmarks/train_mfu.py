@@ -66,6 +66,34 @@ def _device_peak_bytes(jax) -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def model_config(model: str, overrides: dict):
+  """The validated `ModelConfig` of a preset in MODELS at the benchmark size, with overrides."""
+  from hope_jax.config import ModelConfig
+
+  kw = {**COMMON, **MODELS[model], **overrides}
+  if "cms_chunks" in kw:
+    kw["cms_chunks"] = tuple(kw["cms_chunks"])
+  cfg = ModelConfig(**kw)
+  cfg.validate()
+  return cfg
+
+
+def train_setup(cfg):
+  """(model_def, tx, state): the base run's optimizer and a fresh train state.
+
+  The init is eager: each layer's initialisers then reuse the per-shape op cache. A jitted
+  init compiles every layer's RNG ops anew: for D=1024 and 12 layers 23 s against 5 s on the
+  2-core CPU, and it had not finished after 120 s on an H100.
+  """
+  from experiments import base
+  from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.state import ModelDef, init_train_state
+
+  model_def = ModelDef(cfg)
+  tx = make_optimizer(base.get_config().training)  # The base run's AdamW chain and schedule.
+  return model_def, tx, init_train_state(model_def, tx, 0)
+
+
 def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
             peak_sizes: tuple[int, ...] = (1024,), devices: int = 1) -> dict:
   """Runs in the child: peak, compile, warm-up, then `steps` timed train steps.
@@ -79,33 +107,21 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   import numpy as np
 
   from benchmarks.peak import matmul_peak
-  from experiments import base
   from hope_jax import flops
-  from hope_jax.config import ModelConfig
-  from hope_jax.train.optimizer import make_optimizer
   from hope_jax.train.sharding import Placement
-  from hope_jax.train.state import ModelDef, init_train_state, param_count
+  from hope_jax.train.state import param_count
   from hope_jax.train.step import make_train_step
 
   t0 = time.perf_counter()
   log = lambda what: print(f"[{model} L={length} B={batch}] {time.perf_counter() - t0:7.1f} s "
                            f"{what}", file=sys.stderr, flush=True)
-  kw = {**COMMON, **MODELS[model], **overrides}
-  if "cms_chunks" in kw:
-    kw["cms_chunks"] = tuple(kw["cms_chunks"])
-  cfg = ModelConfig(**kw)
-  cfg.validate()
+  cfg = model_config(model, overrides)
   peak32 = matmul_peak("float32", sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
   peak16 = matmul_peak("bfloat16", sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
   peak = peak16 if cfg.dtype == "bfloat16" else peak32
   log(f"peak f32 {peak32 / 1e9:.0f}, bf16 {peak16 / 1e9:.0f} GFLOP/s")
 
-  model_def = ModelDef(cfg)
-  tx = make_optimizer(base.get_config().training)  # The base run's AdamW chain and schedule.
-  # Eager init: every layer's initialisers hit the per-shape op cache, so 12 layers cost what
-  # one does. A jitted init compiles each layer's RNG ops anew: 23 s for D=1024, 12 layers on
-  # the 2-core CPU, and over 120 s on an H100, where it ate the GPU check's time.
-  state = init_train_state(model_def, tx, 0)
+  model_def, tx, state = train_setup(cfg)
   n_params = param_count(state["params"])
   log(f"initialised {n_params:,} parameters")
   placement = Placement({"data": devices, "fsdp": 1}, batch, jax.devices()[:devices])
@@ -131,7 +147,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **kw: compiles.append(event)
       if event == "/jax/core/compile/backend_compile_duration" else None)
-  state, metrics = step(state, batches[0])  # Warm-up through the jit cache (compiles once).
+  state, metrics = step(state, batches[0])  # Warm-up; `compile` above filled the jit cache.
   jax.block_until_ready(metrics)
   warm_compiles = len(compiles)
   log("warm-up step done")

@@ -141,9 +141,9 @@ class LanguageModel(nnx.Module):
     """Per layer and level, d(chunk CE sum)/d(level weights) at the current fast weights.
 
     The CE is summed over the chunk's unmasked tokens and over the batch; each sequence's
-    delta only touches its own loss, so one vjp gives every per-sequence gradient. The
-    gradients of `chunk_forward_and_grads` (its logits and states, unused, are dropped by
-    XLA); an outer differentiation never traces through this inner backward pass.
+    delta only touches its own loss, so one vjp gives every per-sequence gradient. These
+    are the gradients of `chunk_forward_and_grads`, whose unused logits and states XLA
+    drops; an outer differentiation never traces through this inner backward pass.
     """
     return self.chunk_forward_and_grads(tokens_BC, targets_BC, mask_BC, states, deltas)[2]
 
@@ -153,9 +153,10 @@ class LanguageModel(nnx.Module):
     Returns (logits_BCV, new_states, grads). The inner gradient is one backward pass
     through the forward's own residuals, and the outer derivative reuses those residuals
     too, so each chunk is run forward once (the reference, `lm_grad_fused=False`, runs
-    `chunk_grads` and then `chunk_forward` again). A `custom_vjp` keeps the outer differentiation from tracing the inner backward
-    pass: the writes are first order (their cotangent is dropped) and the deltas enter the
-    outer loss straight-through, exactly as in the unfused pair.
+    `chunk_grads` and then `chunk_forward` again). A `custom_vjp` keeps the outer
+    differentiation from tracing the inner backward pass: the writes are first order (their
+    cotangent is dropped) and the deltas enter the outer loss straight-through, exactly as
+    in the unfused pair.
     """
     graphdef, params = nnx.split(self)
 
