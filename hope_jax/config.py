@@ -61,6 +61,7 @@ class ModelConfig:
   selfmod_meta_grad: str = "full"  # "full" | "first_order"
   impl: str = "chunked"  # "chunked" | "reference"
   remat: bool = True  # jax.checkpoint around the inner-loop scan bodies.
+  scan_layers: bool = False  # lax.scan over the blocks: one block compiled, not N (deep models).
   static_projections: bool = False  # Titans-LMM: k/v/eta/alpha from linear maps.
 
   # Continuum Memory System (spec §3).

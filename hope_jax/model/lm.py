@@ -84,6 +84,15 @@ def _restore(mixer, current, snap):
   return {**current, "pos": snap["pos"]} if isinstance(mixer, Attention) else snap
 
 
+def _stack(trees):
+  """Per-layer pytrees (same structure) -> one pytree with a leading layer axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree, n: int):
+  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+
+
 def _zero_cotangent(x):
   """A zero cotangent for `x` (float0 for integer leaves such as positions)."""
   if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -119,25 +128,60 @@ class LanguageModel(nnx.Module):
     if self.fast_cms:
       return self.forward_with_fast_state(tokens_BL)[0]
     x_BLD = self.embed_tokens(tokens_BL)
-    for block in self.blocks:
-      x_BLD = block(x_BLD)
+    x_BLD, _ = self._run_blocks(lambda blk, x, _: (blk(x), None), x_BLD, None)
     return self.logits(x_BLD)
+
+  @property
+  def _scan_layers(self) -> bool:
+    return self.cfg.scan_layers and len(self.blocks) > 1
+
+  def _run_blocks(self, fn, x, items, stacked: bool = False, scan: bool | None = None):
+    """Threads `x` through every block: `x, out_i = fn(block_i, x, item_i)`.
+
+    `items` holds one pytree per layer (None: nothing), as a list or, with `stacked`, as one
+    pytree with a leading layer axis; the outs come back in the same form. With `scan`
+    (default: `cfg.scan_layers`) the blocks' variables, identical in structure, are stacked
+    and one `lax.scan` runs the block, so XLA traces and compiles one block instead of N.
+    The stacking of the variables is loop-invariant: XLA hoists it out of a chunk scan.
+    """
+    n = len(self.blocks)
+    if items is None:
+      items, stacked = [None] * n, False
+    if not (self._scan_layers if scan is None else scan and n > 1):
+      outs = []
+      for block, item in zip(self.blocks, _unstack(items, n) if stacked else items, strict=True):
+        x, out = fn(block, x, item)
+        outs.append(out)
+      return x, (_stack(outs) if stacked else outs)
+    graphdef, first = nnx.split(self.blocks[0])
+    block_vars = _stack([first] + [nnx.split(b)[1] for b in self.blocks[1:]])
+
+    def body(x, xs):
+      return fn(nnx.merge(graphdef, xs[0]), x, xs[1])
+
+    x, outs = jax.lax.scan(body, x, (block_vars, items if stacked else _stack(items)))
+    return x, (outs if stacked or outs is None else _unstack(outs, n))
 
   # ------------------------------------------------------------ chunk pieces
 
-  def chunk_forward(self, tokens_BC, states, deltas, aligned: bool = False):
+  def chunk_forward(self, tokens_BC, states, deltas, aligned: bool = False,
+                    stacked: bool = False, scan: bool | None = None):
     """All layers on a piece of tokens from carried mixer states and CMS deltas.
 
-    Returns (logits_BCV, new_states); `deltas` is a per-layer list (None: static CMS).
+    Returns (logits_BCV, new_states). `states` and `deltas` are per-layer lists (a delta of
+    None: static CMS) or, with `stacked`, pytrees with a leading layer axis (`deltas` None:
+    static CMS); the new states come back in the same form. `scan` overrides
+    `cfg.scan_layers` (decoding runs the blocks in a Python loop, so a token does not copy
+    every layer's cache into a stack).
     """
     x_BCD = self.embed_tokens(tokens_BC)
-    new_states = []
-    for block, state, delta in zip(self.blocks, states, deltas, strict=True):
-      x_BCD, state = block.step(x_BCD, state, delta, aligned=aligned)
-      new_states.append(state)
+    items = (states, deltas) if stacked else list(zip(states, deltas, strict=True))
+    x_BCD, new_states = self._run_blocks(
+        lambda blk, x, sd: blk.step(x, sd[0], sd[1], aligned=aligned), x_BCD, items,
+        stacked=stacked, scan=scan)
     return self.logits(x_BCD), new_states
 
-  def chunk_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas):
+  def chunk_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas, stacked: bool = False):
     """Per layer and level, d(chunk CE sum)/d(level weights) at the current fast weights.
 
     The CE is summed over the chunk's unmasked tokens and over the batch; each sequence's
@@ -145,9 +189,11 @@ class LanguageModel(nnx.Module):
     are the gradients of `chunk_forward_and_grads`, whose unused logits and states XLA
     drops; an outer differentiation never traces through this inner backward pass.
     """
-    return self.chunk_forward_and_grads(tokens_BC, targets_BC, mask_BC, states, deltas)[2]
+    return self.chunk_forward_and_grads(tokens_BC, targets_BC, mask_BC, states, deltas,
+                                        stacked)[2]
 
-  def chunk_forward_and_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas):
+  def chunk_forward_and_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas,
+                              stacked: bool = False):
     """`chunk_forward` and the write gradients of one aligned piece from one forward pass.
 
     Returns (logits_BCV, new_states, grads). The inner gradient is one backward pass
@@ -161,7 +207,7 @@ class LanguageModel(nnx.Module):
     graphdef, params = nnx.split(self)
 
     def forward(p, s, d, tok):
-      return nnx.merge(graphdef, p).chunk_forward(tok, s, d, aligned=True)
+      return nnx.merge(graphdef, p).chunk_forward(tok, s, d, aligned=True, stacked=stacked)
 
     def with_grads(p, s, d, tok, tgt, mask):
       (logits_BCV, new_states), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s, d)
@@ -188,10 +234,13 @@ class LanguageModel(nnx.Module):
     fast = [b.ffn.init_fast_state(batch_size) if b.uses_cms else None for b in self.blocks]
     return mixers, fast
 
-  def _write(self, fast, grads, tokens_seen):
+  def _write(self, fast, grads, tokens_seen, stacked: bool = False):
     cfg = self.cfg
-    return [cms_ops.schedule_update(f, g, tokens_seen, cfg.cms_chunks, cfg.cms_lr,
-                                    cfg.cms_grad_clip) for f, g in zip(fast, grads, strict=True)]
+    write = lambda f, g: cms_ops.schedule_update(f, g, tokens_seen, cfg.cms_chunks, cfg.cms_lr,
+                                                 cfg.cms_grad_clip)
+    if stacked:
+      return jax.vmap(write)(fast, grads)
+    return [write(f, g) for f, g in zip(fast, grads, strict=True)]
 
   # --------------------------------------------------------- lm_grad forward
 
@@ -215,23 +264,29 @@ class LanguageModel(nnx.Module):
     mask_BL = jnp.broadcast_to(jnp.arange(n * c1)[None] < l - 1, (b, n * c1)).astype(jnp.float32)
     to_chunks = lambda a: a.reshape(b, n, c1).swapaxes(0, 1)
     states, fast = self._init_states(b, n * c1)
+    # With the layer scan the carry holds every layer's state stacked, so a chunk does not
+    # copy the states (and the per-sequence CMS deltas) into a stack and out again.
+    stacked = self._scan_layers
+    if stacked:
+      states, fast = _stack(states), _stack(fast)
+    get_deltas = (lambda f: f["delta"]) if stacked else (lambda f: [x["delta"] for x in f])
 
     def body(carry, xs):
       states, fast = carry
       tok_BC, tgt_BC, mask_BC, index = xs
-      deltas = [f["delta"] for f in fast]
+      deltas = get_deltas(fast)
       if self.cfg.lm_grad_fused:
         logits_BCV, states, grads = self.chunk_forward_and_grads(tok_BC, tgt_BC, mask_BC,
-                                                                 states, deltas)
+                                                                 states, deltas, stacked)
       else:
         # The outer (differentiable) forward, straight-through in the deltas; then the
         # inner gradient from a separate pass over the same chunk.
-        grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas)
+        grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas, stacked)
         logits_BCV, states = self.chunk_forward(tok_BC, states,
                                                 jax.tree.map(jax.lax.stop_gradient, deltas),
-                                                aligned=True)
-      fast = self._write(fast, grads, (index + 1) * c1)
-      out = (logits_BCV, [f["delta"] for f in fast] if collect_deltas else None)
+                                                aligned=True, stacked=stacked)
+      fast = self._write(fast, grads, (index + 1) * c1, stacked)
+      out = (logits_BCV, get_deltas(fast) if collect_deltas else None)
       return (states, fast), out
 
     if self.cfg.remat and not self.cfg.lm_grad_fused:
@@ -240,6 +295,11 @@ class LanguageModel(nnx.Module):
     xs = (to_chunks(toks_BL), to_chunks(tgts_BL), to_chunks(mask_BL), jnp.arange(n))
     (_, fast), (logits_NBCV, deltas) = jax.lax.scan(body, (states, fast), xs)
     logits_BLV = logits_NBCV.swapaxes(0, 1).reshape(b, n * c1, -1)[:, :l]
+    if stacked:  # Back to the per-layer lists of the unstacked path.
+      layers = len(self.blocks)
+      fast = _unstack(fast, layers)
+      if deltas is not None:  # [chunk, layer, ...] -> per layer [chunk, ...]
+        deltas = [jax.tree.map(lambda a, i=i: a[:, i], deltas) for i in range(layers)]
     return logits_BLV, fast, deltas
 
   # ------------------------------------------------------- streaming decode
@@ -281,7 +341,8 @@ class LanguageModel(nnx.Module):
                                          (0, jnp.mod(pos, c1)))
       cache = {**cache, "buf": buf}
       deltas = [f["delta"] for f in cache["fast"]]
-    logits_B1V, mixers = self.chunk_forward(tokens_B[:, None], cache["mixer"], deltas)
+    logits_B1V, mixers = self.chunk_forward(tokens_B[:, None], cache["mixer"], deltas,
+                                            scan=False)
     return logits_B1V[:, 0], {**cache, "mixer": mixers, "pos": pos + 1}
 
   def prefill(self, tokens_BL, cache):
