@@ -9,16 +9,18 @@ Run (from the repository root):
 
 Times one jitted train step (the train loop's own `make_train_step`) under
 `jax.profiler.trace`, writes the trace to `--out` (open it with TensorBoard's profile
-plugin or xprof) and, when the `xprof` package is importable (`pip install xprof`; not a
-dependency of hope_jax), prints the busy time of the compute threads summed by
+plugin, xprof or Perfetto) and prints the busy time of the compute threads (on a GPU or
+TPU: of the device's kernels) summed by
 
   pass:   forward, the in-context CMS write's backward pass (`cms_write_grads`), or the
           outer backward pass, each with the rematerialised recomputation apart;
   part:   the named scopes of the model (`phase_a`, `phase_b` of the Titans sublayer,
           `ffn` for the CMS or MLP) or "other" (scans, embeddings, head, optimizer);
 
-and the costliest XLA operations (`--summarise` needs only xprof, not jax). Each operation is attributed by the `op_name` XLA keeps
-for it (for a fusion, that of its root), so the split is close, not exact.
+and the costliest XLA operations. The tables are read from the trace file JAX writes
+(`*.trace.json.gz`) with the standard library; `--summarise` needs neither jax nor xprof.
+Each operation is attributed by the `op_name` XLA keeps for it (for a fusion, that of its
+root), so the split is close, not exact.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import gzip
 import json
 import os
 import re
@@ -70,25 +73,42 @@ def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
   return [(e, own[id(e)]) for e in ops]
 
 
-def summarise(trace_file: str, hlo_text: str, top: int) -> str:
-  """Markdown tables of busy time by (pass, part) and of the costliest operations."""
+def _device_pids(events: list[dict]) -> set | None:
+  """The trace's accelerator processes (None on a CPU-only trace: count the host threads)."""
+  pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+          and "/device:" in e.get("args", {}).get("name", "")}
+  return pids or None
+
+
+def summarise(events: list[dict], hlo_text: str, top: int) -> str:
+  """Markdown tables of busy time by (pass, part) and of the costliest operations.
+
+  On an accelerator the device's kernels are counted (a kernel names its HLO operation, or
+  gives it in `args.hlo_op`) and the host's launch events are left out.
+  """
   op_names = {}
   for line in hlo_text.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
     if m:
       op_names[m.group(1)] = m.group(2)
-  with open(trace_file) as f:
-    events = json.load(f)["traceEvents"]
+  pids = _device_pids(events)
+  if pids is not None:
+    events = [e for e in events if e.get("pid") in pids]
   by_part: collections.Counter = collections.Counter()
   by_op: collections.Counter = collections.Counter()
   for e, us in exclusive_times(events):
-    if e["name"] not in op_names:  # Executor bookkeeping, Python frames, waits.
+    name = e["name"] if e["name"] in op_names else e.get("args", {}).get("hlo_op")
+    if name not in op_names:  # Executor bookkeeping, Python frames, waits.
       continue
-    kind, part = classify(op_names[e["name"]])
+    kind, part = classify(op_names[name])
     by_part[(kind, part)] += us
-    by_op[(re.sub(r"[._]\d+$", "", e["name"]), kind, part)] += us
+    by_op[(re.sub(r"[._]\d+$", "", name), kind, part)] += us
   total = sum(by_part.values())
-  out = [f"busy time of the compute threads: {total / 1e6:.2f} s", "",
+  if not total:
+    names = sorted({e["name"] for e in events if e.get("ph") == "X"})[:20]
+    return f"no operation of hlo.txt found among {len(events)} trace events; some names: {names}"
+  where = "the device's kernels" if pids is not None else "the compute threads"
+  out = [f"busy time of {where}: {total / 1e6:.2f} s", "",
          "| pass | part | busy (s) | share |", "|---|---|---|---|"]
   out += [f"| {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% |"
           for (k, p), us in by_part.most_common()]
@@ -99,16 +119,13 @@ def summarise(trace_file: str, hlo_text: str, top: int) -> str:
 
 
 def summarise_dir(out: str, top: int) -> str:
-  """The tables of a trace directory written by this script (trace + `hlo.txt`)."""
-  from xprof.convert import raw_to_tool_data
-
-  (xspace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.xplane.pb"))
-  data, _ = raw_to_tool_data.xspace_to_tool_data([xspace], "trace_viewer", {})
-  trace_file = os.path.join(out, "trace.json")
-  with open(trace_file, "wb" if isinstance(data, bytes) else "w") as f:
-    f.write(data)
+  """The tables of a trace directory written by this script (the trace JAX writes beside its
+  xplane, `*.trace.json.gz`, and `hlo.txt`); needs only the standard library."""
+  (trace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))
+  with gzip.open(trace, "rt") as f:
+    events = json.load(f)["traceEvents"]
   with open(os.path.join(out, "hlo.txt")) as f:
-    return summarise(trace_file, f.read(), top)
+    return summarise(events, f.read(), top)
 
 
 def main() -> None:
@@ -148,10 +165,7 @@ def main() -> None:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
   print(f"{args.model}: one step {time.perf_counter() - start:.2f} s (traced); trace in {out}")
-  try:
-    print(summarise_dir(out, args.top))
-  except ImportError:
-    print(f"(for the tables: pip install xprof, then --summarise={out})")
+  print(summarise_dir(out, args.top))
 
 
 if __name__ == "__main__":

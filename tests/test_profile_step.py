@@ -1,7 +1,6 @@
 """The step profiler: attribution of XLA operations, and a real trace of a tiny step."""
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ def test_classify_reads_pass_and_part_from_op_names():
   assert c("jit(train_step)/add") == ("forward", "other")
 
 
-def test_summary_counts_each_operation_once_without_its_nested_events(tmp_path):
+def test_summary_counts_each_operation_once_without_its_nested_events():
   hlo = "\n".join([
       '  %fusion.1 = f32[4] fusion(f32[4] %p), metadata={op_name="jit(train_step)/jvp(phase_a)/mul"}',
       '  %dot.2 = f32[4] dot(f32[4] %p), metadata={op_name="jit(train_step)/transpose(jvp(ffn))/dot"}',
@@ -31,15 +30,25 @@ def test_summary_counts_each_operation_once_without_its_nested_events(tmp_path):
   events = [ev("ThunkExecutor::Execute", 0, 100),  # Bookkeeping around the operations.
             ev("fusion.1", 10, 30), ev("dot.2", 50, 40),
             ev("fusion.1", 0, 20, tid=2)]  # The same operation on the other thread.
-  trace = tmp_path / "trace.json"
-  trace.write_text(json.dumps({"traceEvents": events}))
   own = {(e["name"], e["tid"]): t for e, t in profile_step.exclusive_times(events)}
   assert own[("ThunkExecutor::Execute", 1)] == 30  # 100 less its two nested operations.
-  table = profile_step.summarise(str(trace), hlo, top=5)
+  table = profile_step.summarise(events, hlo, top=5)
   assert "busy time of the compute threads: 0.00 s" in table  # 90 microseconds.
   assert "| forward | phase_a | 0.00 | 55.6% |" in table  # 50 of 90.
   assert "| outer backward | ffn | 0.00 | 44.4% |" in table
   assert "ThunkExecutor" not in table
+
+  # A GPU trace: the device's kernels count (by name or by `args.hlo_op`), the host's
+  # launches of the same operations do not.
+  meta = lambda pid, name: {"ph": "M", "pid": pid, "name": "process_name",
+                            "args": {"name": name}}
+  gpu = [meta(1, "/host:CPU"), meta(7, "/device:GPU:0"), *events,
+         {**ev("loop_fusion_kernel", 0, 60), "pid": 7, "args": {"hlo_op": "fusion.1"}},
+         {**ev("dot.2", 100, 20), "pid": 7}]
+  table = profile_step.summarise(gpu, hlo, top=5)
+  assert "busy time of the device's kernels: 0.00 s" in table
+  assert "| forward | phase_a | 0.00 | 75.0% |" in table  # 60 of 80.
+  assert "| outer backward | ffn | 0.00 | 25.0% |" in table
 
 
 def test_profile_step_traces_a_tiny_hope_step(tmp_path):
@@ -51,6 +60,9 @@ def test_profile_step_traces_a_tiny_hope_step(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "hope: one step" in proc.stdout
   assert glob.glob(os.path.join(out, "plugins", "profile", "*", "*.xplane.pb"))
+  # The tables come from JAX's own trace file, so every pass shows up without xprof.
+  for row in ("| forward | phase_a |", "| CMS-write backward |", "| outer backward |"):
+    assert row in proc.stdout, proc.stdout[-2000:]
   hlo = (out / "hlo.txt").read_text()
   for scope in ("phase_a", "phase_b", "ffn", "cms_write_grads"):
     assert scope in hlo, scope  # The named scopes the summary attributes time to.
