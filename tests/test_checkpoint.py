@@ -132,6 +132,26 @@ def test_model_config_mismatch_names_every_key(tmp_path):
   mgr.close()
 
 
+def test_model_key_newer_than_the_checkpoint_matches_only_at_its_default(tmp_path):
+  # A checkpoint written before `model.scan_layers` existed resumes under the key's default
+  # (which keeps the old behaviour), and is refused when the current run sets another value.
+  _save(tmp_path, [5])
+  path = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  # The manifest and its copy inside the payload (Orbax's JSON item file), as an older
+  # version of hope_jax wrote them.
+  for file in (path, os.path.join(tmp_path, "checkpoint_step_5", "manifest", "metadata")):
+    with open(file) as f:
+      manifest = json.load(f)
+    assert manifest["config"]["model"].pop("scan_layers") is False
+    with open(file, "w") as f:
+      json.dump(manifest, f)
+  cfg = _config(tmp_path)
+  ck.restore(path, cfg)
+  cfg.model.scan_layers = True
+  with pytest.raises(ck.ConfigMismatchError, match='model.scan_layers: checkpoint="<missing>"'):
+    ck.restore(path, cfg)
+
+
 def _data_file(payload):
   files = [os.path.join(r, f) for r, _, fs in os.walk(payload) for f in fs if "/d/" in r + "/"]
   return max(files, key=os.path.getsize)

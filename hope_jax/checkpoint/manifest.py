@@ -90,10 +90,25 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
   return out
 
 
+def _model_defaults() -> dict[str, Any]:
+  from hope_jax.config import ModelConfig  # (Deferred: the config module is the model's.)
+
+  return canonical({f.name: f.default for f in dataclasses.fields(ModelConfig)
+                    if f.default is not dataclasses.MISSING})
+
+
 def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:
-  """Raises CheckpointError naming every `model.*` key whose value differs."""
+  """Raises CheckpointError naming every `model.*` key whose value differs.
+
+  A key the checkpoint lacks (written before the key existed) matches when the current value
+  is the key's default: new model keys are added with defaults that keep the old behaviour.
+  """
   saved = canonical(saved_config.get("model", {}))
   current = canonical(current_config["model"] if "model" in current_config else {})
+  defaults = _model_defaults()
+  for key, value in current.items():
+    if key not in saved and key in defaults and value == defaults[key]:
+      saved[key] = value
   diff = config_diff(saved, current, "model.")
   if diff:
     keys = "; ".join(f"{k}: checkpoint={json.dumps(a)} current={json.dumps(b)}"
