@@ -73,11 +73,23 @@ def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
   return [(e, own[id(e)]) for e in ops]
 
 
-def _device_pids(events: list[dict]) -> set | None:
+def _device_pids(events: list[dict]) -> set[int] | None:
   """The trace's accelerator processes (None on a CPU-only trace: count the host threads)."""
   pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
           and "/device:" in e.get("args", {}).get("name", "")}
   return pids or None
+
+
+def _hlo_name(event: dict, op_names: dict) -> str | None:
+  """The HLO operation of a trace event: its name, `args.hlo_op`, or a kernel name that
+  spells the operation's dots as underscores (`fusion_1` for `fusion.1`)."""
+  for name in (event["name"], event.get("args", {}).get("hlo_op")):
+    if name in op_names:
+      return name
+  m = re.fullmatch(r"(.+)_(\d+)", event["name"])
+  if m and f"{m.group(1)}.{m.group(2)}" in op_names:
+    return f"{m.group(1)}.{m.group(2)}"
+  return None
 
 
 def summarise(events: list[dict], hlo_text: str, top: int) -> str:
@@ -96,9 +108,11 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
     events = [e for e in events if e.get("pid") in pids]
   by_part: collections.Counter = collections.Counter()
   by_op: collections.Counter = collections.Counter()
+  unmatched: collections.Counter = collections.Counter()
   for e, us in exclusive_times(events):
-    name = e["name"] if e["name"] in op_names else e.get("args", {}).get("hlo_op")
-    if name not in op_names:  # Executor bookkeeping, Python frames, waits.
+    name = _hlo_name(e, op_names)
+    if name is None:  # Executor bookkeeping, Python frames, waits; on a device, see below.
+      unmatched[e["name"]] += us
       continue
     kind, part = classify(op_names[name])
     by_part[(kind, part)] += us
@@ -108,8 +122,12 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
     names = sorted({e["name"] for e in events if e.get("ph") == "X"})[:20]
     return f"no operation of hlo.txt found among {len(events)} trace events; some names: {names}"
   where = "the device's kernels" if pids is not None else "the compute threads"
-  out = [f"busy time of {where}: {total / 1e6:.2f} s", "",
-         "| pass | part | busy (s) | share |", "|---|---|---|---|"]
+  out = [f"busy time of {where}: {total / 1e6:.2f} s", ""]
+  if pids is not None:  # On a device every event is a kernel: say what was not attributed.
+    out += [f"kernels not matched to an HLO operation: {sum(unmatched.values()) / 1e6:.2f} s; "
+            "the largest: " + ", ".join(f"{n} ({us / 1e6:.3f} s)"
+                                        for n, us in unmatched.most_common(5)), ""]
+  out += ["| pass | part | busy (s) | share |", "|---|---|---|---|"]
   out += [f"| {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% |"
           for (k, p), us in by_part.most_common()]
   out += ["", "| operation kind | pass | part | busy (s) | share |", "|---|---|---|---|---|"]
@@ -121,7 +139,10 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
 def summarise_dir(out: str, top: int) -> str:
   """The tables of a trace directory written by this script (the trace JAX writes beside its
   xplane, `*.trace.json.gz`, and `hlo.txt`); needs only the standard library."""
-  (trace,) = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))
+  traces = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))
+  if not traces:
+    raise SystemExit(f"--summarise: no plugins/profile/*/*.trace.json.gz under {out}")
+  trace = max(traces, key=os.path.getmtime)  # The newest, when --out was used before.
   with gzip.open(trace, "rt") as f:
     events = json.load(f)["traceEvents"]
   with open(os.path.join(out, "hlo.txt")) as f:

@@ -29,6 +29,8 @@ def _stream(model, tokens_BL, max_len):
 CASES = {
     "transformer_pp": dict(block="transformer_pp"),
     "hope_attention_lm_grad": dict(cms_lr=30.0),
+    # Parallel with the layer scan; decode (and its boundary recompute) with the layer loop.
+    "hope_attention_lm_grad_scan_layers": dict(cms_lr=30.0, scan_layers=True),
     "hope_attention_nested": dict(cms_lr=30.0, cms_variant="nested", cms_chunks=(4, 8, 16)),
     "hope_attention_static": dict(cms_signal="static"),
     "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1),
@@ -58,8 +60,12 @@ def test_recurrent_state_does_not_grow(block):
   assert nbytes(model.init_cache(1, max_len=16)) == nbytes(model.init_cache(1, max_len=4096))
 
 
-def test_prefill_equals_stepping():
-  model = hope_jax.build_model(tiny(cms_lr=30.0), seed=0)
+@pytest.mark.parametrize("overrides", [dict(cms_lr=30.0),
+                                       dict(cms_signal="static", scan_layers=True)],
+                         ids=["lm_grad", "static_scan_layers"])
+def test_prefill_equals_stepping(overrides):
+  # lm_grad: prefill runs decode_step in a scan; static: one parallel piece through the blocks.
+  model = hope_jax.build_model(tiny(**overrides), seed=0)
   tokens_BL = jax.random.randint(jax.random.key(2), (2, L), 0, 32)
   last_BV, cache = nnx.jit(lambda m, t: m.prefill(t, m.init_cache(2, max_len=16)))(
       model, tokens_BL)

@@ -44,11 +44,20 @@ def test_summary_counts_each_operation_once_without_its_nested_events():
                             "args": {"name": name}}
   gpu = [meta(1, "/host:CPU"), meta(7, "/device:GPU:0"), *events,
          {**ev("loop_fusion_kernel", 0, 60), "pid": 7, "args": {"hlo_op": "fusion.1"}},
-         {**ev("dot.2", 100, 20), "pid": 7}]
+         {**ev("dot.2", 100, 20), "pid": 7}, {**ev("sm90_gemm", 130, 20), "pid": 7}]
   table = profile_step.summarise(gpu, hlo, top=5)
   assert "busy time of the device's kernels: 0.00 s" in table
+  assert "the largest: sm90_gemm (0.000 s)" in table  # Unattributed kernel time is shown.
   assert "| forward | phase_a | 0.00 | 75.0% |" in table  # 60 of 80.
   assert "| outer backward | ffn | 0.00 | 25.0% |" in table
+
+
+def test_kernel_names_with_underscores_find_their_operation():
+  ops = {"loop_add_fusion.12": "jit(train_step)/add"}
+  assert profile_step._hlo_name({"name": "loop_add_fusion_12"}, ops) == "loop_add_fusion.12"
+  assert profile_step._hlo_name({"name": "k", "args": {"hlo_op": "loop_add_fusion.12"}},
+                                ops) == "loop_add_fusion.12"
+  assert profile_step._hlo_name({"name": "loop_add_fusion_13"}, ops) is None
 
 
 def test_profile_step_traces_a_tiny_hope_step(tmp_path):

@@ -17,7 +17,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from hope_jax.config import ConfigError
+from hope_jax.config import ConfigError, ModelConfig
 
 FORMAT = "hope_jax.checkpoint/1"
 REQUIRED = ("step", "timestamp", "model_file", "config")
@@ -91,10 +91,14 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 
 def _model_defaults() -> dict[str, Any]:
-  from hope_jax.config import ModelConfig  # (Deferred: the config module is the model's.)
-
-  return canonical({f.name: f.default for f in dataclasses.fields(ModelConfig)
-                    if f.default is not dataclasses.MISSING})
+  """Every `ModelConfig` field's default, in canonical form."""
+  out = {}
+  for f in dataclasses.fields(ModelConfig):
+    if f.default is not dataclasses.MISSING:
+      out[f.name] = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      out[f.name] = f.default_factory()
+  return canonical(out)
 
 
 def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:

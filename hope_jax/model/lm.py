@@ -128,39 +128,43 @@ class LanguageModel(nnx.Module):
     if self.fast_cms:
       return self.forward_with_fast_state(tokens_BL)[0]
     x_BLD = self.embed_tokens(tokens_BL)
-    x_BLD, _ = self._run_blocks(lambda blk, x, _: (blk(x), None), x_BLD, None)
+    x_BLD, _ = self._run_blocks(lambda blk, x_BLD, _: (blk(x_BLD), None), x_BLD, None)
     return self.logits(x_BLD)
 
   @property
   def _scan_layers(self) -> bool:
     return self.cfg.scan_layers and len(self.blocks) > 1
 
-  def _run_blocks(self, fn, x, items, stacked: bool = False, scan: bool | None = None):
-    """Threads `x` through every block: `x, out_i = fn(block_i, x, item_i)`.
+  def _run_blocks(self, fn, x_BLD, items, stacked: bool = False, scan: bool | None = None):
+    """Threads `x_BLD` through every block: `x_BLD, out_i = fn(block_i, x_BLD, item_i)`.
 
     `items` holds one pytree per layer (None: nothing), as a list or, with `stacked`, as one
     pytree with a leading layer axis; the outs come back in the same form. With `scan`
     (default: `cfg.scan_layers`) the blocks' variables, identical in structure, are stacked
     and one `lax.scan` runs the block, so XLA traces and compiles one block instead of N.
-    The stacking of the variables is loop-invariant: XLA hoists it out of a chunk scan.
     """
     n = len(self.blocks)
     if items is None:
       items, stacked = [None] * n, False
-    if not (self._scan_layers if scan is None else scan and n > 1):
+    use_scan = self._scan_layers if scan is None else (scan and n > 1)
+    if not use_scan:
       outs = []
       for block, item in zip(self.blocks, _unstack(items, n) if stacked else items, strict=True):
-        x, out = fn(block, x, item)
+        x_BLD, out = fn(block, x_BLD, item)
         outs.append(out)
-      return x, (_stack(outs) if stacked else outs)
+      return x_BLD, (_stack(outs) if stacked else outs)
     graphdef, first = nnx.split(self.blocks[0])
-    block_vars = _stack([first] + [nnx.split(b)[1] for b in self.blocks[1:]])
+    rest = [nnx.split(b) for b in self.blocks[1:]]
+    if any(g != graphdef for g, _ in rest):
+      raise ValueError("model.scan_layers needs blocks of one structure; these differ: set "
+                       "model.scan_layers=False")
+    block_vars = _stack([first] + [v for _, v in rest])
 
-    def body(x, xs):
-      return fn(nnx.merge(graphdef, xs[0]), x, xs[1])
+    def body(x_BLD, xs):
+      return fn(nnx.merge(graphdef, xs[0]), x_BLD, xs[1])
 
-    x, outs = jax.lax.scan(body, x, (block_vars, items if stacked else _stack(items)))
-    return x, (outs if stacked or outs is None else _unstack(outs, n))
+    x_BLD, outs = jax.lax.scan(body, x_BLD, (block_vars, items if stacked else _stack(items)))
+    return x_BLD, (outs if stacked or outs is None else _unstack(outs, n))
 
   # ------------------------------------------------------------ chunk pieces
 
@@ -171,17 +175,18 @@ class LanguageModel(nnx.Module):
     Returns (logits_BCV, new_states). `states` and `deltas` are per-layer lists (a delta of
     None: static CMS) or, with `stacked`, pytrees with a leading layer axis (`deltas` None:
     static CMS); the new states come back in the same form. `scan` overrides
-    `cfg.scan_layers` (decoding runs the blocks in a Python loop, so a token does not copy
-    every layer's cache into a stack).
+    `cfg.scan_layers` (`decode_step` runs the blocks in a Python loop, so a token does not
+    copy every layer's cache into a stack; a whole prompt in `prefill` may).
     """
     x_BCD = self.embed_tokens(tokens_BC)
     items = (states, deltas) if stacked else list(zip(states, deltas, strict=True))
     x_BCD, new_states = self._run_blocks(
-        lambda blk, x, sd: blk.step(x, sd[0], sd[1], aligned=aligned), x_BCD, items,
+        lambda blk, x_BCD, item: blk.step(x_BCD, *item, aligned=aligned), x_BCD, items,
         stacked=stacked, scan=scan)
     return self.logits(x_BCD), new_states
 
-  def chunk_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas, stacked: bool = False):
+  def chunk_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas, stacked: bool = False,
+                  scan: bool | None = None):
     """Per layer and level, d(chunk CE sum)/d(level weights) at the current fast weights.
 
     The CE is summed over the chunk's unmasked tokens and over the batch; each sequence's
@@ -190,10 +195,10 @@ class LanguageModel(nnx.Module):
     drops; an outer differentiation never traces through this inner backward pass.
     """
     return self.chunk_forward_and_grads(tokens_BC, targets_BC, mask_BC, states, deltas,
-                                        stacked)[2]
+                                        stacked, scan)[2]
 
   def chunk_forward_and_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas,
-                              stacked: bool = False):
+                              stacked: bool = False, scan: bool | None = None):
     """`chunk_forward` and the write gradients of one aligned piece from one forward pass.
 
     Returns (logits_BCV, new_states, grads). The inner gradient is one backward pass
@@ -207,7 +212,8 @@ class LanguageModel(nnx.Module):
     graphdef, params = nnx.split(self)
 
     def forward(p, s, d, tok):
-      return nnx.merge(graphdef, p).chunk_forward(tok, s, d, aligned=True, stacked=stacked)
+      return nnx.merge(graphdef, p).chunk_forward(tok, s, d, aligned=True, stacked=stacked,
+                                                  scan=scan)
 
     def with_grads(p, s, d, tok, tgt, mask):
       (logits_BCV, new_states), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s, d)
@@ -331,7 +337,7 @@ class LanguageModel(nnx.Module):
                   for b, m, s in zip(self.blocks, c["mixer"], c["snap"], strict=True)]
         tgt_BC = jnp.concatenate([c["buf"][:, 1:], tokens_B[:, None]], axis=1)
         grads = self.chunk_grads(c["buf"], tgt_BC, jnp.ones(tgt_BC.shape, jnp.float32),
-                                 starts, [f["delta"] for f in c["fast"]])
+                                 starts, [f["delta"] for f in c["fast"]], scan=False)
         snap = [_snapshot(b.mixer, m) for b, m in zip(self.blocks, c["mixer"], strict=True)]
         return {**c, "fast": self._write(c["fast"], grads, pos), "snap": snap}
 
