@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue 7, for a lent GPU machine (one call, ~8 minutes):
+# The one prepared GPU check of issue 7, for a lent GPU machine (one call: 363 s on an H100):
 #   bash benchmarks/gpu_check.sh            # from the repository root; logs and JSON in $OUT
 # 1. the card and the library versions;
 # 2. benchmarks/train_mfu.py at a GPU size (D=1024, 12 layers, 16 heads, L=4096, bfloat16

@@ -90,17 +90,6 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
   return out
 
 
-def _model_defaults() -> dict[str, Any]:
-  """Every `ModelConfig` field's default, in canonical form."""
-  out = {}
-  for f in dataclasses.fields(ModelConfig):
-    if f.default is not dataclasses.MISSING:
-      out[f.name] = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-      out[f.name] = f.default_factory()
-  return canonical(out)
-
-
 def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:
   """Raises CheckpointError naming every `model.*` key whose value differs.
 
@@ -109,7 +98,7 @@ def check_model_config(saved_config: Mapping[str, Any], current_config: Any, pat
   """
   saved = canonical(saved_config.get("model", {}))
   current = canonical(current_config["model"] if "model" in current_config else {})
-  defaults = _model_defaults()
+  defaults = canonical(ModelConfig().to_dict())
   for key, value in current.items():
     if key not in saved and key in defaults and value == defaults[key]:
       saved[key] = value

@@ -89,8 +89,9 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _unstack(tree, n: int):
-  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+def _unstack(tree, n: int, axis: int = 0):
+  """The inverse of `_stack` along `axis`: a list of `n` pytrees."""
+  return [jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis), tree) for i in range(n)]
 
 
 def _zero_cotangent(x):
@@ -139,20 +140,21 @@ class LanguageModel(nnx.Module):
     """Threads `x_BLD` through every block: `x_BLD, out_i = fn(block_i, x_BLD, item_i)`.
 
     `items` holds one pytree per layer (None: nothing), as a list or, with `stacked`, as one
-    pytree with a leading layer axis; the outs come back in the same form. With `scan`
-    (default: `cfg.scan_layers`) the blocks' variables, identical in structure, are stacked
-    and one `lax.scan` runs the block, so XLA traces and compiles one block instead of N.
+    pytree with a leading layer axis (only the scan takes those); the outs come back in the
+    same form. With `scan` (default: `cfg.scan_layers`) the blocks' variables, identical in
+    structure, are stacked and one `lax.scan` runs the block, so XLA traces and compiles one
+    block instead of N.
     """
     n = len(self.blocks)
     if items is None:
-      items, stacked = [None] * n, False
-    use_scan = self._scan_layers if scan is None else (scan and n > 1)
+      items = [None] * n
+    use_scan = stacked or ((self.cfg.scan_layers if scan is None else scan) and n > 1)
     if not use_scan:
       outs = []
-      for block, item in zip(self.blocks, _unstack(items, n) if stacked else items, strict=True):
+      for block, item in zip(self.blocks, items, strict=True):
         x_BLD, out = fn(block, x_BLD, item)
         outs.append(out)
-      return x_BLD, (_stack(outs) if stacked else outs)
+      return x_BLD, outs
     graphdef, first = nnx.split(self.blocks[0])
     rest = [nnx.split(b) for b in self.blocks[1:]]
     if any(g != graphdef for g, _ in rest):
@@ -302,10 +304,9 @@ class LanguageModel(nnx.Module):
     (_, fast), (logits_NBCV, deltas) = jax.lax.scan(body, (states, fast), xs)
     logits_BLV = logits_NBCV.swapaxes(0, 1).reshape(b, n * c1, -1)[:, :l]
     if stacked:  # Back to the per-layer lists of the unstacked path.
-      layers = len(self.blocks)
-      fast = _unstack(fast, layers)
+      fast = _unstack(fast, len(self.blocks))
       if deltas is not None:  # [chunk, layer, ...] -> per layer [chunk, ...]
-        deltas = [jax.tree.map(lambda a, i=i: a[:, i], deltas) for i in range(layers)]
+        deltas = _unstack(deltas, len(self.blocks), axis=1)
     return logits_BLV, fast, deltas
 
   # ------------------------------------------------------- streaming decode

@@ -55,9 +55,9 @@ def swiglu_delta(x_BLD: Float[Array, "B L D"], theta0: Weights, delta: Weights
     autodiff of the composition forms per-sequence products `[B, D, F]` and reduces them
     over B, which XLA:CPU fuses into a slow reduction (1.4 s of a HOPE train step's 14.7 s
     of busy thread time at D=256, 4 layers, L=512, B=8);
-  - the residuals are x and the two hidden activations, not the per-sequence weights
-    theta0 + delta (three `[B, D, F]` arrays per level), which the `lm_grad` scan would
-    otherwise stack for every chunk; the backward pass adds them again.
+  - the residuals are x, the two hidden activations and the operands theta0 and delta; the
+    sum theta0 + delta (three more `[B, D, F]` arrays per level) is not kept but formed again
+    in the backward pass.
   Unused cotangents cost nothing: the in-context write needs only d delta and the outer
   gradient only d theta0 and d x, and XLA drops the rest.
   """
