@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue 7, for a lent GPU machine (one call: 363 s on an H100):
+# The one prepared GPU check of issue 7, for a lent GPU machine (one call, ~8 minutes on an H100):
 #   bash benchmarks/gpu_check.sh            # from the repository root; logs and JSON in $OUT
 # 1. the card and the library versions;
 # 2. benchmarks/train_mfu.py at a GPU size (D=1024, 12 layers, 16 heads, L=4096, bfloat16
-#    outer matmuls, float32 inner state), MFU against the card's bf16 peak measured in the
-#    same process: transformer_pp, hope and hope with static CMS at batch 1 (hope's per-chunk
-#    residuals hold every layer's fast weights: XLA:CPU plans 51 GiB of temporaries for this
-#    step at batch 1 and 199 GiB at batch 4), with the layer scan (`scan_layers`): a
-#    12-layer step then compiled in 14-63 s on an H100 (hope without it: 113 s on the CPU,
-#    not tried on the GPU);
-# 3. the equivalence tests (chunked == per-token, fused == reference, streaming == parallel)
-#    on the GPU, with float32 matmuls at 'highest' precision (the GPU's default, TF32, is
-#    not what those tolerances are for).
+#    outer matmuls, float32 inner state, the layer scan `scan_layers` so one block compiles),
+#    MFU against the card's bf16 peak measured in the same process, one train_mfu call per
+#    row of MFU_ROWS ("models|batch|extra arguments", rows separated by ";"). The default
+#    rows: hope at batch 4 with the chunk scan's carry kept every 8 of its 64 chunks
+#    (`lm_grad_remat_every=8`: XLA:CPU plans 61 GiB of temporaries for it, against 199 GiB
+#    for batch 4 without it), then hope at batch 1 without it, the baseline of the same
+#    machine (50.8 GiB on an H100 on 2026-11-26);
+# 3. a profile of a 2-layer hope step (benchmarks/profile_step.py): kernel time by pass and
+#    model part against the traced step's wall time, so idle device time shows;
+# 4. the equivalence tests (chunked == per-token, fused == reference, streaming == parallel,
+#    grouped == plain chunk scan) on the GPU, with float32 matmuls at 'highest' precision
+#    (the GPU's default, TF32, is not what those tolerances are for).
 # Wheels under .whl/ (packages the machine lacks: ml_collections; a flax that matches its
 # jax) are installed first. Override the size for a CPU smoke run with MFU_SIZE, the rows
-# with MFU_MODELS, the batch with MFU_BATCH, the peak's matmul sizes with PEAK_SIZES, and the
-# time limits with TEST_TIMEOUT / ROW_TIMEOUT.
+# with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no profile), the peak's
+# matmul sizes with PEAK_SIZES, and the time limits with TEST_TIMEOUT / ROW_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -26,25 +29,41 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 MFU_SIZE=${MFU_SIZE:---set=hidden_size=1024 --set=num_layers=12 --set=num_heads=16 --lengths=4096 --set=scan_layers=true}
-MFU_MODELS=${MFU_MODELS:-transformer_pp,hope,hope_static}
-MFU_BATCH=${MFU_BATCH:-1}
+MFU_ROWS=${MFU_ROWS:-hope|4|--set=lm_grad_remat_every=8;hope|1|}
 TEST_TIMEOUT=${TEST_TIMEOUT:-90}
-ROW_TIMEOUT=${ROW_TIMEOUT:-140}
+ROW_TIMEOUT=${ROW_TIMEOUT:-200}
 PEAK_SIZES=${PEAK_SIZES:-4096,8192}
+PROFILE_ARGS=${PROFILE_ARGS---set=hidden_size=1024 --set=num_layers=2 --set=num_heads=16 --set=dtype=bfloat16 --batch=1 --length=4096}
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 \
   | tee "$OUT/device.txt"
 python3 -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/device.txt"
 
-echo "== train MFU (the headline numbers first: the tests take what time is left)"
-# shellcheck disable=SC2086  # MFU_SIZE is a list of arguments.
-python3 benchmarks/train_mfu.py --models="$MFU_MODELS" $MFU_SIZE --batch="$MFU_BATCH" \
-  --dtype=bfloat16 --peak_sizes="$PEAK_SIZES" --steps=3 --timeout="$ROW_TIMEOUT" \
-  --json="$OUT/gpu_mfu.json" 2> "$OUT/mfu.err"
-echo "train_mfu: exit $?"
-grep "^\[" "$OUT/mfu.err" | tail -12  # Stage timings of each row.
-grep -iE "error|out of memory" "$OUT/mfu.err" | tail -3
+echo "== train MFU (the headline numbers first: the profile and tests take what time is left)"
+row=0
+IFS=';' read -ra rows <<< "$MFU_ROWS"
+for spec in "${rows[@]}"; do
+  IFS='|' read -r models batch extra <<< "$spec"
+  row=$((row + 1))
+  # shellcheck disable=SC2086  # MFU_SIZE and extra are lists of arguments.
+  python3 benchmarks/train_mfu.py --models="$models" $MFU_SIZE $extra --batch="$batch" \
+    --dtype=bfloat16 --peak_sizes="$PEAK_SIZES" --steps=3 --timeout="$ROW_TIMEOUT" \
+    --json="$OUT/gpu_mfu_$row.json" 2> "$OUT/mfu_$row.err"
+  echo "train_mfu row $row ($models, batch $batch, $extra): exit $?"
+  grep "^\[" "$OUT/mfu_$row.err" | tail -6  # Stage timings of the row.
+  grep -iE "error|out of memory" "$OUT/mfu_$row.err" | tail -3
+done
+
+if [ -n "$PROFILE_ARGS" ]; then
+  echo "== profile of one hope step"
+  # shellcheck disable=SC2086
+  timeout -k 10 150 python3 benchmarks/profile_step.py --model=hope $PROFILE_ARGS --top=20 \
+    --out=/tmp/hope_jax_prof > "$OUT/profile.txt" 2> "$OUT/profile.err"
+  echo "profile_step: exit $?"
+  cat "$OUT/profile.txt"
+  tail -3 "$OUT/profile.err"
+fi
 
 echo "== equivalence tests on $(python3 -c 'import jax; print(jax.default_backend())')"
 start=$SECONDS

@@ -122,6 +122,38 @@ def test_fused_lm_grad_step_equals_the_two_pass_reference(block):
   assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(f1))  # Writes happened.
 
 
+@pytest.mark.parametrize("every", [2, 3])
+def test_grouped_chunk_scan_equals_the_plain_scan(every):
+  # lm_grad_remat_every (the chunk scan keeps its carry every R chunks and recomputes the
+  # rest in the backward pass) against the plain scan: the same loss, outer gradient and
+  # final fast weights. L=13 gives 4 chunks of 4: R=2 makes two groups, R=3 one group and a
+  # leftover chunk. The compiled step must also plan less memory than the plain one.
+  tokens_BL = jax.random.randint(jax.random.key(11), (2, 4 * 16 + 1), 0, 32)
+  results, temps = [], []
+  for r in (every, 0):
+    model = hope_jax.build_model(tiny("hope_attention", cms_lr=3.0, num_layers=1,
+                                      lm_grad_remat_every=r), seed=0)
+    graphdef, params = nnx.split(model)
+
+    def loss(p, toks_BL, n, graphdef=graphdef):
+      logits, fast, _ = nnx.merge(graphdef, p).forward_with_fast_state(toks_BL[:, :n - 1])
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(logp, toks_BL[:, 1:n, None], axis=-1)), fast
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)
+    (value, fast), grads = step(params, tokens_BL[:, :14], 14)
+    results.append((value, fast, nnx.to_pure_dict(grads)))
+    long_L = tokens_BL.shape[1]
+    temps.append(step.lower(params, tokens_BL, long_L).compile().memory_analysis()
+                 .temp_size_in_bytes)
+  (v1, f1, g1), (v2, f2, g2) = results
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), f1, f2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+  assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(f1))  # Writes happened.
+  assert temps[0] < temps[1], temps  # 16 chunks: fewer residuals kept.
+
+
 SCAN_CASES = {
     "hope_lm_grad": pytest.param(dict(block="hope"), marks=needs_titans),
     "hope_lm_grad_two_pass": pytest.param(dict(block="hope", lm_grad_fused=False),

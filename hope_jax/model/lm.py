@@ -94,6 +94,28 @@ def _unstack(tree, n: int, axis: int = 0):
   return [jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis), tree) for i in range(n)]
 
 
+def _grouped_scan(body, carry, xs, every: int):
+  """`lax.scan(body, carry, xs)` that keeps the carry for the backward pass every `every` steps.
+
+  With every = R > 1 the steps run in groups of R, each group a rematerialised inner scan
+  (spec §2.9): the backward pass keeps the carry at the n/R group starts and recomputes one
+  group at a time, so it holds n/R + R steps' residuals instead of n, for one more forward
+  of every step. Leftover steps (n mod R) run in a plain scan after the groups. The result
+  is the plain scan's, recomputed.
+  """
+  n = jax.tree.leaves(xs)[0].shape[0]
+  if every <= 1 or n <= every:
+    return jax.lax.scan(body, carry, xs)
+  groups = n // every
+  head = jax.tree.map(lambda a: a[:groups * every].reshape(groups, every, *a.shape[1:]), xs)
+  carry, ys = jax.lax.scan(jax.checkpoint(lambda c, x: jax.lax.scan(body, c, x)), carry, head)
+  ys = jax.tree.map(lambda a: a.reshape(groups * every, *a.shape[2:]), ys)
+  if n % every:
+    carry, ys_tail = jax.lax.scan(body, carry, jax.tree.map(lambda a: a[groups * every:], xs))
+    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
+  return carry, ys
+
+
 def _zero_cotangent(x):
   """A zero cotangent for `x` (float0 for integer leaves such as positions)."""
   if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -301,7 +323,8 @@ class LanguageModel(nnx.Module):
       # (The fused body keeps its residuals: recomputing it would redo the inner pass.)
       body = jax.checkpoint(body)
     xs = (to_chunks(toks_BL), to_chunks(tgts_BL), to_chunks(mask_BL), jnp.arange(n))
-    (_, fast), (logits_NBCV, deltas) = jax.lax.scan(body, (states, fast), xs)
+    (_, fast), (logits_NBCV, deltas) = _grouped_scan(body, (states, fast), xs,
+                                                     self.cfg.lm_grad_remat_every)
     logits_BLV = logits_NBCV.swapaxes(0, 1).reshape(b, n * c1, -1)[:, :l]
     if stacked:  # Back to the per-layer lists of the unstacked path.
       fast = _unstack(fast, len(self.blocks))
