@@ -30,7 +30,9 @@ CASES = {
     "transformer_pp": dict(block="transformer_pp"),
     "hope_attention_lm_grad": dict(cms_lr=30.0),
     # Parallel with the layer scan; decode (and its boundary recompute) with the layer loop.
-    "hope_attention_lm_grad_scan_layers": dict(cms_lr=30.0, scan_layers=True),
+    # (cms_lr=3: chained writes amplify the scan's float reassociation; at 30 an H100 at
+    # 'highest' precision differed by 1.4e-5 on 2 of 832 logits.)
+    "hope_attention_lm_grad_scan_layers": dict(cms_lr=3.0, scan_layers=True),
     "hope_attention_nested": dict(cms_lr=30.0, cms_variant="nested", cms_chunks=(4, 8, 16)),
     "hope_attention_static": dict(cms_signal="static"),
     "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1),
