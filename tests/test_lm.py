@@ -122,35 +122,39 @@ def test_fused_lm_grad_step_equals_the_two_pass_reference(block):
   assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(f1))  # Writes happened.
 
 
-@pytest.mark.parametrize("every", [2, 3])
-def test_grouped_chunk_scan_equals_the_plain_scan(every):
+@pytest.mark.parametrize("every,scan", [(2, False), (3, True)])
+def test_grouped_chunk_scan_equals_the_plain_scan(every, scan):
   # lm_grad_remat_every (the chunk scan keeps its carry every R chunks and recomputes the
-  # rest in the backward pass) against the plain scan: the same loss, outer gradient and
-  # final fast weights. L=13 gives 4 chunks of 4: R=2 makes two groups, R=3 one group and a
-  # leftover chunk. The compiled step must also plan less memory than the plain one.
+  # rest in the backward pass) against the plain scan: the same loss, outer gradient, final
+  # fast weights and per-chunk deltas, with the layer loop and with the layer scan. L=13
+  # gives 4 chunks of 4: R=2 makes two groups, R=3 one group and a leftover chunk. The
+  # compiled step must also plan less memory than the plain one.
   tokens_BL = jax.random.randint(jax.random.key(11), (2, 4 * 16 + 1), 0, 32)
   results, temps = [], []
   for r in (every, 0):
-    model = hope_jax.build_model(tiny("hope_attention", cms_lr=3.0, num_layers=1,
-                                      lm_grad_remat_every=r), seed=0)
+    model = hope_jax.build_model(tiny("hope_attention", cms_lr=3.0, lm_grad_remat_every=r,
+                                      scan_layers=scan), seed=0)
     graphdef, params = nnx.split(model)
 
     def loss(p, toks_BL, n, graphdef=graphdef):
-      logits, fast, _ = nnx.merge(graphdef, p).forward_with_fast_state(toks_BL[:, :n - 1])
+      logits, fast, deltas = nnx.merge(graphdef, p).forward_with_fast_state(
+          toks_BL[:, :n - 1], collect_deltas=True)
       logp = jax.nn.log_softmax(logits)
-      return -jnp.mean(jnp.take_along_axis(logp, toks_BL[:, 1:n, None], axis=-1)), fast
+      return -jnp.mean(jnp.take_along_axis(logp, toks_BL[:, 1:n, None], axis=-1)), (fast,
+                                                                                      deltas)
 
     step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)
-    (value, fast), grads = step(params, tokens_BL[:, :14], 14)
-    results.append((value, fast, nnx.to_pure_dict(grads)))
+    (value, aux), grads = step(params, tokens_BL[:, :14], 14)
+    results.append((value, aux, nnx.to_pure_dict(grads)))
     long_L = tokens_BL.shape[1]
     temps.append(step.lower(params, tokens_BL, long_L).compile().memory_analysis()
                  .temp_size_in_bytes)
-  (v1, f1, g1), (v2, f2, g2) = results
+  (v1, a1, g1), (v2, a2, g2) = results
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), f1, f2)
+  assert jax.tree.structure(a1) == jax.tree.structure(a2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), a1, a2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
-  assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(f1))  # Writes happened.
+  assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(a1[0]))  # Writes happened.
   assert temps[0] < temps[1], temps  # 16 chunks: fewer residuals kept.
 
 
