@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue 7, for a lent GPU machine (one call, ~7 minutes on an H100):
+# The one prepared GPU check of issue 7, for a lent GPU machine (one call: ~6 minutes on an
+# H100 when nothing hangs, at most ~9.5 minutes with every stage at its time limit):
 #   bash benchmarks/gpu_check.sh            # from the repository root; logs and JSON in $OUT
 # 1. the card and the library versions;
 # 2. benchmarks/train_mfu.py at a GPU size (D=1024, 12 layers, 16 heads, L=4096, bfloat16
@@ -8,7 +9,8 @@
 #    row of MFU_ROWS ("models|batch|extra arguments", rows separated by ";"). The default
 #    rows: hope at batch 4 with the chunk scan's carry kept every 8 of its 64 chunks
 #    (`lm_grad_remat_every=8`: XLA:CPU plans 61 GiB of temporaries for it, against 199 GiB
-#    for batch 4 without it), then hope at batch 1 without it, the baseline of the same
+#    for batch 4 without it, from `jit(...).lower().compile().memory_analysis()`; it held
+#    62.0 GiB on an H100), then hope at batch 1 without it, the baseline of the same
 #    machine (50.8 GiB on an H100 on 2026-11-26);
 # 3. a profile of a 2-layer hope step (benchmarks/profile_step.py): kernel time by pass and
 #    model part against the traced step's wall time, so idle device time shows;
@@ -18,7 +20,9 @@
 # Wheels under .whl/ (packages the machine lacks: ml_collections; a flax that matches its
 # jax) are installed first. Override the size for a CPU smoke run with MFU_SIZE, the rows
 # with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no profile), the peak's
-# matmul sizes with PEAK_SIZES, and the time limits with TEST_TIMEOUT / ROW_TIMEOUT.
+# matmul sizes with PEAK_SIZES, and the time limits (seconds) with ROW_TIMEOUT (each row,
+# 150), PROFILE_TIMEOUT (150) and TEST_TIMEOUT (90); the defaults keep two rows, the profile
+# and the tests within the device tool's 600 s per call.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -33,7 +37,8 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 MFU_SIZE=${MFU_SIZE:---set=hidden_size=1024 --set=num_layers=12 --set=num_heads=16 --lengths=4096 --set=scan_layers=true}
 MFU_ROWS=${MFU_ROWS:-hope|4|--set=lm_grad_remat_every=8;hope|1|}
 TEST_TIMEOUT=${TEST_TIMEOUT:-90}
-ROW_TIMEOUT=${ROW_TIMEOUT:-200}
+ROW_TIMEOUT=${ROW_TIMEOUT:-150}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-150}
 PEAK_SIZES=${PEAK_SIZES:-4096,8192}
 PROFILE_ARGS=${PROFILE_ARGS---set=hidden_size=1024 --set=num_layers=2 --set=num_heads=16 --set=dtype=bfloat16 --batch=1 --length=4096}
 
@@ -60,7 +65,7 @@ done
 if [ -n "$PROFILE_ARGS" ]; then
   echo "== profile of one hope step"
   # shellcheck disable=SC2086
-  timeout -k 10 150 python3 benchmarks/profile_step.py --model=hope $PROFILE_ARGS --top=20 \
+  timeout -k 10 "$PROFILE_TIMEOUT" python3 benchmarks/profile_step.py --model=hope $PROFILE_ARGS --top=20 \
     --out=/tmp/hope_jax_prof > "$OUT/profile.txt" 2> "$OUT/profile.err"
   echo "profile_step: exit $?"
   cat "$OUT/profile.txt"

@@ -73,7 +73,7 @@ class ModelConfig:
   cms_meta_grad: str = "first_order"  # Stop-gradient writes, straight-through to the meta-init.
   cms_lr: float = 1e-4  # Learning rate of the in-context CMS writes.
   lm_grad_fused: bool = True  # lm_grad: one forward per chunk serves the loss and the write.
-  lm_grad_remat_every: int = 0  # lm_grad: keep the chunk scan's carry every R chunks, recompute between (0: off).
+  lm_grad_remat_every: int = 0  # lm_grad: keep the chunk scan's carry every R chunks, recompute between (0 or 1: off).
   cms_grad_clip: float = 1.0  # Frobenius clip of each level's summed chunk gradient.
   cms_state_scope: str = "per_sequence"  # Every sequence owns its CMS fast weights.
   cms_ablate: str = "none"  # "none" | "single_static" | "static_chain"
@@ -154,10 +154,10 @@ class ModelConfig:
         ("param_dtype", ("float32", "bfloat16")),
     ):
       _choice(f"model.{key}", getattr(self, key), options)
-    if self.lm_grad_remat_every < 0:
+    if isinstance(self.lm_grad_remat_every, bool) or self.lm_grad_remat_every < 0:
       raise ConfigError(
-          f"model.lm_grad_remat_every must be >= 0 (0 keeps every chunk), got "
-          f"{self.lm_grad_remat_every}")
+          f"model.lm_grad_remat_every must be an int >= 0 (0 or 1 keeps every chunk), got "
+          f"{self.lm_grad_remat_every!r}")
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_other",
                 "chunk_mem", "conv_width"):
       if getattr(self, key) < 1:

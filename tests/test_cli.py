@@ -18,6 +18,8 @@ CASES = [
      "model.cms_chunks[0] (4) must be a multiple of model.chunk_other"),
     ([TINY, "--config.model.eta_max=0.5"], "model.eta_max (0.5) must not exceed model.alpha_min"),
     ([TINY, "--config.model.block=mamba"], "model.block='mamba' is not one of"),
+    ([TINY, "--config.model.lm_grad_remat_every=-2"],
+     "model.lm_grad_remat_every must be an int >= 0 (0 or 1 keeps every chunk), got -2"),
     ([TINY, "--config.data.data_type=text"], "data.data_path is required"),
     ([TINY, "--config.data.data_type=text", "--config.data.data_path=does/not/exist.txt"],
      "data.data_path: no such file or directory: does/not/exist.txt"),

@@ -30,9 +30,7 @@ CASES = {
     "transformer_pp": dict(block="transformer_pp"),
     "hope_attention_lm_grad": dict(cms_lr=30.0),
     # Parallel with the layer scan; decode (and its boundary recompute) with the layer loop.
-    # (cms_lr=3: chained writes amplify the scan's float reassociation; at 30 an H100 at
-    # 'highest' precision differed by 1.4e-5 on 2 of 832 logits.)
-    "hope_attention_lm_grad_scan_layers": dict(cms_lr=3.0, scan_layers=True),
+    "hope_attention_lm_grad_scan_layers": dict(cms_lr=30.0, scan_layers=True),
     "hope_attention_nested": dict(cms_lr=30.0, cms_variant="nested", cms_chunks=(4, 8, 16)),
     "hope_attention_static": dict(cms_signal="static"),
     "hope_lm_grad": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1),
@@ -50,7 +48,10 @@ def test_streaming_equals_parallel(overrides):
   tokens_BL = jax.random.randint(jax.random.key(1), (2, L), 0, 32)
   parallel_BLV = nnx.jit(lambda m, t: m(t))(model, tokens_BL)
   streamed_BLV, _ = _stream(model, tokens_BL, max_len=16)
-  np.testing.assert_allclose(streamed_BLV, parallel_BLV, atol=1e-5, rtol=0)
+  # (The layer scan reassociates sums, and chained writes amplify that: an H100 at 'highest'
+  # precision gave 1.4e-5 on 2 of 832 logits in that case.)
+  atol = 3e-5 if overrides.get("scan_layers") else 1e-5
+  np.testing.assert_allclose(streamed_BLV, parallel_BLV, atol=atol, rtol=0)
 
 
 @needs_titans

@@ -126,7 +126,8 @@ def test_fused_lm_grad_step_equals_the_two_pass_reference(block):
 def test_grouped_chunk_scan_equals_the_plain_scan(every, scan):
   # lm_grad_remat_every (the chunk scan keeps its carry every R chunks and recomputes the
   # rest in the backward pass) against the plain scan: the same loss, outer gradient, final
-  # fast weights and per-chunk deltas, with the layer loop and with the layer scan. L=13
+  # fast weights (and per-chunk deltas, collected in the layer-scan case; the train step
+  # collects none), with the layer loop and with the layer scan. L=13
   # gives 4 chunks of 4: R=2 makes two groups, R=3 one group and a leftover chunk. The
   # compiled step must also plan less memory than the plain one.
   tokens_BL = jax.random.randint(jax.random.key(11), (2, 4 * 16 + 1), 0, 32)
@@ -138,7 +139,7 @@ def test_grouped_chunk_scan_equals_the_plain_scan(every, scan):
 
     def loss(p, toks_BL, n, graphdef=graphdef):
       logits, fast, deltas = nnx.merge(graphdef, p).forward_with_fast_state(
-          toks_BL[:, :n - 1], collect_deltas=True)
+          toks_BL[:, :n - 1], collect_deltas=scan)
       logp = jax.nn.log_softmax(logits)
       return -jnp.mean(jnp.take_along_axis(logp, toks_BL[:, 1:n, None], axis=-1)), (fast,
                                                                                       deltas)

@@ -99,16 +99,20 @@ def _grouped_scan(body, carry, xs, every: int):
 
   With every = R > 1 the steps run in groups of R, each group a rematerialised inner scan
   (spec §2.9): the backward pass keeps the carry at the n/R group starts and recomputes one
-  group at a time, so it holds n/R + R steps' residuals instead of n, for one more forward
-  of every step. Leftover steps (n mod R) run in a plain scan after the groups. The result
-  is the plain scan's, recomputed.
+  group at a time, so it holds n/R + R (+ n mod R) steps' residuals instead of n, for running
+  every step's forward part once more (for the fused `lm_grad` body that includes the CMS
+  write's inner backward pass; under `lm_grad_fused=False` with `remat`, whose body is
+  already rematerialised, the forward then runs three times). Leftover steps (n mod R) run
+  in a plain scan after the groups. The result is the plain scan's, recomputed.
   """
   n = jax.tree.leaves(xs)[0].shape[0]
   if every <= 1 or n <= every:
     return jax.lax.scan(body, carry, xs)
   groups = n // every
   head = jax.tree.map(lambda a: a[:groups * every].reshape(groups, every, *a.shape[1:]), xs)
-  carry, ys = jax.lax.scan(jax.checkpoint(lambda c, x: jax.lax.scan(body, c, x)), carry, head)
+  # (prevent_cse=False: the scan already keeps XLA from merging the recomputation away.)
+  group = jax.checkpoint(lambda c, x: jax.lax.scan(body, c, x), prevent_cse=False)
+  carry, ys = jax.lax.scan(group, carry, head)
   ys = jax.tree.map(lambda a: a.reshape(groups * every, *a.shape[2:]), ys)
   if n % every:
     carry, ys_tail = jax.lax.scan(body, carry, jax.tree.map(lambda a: a[groups * every:], xs))
