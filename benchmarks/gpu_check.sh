@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of issue 7, for a lent GPU machine (one call: ~6 minutes on an
-# H100 when nothing hangs, at most ~9.5 minutes with every stage at its time limit):
+# H100 when nothing hangs, at most ~9.7 minutes with every stage at its time limit):
 #   bash benchmarks/gpu_check.sh            # from the repository root; logs and JSON in $OUT
 # 1. the card and the library versions;
 # 2. benchmarks/train_mfu.py at a GPU size (D=1024, 12 layers, 16 heads, L=4096, bfloat16
@@ -16,13 +16,15 @@
 #    model part against the traced step's wall time, so idle device time shows;
 # 4. the equivalence tests (chunked == per-token, fused == reference, streaming == parallel,
 #    grouped == plain chunk scan) on the GPU, with float32 matmuls at 'highest' precision
-#    (the GPU's default, TF32, is not what those tolerances are for).
+#    (the GPU's default, TF32, is not what those tolerances are for): first those that have
+#    not yet run on a GPU, then the whole set in the time left.
 # Wheels under .whl/ (packages the machine lacks: ml_collections; a flax that matches its
 # jax) are installed first. Override the size for a CPU smoke run with MFU_SIZE, the rows
 # with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no profile), the peak's
-# matmul sizes with PEAK_SIZES, and the time limits (seconds) with ROW_TIMEOUT (each row,
-# 150), PROFILE_TIMEOUT (150) and TEST_TIMEOUT (90); the defaults keep two rows, the profile
-# and the tests within the device tool's 600 s per call.
+# matmul sizes with PEAK_SIZES, the tests run first with FIRST_TESTS (empty: none), and the
+# time limits (seconds) with ROW_TIMEOUT (each row, 150), PROFILE_TIMEOUT (120),
+# FIRST_TIMEOUT (45) and TEST_TIMEOUT (60); the defaults keep two rows, the profile and the
+# tests within the device tool's 600 s per call.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -36,9 +38,10 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 MFU_SIZE=${MFU_SIZE:---set=hidden_size=1024 --set=num_layers=12 --set=num_heads=16 --lengths=4096 --set=scan_layers=true}
 MFU_ROWS=${MFU_ROWS:-hope|4|--set=lm_grad_remat_every=8;hope|1|}
-TEST_TIMEOUT=${TEST_TIMEOUT:-90}
+FIRST_TIMEOUT=${FIRST_TIMEOUT:-45}
+TEST_TIMEOUT=${TEST_TIMEOUT:-60}
 ROW_TIMEOUT=${ROW_TIMEOUT:-150}
-PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-150}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-120}
 PEAK_SIZES=${PEAK_SIZES:-4096,8192}
 PROFILE_ARGS=${PROFILE_ARGS---set=hidden_size=1024 --set=num_layers=2 --set=num_heads=16 --set=dtype=bfloat16 --batch=1 --length=4096}
 
@@ -73,18 +76,24 @@ if [ -n "$PROFILE_ARGS" ]; then
 fi
 
 echo "== equivalence tests on $(python3 -c 'import jax; print(jax.default_backend())')"
-start=$SECONDS
-# SIGINT at the limit: pytest stops its xdist workers and prints its summary (a plain TERM
-# left the workers compiling on the GPU while the benchmark ran, on 2026-11-26).
-# The tests that have not yet run on a GPU go first (pytest keeps this order, once each).
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 20 "$TEST_TIMEOUT" python3 -m pytest -v -n 8 \
-  -p no:cacheprovider tests/test_lm.py::test_grouped_chunk_scan_equals_the_plain_scan \
-  tests/test_lm.py::test_layer_scan_equals_the_layer_loop \
-  tests/test_decode.py::test_streaming_equals_parallel tests/test_lm.py \
-  tests/test_titans_ops.py tests/test_titans_layer.py tests/test_cms.py tests/test_decode.py \
-  > "$OUT/tests.log" 2>&1
-echo "tests: exit $? after $((SECONDS - start)) s; $(grep -c PASSED "$OUT/tests.log") passed," \
-  "$(grep -c FAILED "$OUT/tests.log") failed lines"
-grep -E "FAILED|Error" "$OUT/tests.log" | head -20
-tail -3 "$OUT/tests.log"; echo
-
+# Two runs: first the tests that have not yet run on a GPU (the last calls' time ran out
+# before them), then the whole set in the time left. SIGINT at the limit: pytest stops its
+# xdist workers and prints its summary (a plain TERM left the workers compiling on the GPU
+# while the benchmark ran, on 2026-11-26).
+FIRST_TESTS=${FIRST_TESTS-tests/test_lm.py::test_grouped_chunk_scan_equals_the_plain_scan tests/test_lm.py::test_layer_scan_equals_the_layer_loop tests/test_decode.py::test_streaming_equals_parallel}
+run_tests() {  # run_tests NAME SECONDS PYTEST_ARGS...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 20 "$limit" python3 -m pytest -v -n 8 \
+    -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s; $(grep -c PASSED "$OUT/$name.log") passed," \
+    "$(grep -c FAILED "$OUT/$name.log") failed lines"
+  grep -E "FAILED|Error" "$OUT/$name.log" | head -20
+  tail -3 "$OUT/$name.log"; echo
+}
+if [ -n "$FIRST_TESTS" ]; then
+  # shellcheck disable=SC2086  # FIRST_TESTS is a list of test ids.
+  run_tests tests_first "$FIRST_TIMEOUT" --dist load $FIRST_TESTS  # Not grouped by file.
+fi
+run_tests tests "$TEST_TIMEOUT" tests/test_lm.py tests/test_titans_ops.py \
+  tests/test_titans_layer.py tests/test_cms.py tests/test_decode.py
