@@ -159,8 +159,11 @@ def test_grouped_chunk_scan_equals_the_plain_scan(every, scan):
 
 SCAN_CASES = {
     "hope_lm_grad": pytest.param(dict(block="hope"), marks=needs_titans),
-    "hope_lm_grad_two_pass": pytest.param(dict(block="hope", lm_grad_fused=False),
-                                          marks=needs_titans),
+    # (~36 s on 2 cores; the fused case covers the same stacked chunk_forward/chunk_grads.)
+    "hope_lm_grad_two_pass": pytest.param(
+        dict(block="hope", lm_grad_fused=False),
+        marks=[needs_titans, pytest.mark.skipif(os.environ.get("HOPE_JAX_SLOW_TESTS") != "1",
+                                                reason="opt-in: HOPE_JAX_SLOW_TESTS=1")]),
     "hope_static": pytest.param(dict(block="hope", cms_signal="static"), marks=needs_titans),
     "titans_lmm": pytest.param(dict(block="titans_lmm"), marks=needs_titans),
     "hope_attention_lm_grad": dict(block="hope_attention"),
