@@ -158,9 +158,9 @@ class LanguageModel(nnx.Module):
     x_BLD, _ = self._run_blocks(lambda blk, x_BLD, _: (blk(x_BLD), None), x_BLD, None)
     return self.logits(x_BLD)
 
-  @property
-  def _scan_layers(self) -> bool:
-    return self.cfg.scan_layers and len(self.blocks) > 1
+  def _scan_layers(self, scan: bool | None = None) -> bool:
+    """Whether the blocks run in one `lax.scan`: `scan` (default `cfg.scan_layers`), >1 block."""
+    return (self.cfg.scan_layers if scan is None else scan) and len(self.blocks) > 1
 
   def _run_blocks(self, fn, x_BLD, items, stacked: bool = False, scan: bool | None = None):
     """Threads `x_BLD` through every block: `x_BLD, out_i = fn(block_i, x_BLD, item_i)`.
@@ -174,8 +174,7 @@ class LanguageModel(nnx.Module):
     n = len(self.blocks)
     if items is None:
       items = [None] * n
-    use_scan = stacked or ((self.cfg.scan_layers if scan is None else scan) and n > 1)
-    if not use_scan:
+    if not (stacked or self._scan_layers(scan)):
       outs = []
       for block, item in zip(self.blocks, items, strict=True):
         x_BLD, out = fn(block, x_BLD, item)
@@ -300,7 +299,7 @@ class LanguageModel(nnx.Module):
     states, fast = self._init_states(b, n * c1)
     # With the layer scan the carry holds every layer's state stacked, so a chunk does not
     # copy the states (and the per-sequence CMS deltas) into a stack and out again.
-    stacked = self._scan_layers
+    stacked = self._scan_layers()
     if stacked:
       states, fast = _stack(states), _stack(fast)
     get_deltas = (lambda f: f["delta"]) if stacked else (lambda f: [x["delta"] for x in f])
