@@ -63,6 +63,9 @@ def get_config() -> config_dict.ConfigDict:
   t.mesh.data = -1  # Data parallel (replicated parameters).
   t.mesh.fsdp = 1  # Fully sharded data parallel (parameters split, gathered for compute).
   t.mesh.fsdp_min_size = 4096  # Parameters with fewer elements stay replicated.
+  # CPU only: XLA devices the cores are split into, so the mesh runs batch slices side by
+  # side; -1: one per core that divides the batch (docs/distributed.md), 1: JAX's default.
+  t.cpu_devices = -1
   # Several processes/hosts: "auto" joins them when a coordinator is given (here or in
   # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); "on" lets JAX detect
   # the cluster (TPU slice, SLURM, Open MPI); "off" never joins.

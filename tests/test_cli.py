@@ -20,6 +20,9 @@ CASES = [
     ([TINY, "--config.model.block=mamba"], "model.block='mamba' is not one of"),
     ([TINY, "--config.model.lm_grad_remat_every=-2"],
      "model.lm_grad_remat_every must be an int >= 0 (0 or 1 keeps every chunk), got -2"),
+    ([TINY, "--config.training.cpu_devices=0"],
+     "training.cpu_devices must be a positive integer or -1 (one per core that divides the "
+     "batch), got 0"),
     ([TINY, "--config.data.data_type=text"], "data.data_path is required"),
     ([TINY, "--config.data.data_type=text", "--config.data.data_path=does/not/exist.txt"],
      "data.data_path: no such file or directory: does/not/exist.txt"),

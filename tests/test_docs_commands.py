@@ -25,6 +25,7 @@ import shlex
 
 import pytest
 
+from hope_jax.train import host_devices
 from tests.conftest import REPO, run_cli
 
 STEP_SCALE = 100  # base.py: 600 steps, saves every 100 -> 6 steps, saves every 2.
@@ -250,6 +251,13 @@ def test_readme_commands(workdir):
 
   proc = run(workdir, main_job)
   assert "final eval at step 6" in proc.stderr and steps(workdir, "checkpoints") == [2, 4, 6]
+  # training.cpu_devices=-1 (the default): one CPU device per core that divides the batch.
+  split = host_devices.auto_count({"data": -1, "fsdp": 1}, 2, len(os.sched_getaffinity(0)))
+  if split > 1:
+    assert f"CPU split into {split} XLA device(s)" in proc.stderr, proc.stderr[-3000:]
+    assert f"Devices: {split} cpu devices in 1 process(es): mesh data={split}" in proc.stderr
+  else:
+    assert "CPU split into" not in proc.stderr
   assert os.path.exists(workdir / "checkpoints/logs/metrics.jsonl")
 
   # The Python API block, as written: the base HOPE model and the main job's checkpoints.

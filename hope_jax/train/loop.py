@@ -28,7 +28,7 @@ from hope_jax.checkpoint import CheckpointManager
 from hope_jax.config import validate_run_config
 from hope_jax.data import load_corpus
 from hope_jax.data.sampler import BatchSampler, eval_batches
-from hope_jax.train import distributed
+from hope_jax.train import distributed, host_devices
 from hope_jax.train.metrics import MetricWriter, Progress, format_duration, log_line
 from hope_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hope_jax.train.sharding import Placement, sharded_fraction
@@ -94,22 +94,28 @@ def train(config: Any) -> dict[str, Any]:
   """
   model_cfg = validate_run_config(config)
   t = config.training
-  distributed.initialize(t)  # Before anything touches a device.
+  mesh_cfg = t.get("mesh") or DEFAULT_MESH
+  # Both before anything touches a device.
+  cpu_devices = host_devices.configure(t, mesh_cfg, distributed.launch_settings(t) is not None)
+  distributed.initialize(t)
   if not distributed.is_primary():
     logging.set_verbosity(logging.WARNING)
-  placement = Placement(t.get("mesh") or DEFAULT_MESH, int(t.batch_size))
+  placement = Placement(mesh_cfg, int(t.batch_size))
   corpus = load_corpus(config.data, model_cfg.vocab_size)
   # After the config and data checks, before any compile: the directory lock and listing.
   ckpt = CheckpointManager(config)
   try:
-    return _train(config, model_cfg, corpus, ckpt, placement)
+    return _train(config, model_cfg, corpus, ckpt, placement, cpu_devices)
   finally:
     ckpt.close()  # Waits for a pending async save; raises if it failed.
 
 
 def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
-           placement: Placement) -> dict[str, Any]:
+           placement: Placement, cpu_devices: int | None = None) -> dict[str, Any]:
   t, d = config.training, config.data
+  if cpu_devices and jax.default_backend() == "cpu":  # Logged after every input check.
+    logging.info("CPU split into %d XLA device(s) (training.cpu_devices=%s)", cpu_devices,
+                 host_devices.requested(t))
   unit = BITS_UNIT.get(getattr(corpus.tokenizer, "name", ""), "bits/token")
   logging.info("Data: %s | %d train / %d validation tokens", corpus.description,
                len(corpus.train), len(corpus.val))
