@@ -8,6 +8,11 @@ import sys
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
+# The CLI runs of the tests are tiny, where splitting the CPU into devices
+# (training.cpu_devices=-1) costs a few seconds of set-up per run and gains nothing: keep
+# one CPU device unless a test asks (test_readme_commands runs the default split).
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
+
 import jax  # noqa: E402
 import pytest
 
@@ -43,7 +48,10 @@ def run_cli(args, *, cwd=REPO, timeout=600, env=None):
 
   full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
-  if env:
-    full_env.update(env)
+  for key, value in (env or {}).items():  # None removes a variable.
+    if value is None:
+      full_env.pop(key, None)
+    else:
+      full_env[key] = value
   return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
                         text=True, timeout=timeout)

@@ -117,7 +117,7 @@ def scaled(workdir, arg: str) -> str:
   return arg
 
 
-def run(workdir, words: list[str], *extra: str):
+def run(workdir, words: list[str], *extra: str, env=None):
   """Runs one documented command (shrunk as the module docstring says); returns the process."""
   assert skip_reason(words) is None, words
   assert words[0] in INTERPRETERS, f"not a python command: {words}"
@@ -127,7 +127,7 @@ def run(workdir, words: list[str], *extra: str):
     args[at:at] = TRAIN_SHRINK
   elif args[:2] == ["-m", "hope_jax.evaluate"]:
     args += EVALUATE_SHRINK
-  proc = run_cli([*args, *extra], cwd=workdir, timeout=300)
+  proc = run_cli([*args, *extra], cwd=workdir, timeout=300, env=env)
   assert proc.returncode == 0, f"{' '.join(words)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
   return proc
 
@@ -249,7 +249,8 @@ def test_readme_commands(workdir):
   assert len(skipped) == 5, skipped  # Everything but the main job.
   (main_job,) = [c for c in setup if not skip_reason(c)]
 
-  proc = run(workdir, main_job)
+  # As on a fresh machine: without conftest's single CPU device.
+  proc = run(workdir, main_job, env={"JAX_NUM_CPU_DEVICES": None})
   assert "final eval at step 6" in proc.stderr and steps(workdir, "checkpoints") == [2, 4, 6]
   # training.cpu_devices=-1 (the default): one CPU device per core that divides the batch.
   split = host_devices.auto_count({"data": -1, "fsdp": 1}, 2, len(os.sched_getaffinity(0)))

@@ -48,7 +48,7 @@ def test_a_config_without_the_key_means_auto():
 def test_once_jax_runs_auto_keeps_its_devices_and_an_explicit_other_count_is_refused():
   have = len(jax.devices("cpu"))  # JAX now runs in this process.
   assert host_devices.configure(_training(cpu_devices=-1), DATA, False) is None
-  assert host_devices.configure(_training(cpu_devices=have), DATA, False) is None
+  assert host_devices.configure(_training(cpu_devices=have), DATA, False) == have  # No change.
   with pytest.raises(ConfigError, match=rf"training\.cpu_devices={have + 1}, but JAX already "
                                         rf"runs in this process with {have} CPU device"):
     host_devices.configure(_training(cpu_devices=have + 1), DATA, False)

@@ -8,9 +8,10 @@ device for every block, measured on the 2-core development machine (docs/perform
 
 `training.cpu_devices`:
   -1 (default): one device per core, as many as divide the batch (and fit the mesh);
-     left alone where the environment already chose (`XLA_FLAGS` with
-     `--xla_force_host_platform_device_count`), in a multi-process run, or where JAX
-     was already running in this process (a notebook that used JAX first).
+     left alone where the environment already chose (`JAX_NUM_CPU_DEVICES`, or
+     `XLA_FLAGS` with `--xla_force_host_platform_device_count`), in a multi-process
+     run, or where JAX was already running in this process (a notebook that used JAX
+     first).
   N >= 1: exactly N CPU devices (1 is JAX's own default).
 
 It only matters where the CPU is the device JAX computes on; on a GPU or TPU host the
@@ -71,6 +72,11 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+def _environment_chose() -> bool:
+  return bool(os.environ.get("JAX_NUM_CPU_DEVICES", "").strip()) or (
+      _XLA_FLAG in os.environ.get("XLA_FLAGS", ""))
+
+
 def configure(t: Any, mesh_cfg: Any, multi_process: bool) -> int | None:
   """Sets JAX's CPU device count for this run; must run before anything touches a device.
 
@@ -88,7 +94,7 @@ def configure(t: Any, mesh_cfg: Any, multi_process: bool) -> int | None:
   """
   want = requested(t)
   if want == AUTO:
-    if multi_process or _XLA_FLAG in os.environ.get("XLA_FLAGS", ""):
+    if multi_process or _environment_chose():
       return None
     want_n = auto_count(mesh_cfg, int(t.batch_size), _cores())
   else:
