@@ -4,7 +4,7 @@
                                [--set model.dtype=bfloat16] [--json benchmarks/scaling.json]
 
 Each device count runs in its own subprocess. On CPU the devices are host devices
-(`XLA_FLAGS=--xla_force_host_platform_device_count=N`) that share the machine's
+(`JAX_NUM_CPU_DEVICES=N`) that share the machine's
 cores, so the numbers show the partitioning overhead, not a speed-up. On an
 accelerator host (`--platform gpu` / `tpu`) the first N real devices are used.
 The timed steps are the ones the train loop runs: `Placement.jit_train_step` on
@@ -109,7 +109,7 @@ def main() -> None:
         continue  # Identical to data parallel on one device.
       env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS=args.platform)
       if args.platform == "cpu":
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+        env["JAX_NUM_CPU_DEVICES"] = str(n)
       cmd = [sys.executable, __file__, "--child", f"{mesh}:{n}", "--steps", str(args.steps),
              "--config", args.config, *[f"--set={s}" for s in args.set]]
       proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

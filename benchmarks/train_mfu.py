@@ -99,7 +99,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   """Runs in the child: peak, compile, warm-up, then `steps` timed train steps.
 
   With `devices` > 1 the step runs data parallel over that many devices (on a CPU, host
-  devices: the parent sets `--xla_force_host_platform_device_count`), as the train loop
+  devices: the parent sets `JAX_NUM_CPU_DEVICES`), as the train loop
   runs it under `training.mesh.data`.
   """
   sys.path.insert(0, REPO)
@@ -213,10 +213,8 @@ def main() -> None:
              f"--steps={args.steps}", f"--dtype={args.dtype}",
              f"--peak_sizes={args.peak_sizes}", f"--devices={args.devices}"
              ] + [f"--set={s}" for s in args.set]
-      env = dict(os.environ)
-      if args.devices > 1:  # Host devices for a CPU run (other platforms ignore the flag).
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            f" --xla_force_host_platform_device_count={args.devices}")
+      # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
+      env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
       try:
         # The child's stderr (its progress and any traceback) goes straight to ours.
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,

@@ -32,26 +32,46 @@ class StepFlops:
   train_with_cms_writes: float  # train + fwd_model + layers * cms_layer under lm_grad.
 
 
-def titans_fwd(cfg: ModelConfig) -> float:
-  """F_titans of §8: the self-modifying Titans sublayer (or the Titans-LMM mixer)."""
+@dataclasses.dataclass(frozen=True)
+class TitansFlops:
+  """F_titans of §8 split by the kind of product that does the work."""
+
+  static: float  # Projections, convolutions, gates: matmuls over all B x L tokens at once.
+  phase_a: float  # The projection memories' inner loop (chunks of C_o), per-(sample, head).
+  phase_b: float  # The main memory's inner loop (chunks of C_m), per-(sample, head).
+
+  @property
+  def inner(self) -> float:
+    return self.phase_a + self.phase_b
+
+
+def titans_fwd_parts(cfg: ModelConfig) -> TitansFlops:
+  """F_titans of §8 by part (`titans_fwd` is their sum)."""
   d, h, e_p, e_m = cfg.hidden_size, cfg.num_heads, cfg.e_proj, cfg.e_mem
   names = proj_memory_names(cfg)
   p = len([n for n in names if n not in cfg.frozen_memories])
   p_frozen = len(names) - p
   upd = 18 if cfg.momentum else 10  # Closed-form update per D*E.
   cc = 6 if cfg.momentum else 4  # C x C terms of the update per H*C*E.
+  cc_terms = lambda c: 2 * c * d + 5 * h * c * c  # A = K K^T, T, Gamma, (A*Gamma) T^T.
   n_static = (cfg.memory_input == "proj") + (not cfg.adaptive_q) + 2  # W_in, W_q, W_g, W_o.
-  f = 2.0 * n_static * d * d
-  f += (2 * d * h if cfg.momentum else 0) + 2 * 2 * cfg.conv_width * d  # beta proj, two convs.
-  f += p * (4 + 4 + 6 + upd) * d * e_p + 4 * d * p_frozen * e_p
-  v_hat = 4 if cfg.memory_target == "self" else 0
-  f += (4 + v_hat + 6 + upd) * d * e_m
-  chunks = ([cfg.chunk_other] if p else []) + [cfg.chunk_mem]
-  f += sum(2 * c * d + 5 * h * c * c for c in chunks)  # A = K K^T, T, Gamma, (A*Gamma) T^T.
-  f += cc * h * (cfg.chunk_other * p * e_p + cfg.chunk_mem * e_m)
+  static = 2.0 * n_static * d * d
+  static += (2 * d * h if cfg.momentum else 0) + 2 * 2 * cfg.conv_width * d  # beta proj, convs.
   if cfg.uses_static_projections:  # Titans-LMM: k, v, (q counted above) and eta/alpha maps.
-    f += 2 * 2 * d * d + 2 * d * h * (1 + cfg.use_alpha)
-  return f
+    static += 2 * 2 * d * d + 2 * d * h * (1 + cfg.use_alpha)
+  phase_a = p * (4 + 4 + 6 + upd) * d * e_p + 4 * d * p_frozen * e_p
+  if p:
+    phase_a += cc_terms(cfg.chunk_other) + cc * h * cfg.chunk_other * p * e_p
+  v_hat = 4 if cfg.memory_target == "self" else 0
+  phase_b = (4 + v_hat + 6 + upd) * d * e_m + cc_terms(cfg.chunk_mem)
+  phase_b += cc * h * cfg.chunk_mem * e_m
+  return TitansFlops(static=float(static), phase_a=float(phase_a), phase_b=float(phase_b))
+
+
+def titans_fwd(cfg: ModelConfig) -> float:
+  """F_titans of §8: the self-modifying Titans sublayer (or the Titans-LMM mixer)."""
+  parts = titans_fwd_parts(cfg)
+  return parts.static + parts.phase_a + parts.phase_b
 
 
 def attention_fwd(cfg: ModelConfig, seq_len: int) -> float:

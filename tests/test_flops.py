@@ -87,3 +87,37 @@ def test_train_mfu_benchmark_runs_data_parallel_on_host_devices(tmp_path):
   assert "error" not in row, row
   assert row["devices"] == 2 and row["recompiles_in_timed_steps"] == 0
   assert row["tokens_per_s"] > 0
+
+
+def test_titans_flops_split_by_phase():
+  hope = ModelConfig(block="hope", hidden_size=64, num_heads=2)
+  lmm = ModelConfig(block="titans_lmm", hidden_size=64, num_heads=2)
+  p_hope, p_lmm = flops.titans_fwd_parts(hope), flops.titans_fwd_parts(lmm)
+  for cfg, p in ((hope, p_hope), (lmm, p_lmm)):
+    assert p.static + p.phase_a + p.phase_b == pytest.approx(flops.titans_fwd(cfg))
+  # Titans-LMM has no projection memories: no phase A, and its k/v/eta/alpha maps are static.
+  assert p_lmm.phase_a == 0 and p_lmm.static > p_hope.static
+  assert p_lmm.phase_b == p_hope.phase_b  # The same main memory.
+  # Freezing a memory leaves only its reads (4 D E_p) in phase A.
+  frozen = flops.titans_fwd_parts(ModelConfig(**{**hope.to_dict(), "frozen_memories": ("eta",)}))
+  assert 0 < p_hope.phase_a - frozen.phase_a < p_hope.phase_a / 4
+
+
+def test_inner_products_benchmark_bounds_the_mfu(tmp_path):
+  out = tmp_path / "inner.json"
+  cmd = [sys.executable, "benchmarks/inner_products.py", "--hidden=32", "--heads=2",
+         "--layers=1", "--batch=1", "--min_seconds=0.01", "--peak_sizes=256",
+         "--peak_seconds=0.05", f"--out={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads(out.read_text())
+  assert {r["phase"] for r in res["products"]} == {"A", "B"}
+  for r in res["products"]:
+    assert sorted(r["flops_per_s"]) == sorted(["mk,kn", "km,kn", "mk,nk", "km,nk"])
+    assert all(v > 0 for v in r["flops_per_s"].values())
+  share = res["flop_share"]
+  assert 0 < share["A"] and 0 < share["B"] and share["A"] + share["B"] < 1
+  eff = res["best_efficiency"]
+  expected = 1 / (share["A"] / eff["A"] + share["B"] / eff["B"] + 1 - share["A"] - share["B"])
+  assert res["mfu_bound"] == pytest.approx(expected) and 0 < res["mfu_bound"]
+  assert "Upper bound on a `hope` train step's MFU" in proc.stdout
