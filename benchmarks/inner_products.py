@@ -2,7 +2,7 @@
 
 Run:
   python benchmarks/inner_products.py                  # the size: D=256, H=4, B=8
-  python benchmarks/inner_products.py --out=inner_products.json
+  python benchmarks/inner_products.py --json=inner_products.json
 
 The Titans sublayer's inner loops (phases A and B, `hope_jax/ops/selfmod.py`) do their
 work as batched products of small matrices, one per (sample, head[, memory]) and chunk:
@@ -101,7 +101,7 @@ def main() -> None:
   ap.add_argument("--min_seconds", type=float, default=0.5, help="timing per product layout")
   ap.add_argument("--peak_sizes", default="1024,2048", help="square sizes for the peak")
   ap.add_argument("--peak_seconds", type=float, default=1.0)
-  ap.add_argument("--out", default="inner_products.json")
+  ap.add_argument("--json", default=None, help="also write the results here")
   args = ap.parse_args()
 
   cfg = ModelConfig(block="hope", hidden_size=args.hidden, num_heads=args.heads,
@@ -143,11 +143,13 @@ def main() -> None:
         f"(assumed) |")
   print(f"\nUpper bound on a `hope` train step's MFU (each phase's FLOPs at its best product's "
         f"rate, the rest at the peak, nothing else costing time): **{100 * bound:.0f}%**")
-  with open(args.out, "w") as f:
+  if not args.json:
+    return
+  with open(args.json, "w") as f:
     json.dump({"config": vars(args), "device": jax.devices()[0].device_kind,
                "peak_flops_per_s": peak, "products": rows, "flop_share": share,
                "best_efficiency": best_eff, "mfu_bound": bound}, f, indent=2)
-  print(f"\nwrote {args.out}")
+  print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -249,11 +249,13 @@ def test_readme_commands(workdir):
   assert len(skipped) == 5, skipped  # Everything but the main job.
   (main_job,) = [c for c in setup if not skip_reason(c)]
 
-  # As on a fresh machine: without conftest's single CPU device.
-  proc = run(workdir, main_job, env={"JAX_NUM_CPU_DEVICES": None})
+  # As on a fresh machine: without conftest's single CPU device (or any host-device flag).
+  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                     os.environ.get("XLA_FLAGS", ""))
+  proc = run(workdir, main_job, env={"JAX_NUM_CPU_DEVICES": None, "XLA_FLAGS": xla_flags})
   assert "final eval at step 6" in proc.stderr and steps(workdir, "checkpoints") == [2, 4, 6]
   # training.cpu_devices=-1 (the default): one CPU device per core that divides the batch.
-  split = host_devices.auto_count({"data": -1, "fsdp": 1}, 2, len(os.sched_getaffinity(0)))
+  split = host_devices.auto_count({"data": -1, "fsdp": 1}, 2, host_devices.usable_cores())
   if split > 1:
     assert f"CPU split into {split} XLA device(s)" in proc.stderr, proc.stderr[-3000:]
     assert f"Devices: {split} cpu devices in 1 process(es): mesh data={split}" in proc.stderr

@@ -93,6 +93,12 @@ def test_titans_flops_split_by_phase():
   hope = ModelConfig(block="hope", hidden_size=64, num_heads=2)
   lmm = ModelConfig(block="titans_lmm", hidden_size=64, num_heads=2)
   p_hope, p_lmm = flops.titans_fwd_parts(hope), flops.titans_fwd_parts(lmm)
+  # Hand-counted with the §8 terms (4 live memories, momentum, DGD, D=64, H=2: Dh=E_p=32,
+  # E_m=128, C_o=16, C_m=64; 4 static D x D maps, beta and two width-4 convs):
+  assert p_hope.static == 2 * 4 * 64**2 + 2 * 64 * 2 + 2 * 2 * 4 * 64
+  assert p_hope.phase_a == (4 * 32 * 64 * 32 + 2 * 16 * 64 + 5 * 2 * 16**2
+                            + 6 * 2 * 16 * 4 * 32)
+  assert p_hope.phase_b == 32 * 64 * 128 + 2 * 64 * 64 + 5 * 2 * 64**2 + 6 * 2 * 64 * 128
   for cfg, p in ((hope, p_hope), (lmm, p_lmm)):
     assert p.static + p.phase_a + p.phase_b == pytest.approx(flops.titans_fwd(cfg))
   # Titans-LMM has no projection memories: no phase A, and its k/v/eta/alpha maps are static.
@@ -107,7 +113,7 @@ def test_inner_products_benchmark_bounds_the_mfu(tmp_path):
   out = tmp_path / "inner.json"
   cmd = [sys.executable, "benchmarks/inner_products.py", "--hidden=32", "--heads=2",
          "--layers=1", "--batch=1", "--min_seconds=0.01", "--peak_sizes=256",
-         "--peak_seconds=0.05", f"--out={out}"]
+         "--peak_seconds=0.05", f"--json={out}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   res = json.loads(out.read_text())

@@ -89,6 +89,9 @@ class _StopRequest:
 def train(config: Any) -> dict[str, Any]:
   """Runs (or resumes) the job described by `config`; returns a summary dict.
 
+  On a CPU the first call may set JAX's CPU device count for the whole process
+  (`training.cpu_devices`, hope_jax/train/host_devices.py).
+
   Raises:
     ConfigError: bad configuration or data, before anything is compiled.
   """
@@ -96,16 +99,21 @@ def train(config: Any) -> dict[str, Any]:
   t = config.training
   mesh_cfg = t.get("mesh") or DEFAULT_MESH
   # Both before anything touches a device.
-  cpu_devices = host_devices.configure(t, mesh_cfg, distributed.launch_settings(t) is not None)
+  multi_process = distributed.launch_settings(t) is not None or jax.distributed.is_initialized()
+  cpu_devices = host_devices.configure(t, mesh_cfg, multi_process)
   distributed.initialize(t)
   if not distributed.is_primary():
     logging.set_verbosity(logging.WARNING)
-  placement = Placement(mesh_cfg, int(t.batch_size))
+  on_cpu = jax.default_backend() == "cpu"
+  # A later run in a process an earlier one split may use fewer of its CPU devices.
+  devices = (jax.devices()[:cpu_devices] if on_cpu and cpu_devices and jax.process_count() == 1
+             and cpu_devices < jax.device_count() else None)
+  placement = Placement(mesh_cfg, int(t.batch_size), devices)
   corpus = load_corpus(config.data, model_cfg.vocab_size)
   # After the config and data checks, before any compile: the directory lock and listing.
   ckpt = CheckpointManager(config)
   try:
-    return _train(config, model_cfg, corpus, ckpt, placement, cpu_devices)
+    return _train(config, model_cfg, corpus, ckpt, placement, cpu_devices if on_cpu else None)
   finally:
     ckpt.close()  # Waits for a pending async save; raises if it failed.
 
@@ -113,7 +121,7 @@ def train(config: Any) -> dict[str, Any]:
 def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
            placement: Placement, cpu_devices: int | None = None) -> dict[str, Any]:
   t, d = config.training, config.data
-  if cpu_devices and jax.default_backend() == "cpu":  # Logged after every input check.
+  if cpu_devices and cpu_devices > 1:  # Logged after every input check.
     logging.info("CPU split into %d XLA device(s) (training.cpu_devices=%s)", cpu_devices,
                  host_devices.requested(t))
   unit = BITS_UNIT.get(getattr(corpus.tokenizer, "name", ""), "bits/token")
