@@ -40,10 +40,6 @@ class TitansFlops:
   phase_a: float  # The projection memories' inner loop (chunks of C_o), per-(sample, head).
   phase_b: float  # The main memory's inner loop (chunks of C_m), per-(sample, head).
 
-  @property
-  def inner(self) -> float:
-    return self.phase_a + self.phase_b
-
 
 def titans_fwd_parts(cfg: ModelConfig) -> TitansFlops:
   """F_titans of §8 by part (`titans_fwd` is their sum)."""

@@ -1,6 +1,6 @@
 """Subprocess helper for the distributed tests: several training runs in one process.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/dist_worker.py SPEC_JSON
+  JAX_NUM_CPU_DEVICES=8 python tests/dist_worker.py SPEC_JSON
 
 SPEC_JSON is `{"runs": [{"dir": str, "set": {"training.mesh.fsdp": 8, ...},
 "copy_to": [dirs]}], "collectives": [{"training.mesh.fsdp": 4, ...}]}`; each run

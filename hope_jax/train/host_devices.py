@@ -130,9 +130,7 @@ def configure(t: Any, mesh_cfg: Any, multi_process: bool) -> int | None:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # JAX already runs in this process; its devices stay as they are.
     if want == AUTO:
-      if not _split_by_auto:
-        return None
-      # This module split the CPU for an earlier run: use what this run's batch wants.
+      # Split by an earlier run here (or JAX's one device): use what this run's batch wants.
       have = len(jax.devices("cpu"))
       n = auto_count(mesh_cfg, int(t.batch_size), have)
       return n if n <= have else None

@@ -104,26 +104,26 @@ def train(config: Any) -> dict[str, Any]:
   distributed.initialize(t)
   if not distributed.is_primary():
     logging.set_verbosity(logging.WARNING)
-  on_cpu = jax.default_backend() == "cpu"
+  if jax.default_backend() != "cpu" or jax.process_count() > 1:
+    cpu_devices = None
   # A later run in a process an earlier one split may use fewer of its CPU devices.
-  devices = (jax.devices()[:cpu_devices] if on_cpu and cpu_devices and jax.process_count() == 1
-             and cpu_devices < jax.device_count() else None)
+  devices = jax.devices()[:cpu_devices] if cpu_devices else None
   placement = Placement(mesh_cfg, int(t.batch_size), devices)
   corpus = load_corpus(config.data, model_cfg.vocab_size)
   # After the config and data checks, before any compile: the directory lock and listing.
   ckpt = CheckpointManager(config)
+  if cpu_devices and cpu_devices > 1:  # Logged after every input check.
+    logging.info("CPU split into %d XLA device(s) (training.cpu_devices=%s)", cpu_devices,
+                 host_devices.requested(t))
   try:
-    return _train(config, model_cfg, corpus, ckpt, placement, cpu_devices if on_cpu else None)
+    return _train(config, model_cfg, corpus, ckpt, placement)
   finally:
     ckpt.close()  # Waits for a pending async save; raises if it failed.
 
 
 def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
-           placement: Placement, cpu_devices: int | None = None) -> dict[str, Any]:
+           placement: Placement) -> dict[str, Any]:
   t, d = config.training, config.data
-  if cpu_devices and cpu_devices > 1:  # Logged after every input check.
-    logging.info("CPU split into %d XLA device(s) (training.cpu_devices=%s)", cpu_devices,
-                 host_devices.requested(t))
   unit = BITS_UNIT.get(getattr(corpus.tokenizer, "name", ""), "bits/token")
   logging.info("Data: %s | %d train / %d validation tokens", corpus.description,
                len(corpus.train), len(corpus.val))
