@@ -26,21 +26,19 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.peak import matmul_peak  # noqa: E402
+from benchmarks.peak import flops_rate, matmul_peak  # noqa: E402
 from hope_jax.config import ModelConfig  # noqa: E402
 from hope_jax.flops import step_flops, titans_fwd_parts  # noqa: E402
 from hope_jax.model.titans import inner_spec  # noqa: E402
 
 # Operand layouts: the left operand [m, k] or transposed [k, m], the right [k, n] or [n, k].
-LAYOUTS = {"mk,kn": ("mk", "kn"), "km,kn": ("km", "kn"), "mk,nk": ("mk", "nk"),
-           "km,nk": ("km", "nk")}
+LAYOUTS = ("mk,kn", "km,kn", "mk,nk", "km,nk")
 
 
 def product_shapes(cfg: ModelConfig, batch: int) -> list[dict]:
@@ -70,25 +68,12 @@ def _operand(key, shape, batch, m, k, n):
 
 
 def time_product(batch: int, m: int, k: int, n: int, layout: str, min_seconds: float) -> float:
-  """FLOP/s of one jitted batched product in `layout`.
-
-  Calls are dispatched back to back and waited for in groups, so JAX's asynchronous
-  dispatch overlaps each call's overhead with the previous call's work.
-  """
-  left, right = LAYOUTS[layout]
+  """FLOP/s of one jitted batched product in `layout` (calls dispatched 50 at a time)."""
+  left, right = layout.split(",")
   a = _operand(jax.random.key(0), left, batch, m, k, n)
   b = _operand(jax.random.key(1), right, batch, m, k, n)
   product = jax.jit(lambda a, b: jnp.einsum(f"b{left},b{right}->bmn", a, b))
-  jax.block_until_ready(product(a, b))
-  calls, start = 0, time.perf_counter()
-  while True:
-    for _ in range(50):
-      out = product(a, b)
-    jax.block_until_ready(out)
-    calls += 50
-    secs = time.perf_counter() - start
-    if secs >= min_seconds:
-      return calls * 2.0 * batch * m * k * n / secs
+  return flops_rate(lambda: product(a, b), 2.0 * batch * m * k * n, min_seconds, group=50)
 
 
 def main() -> None:

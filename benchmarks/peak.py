@@ -23,6 +23,24 @@ import jax.numpy as jnp
 CHAIN = 8  # Matmuls per call: dispatch overhead is amortised over these.
 
 
+def flops_rate(call, flops_per_call: float, min_seconds: float, group: int = 1) -> float:
+  """FLOP/s of `call()` after one warm-up call, timed for at least `min_seconds`.
+
+  Calls are dispatched `group` at a time and waited for at the end of each group, so with
+  group > 1 JAX's asynchronous dispatch hides each call's overhead behind earlier work.
+  """
+  jax.block_until_ready(call())  # Compile and warm up.
+  calls, start = 0, time.perf_counter()
+  while True:
+    for _ in range(group):
+      out = call()
+    jax.block_until_ready(out)
+    calls += group
+    secs = time.perf_counter() - start
+    if secs >= min_seconds:
+      return calls * flops_per_call / secs
+
+
 def _time_one(n: int, dtype, min_seconds: float) -> float:
   """FLOP/s of an n x n x n matmul chain in `dtype` (float32 accumulation for bf16)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype) / n**0.5
@@ -34,15 +52,7 @@ def _time_one(n: int, dtype, min_seconds: float) -> float:
       x = jnp.matmul(x, b, preferred_element_type=jnp.float32).astype(dtype)
     return x
 
-  jax.block_until_ready(chain(a))  # Compile and warm up.
-  calls, start = 0, time.perf_counter()
-  while True:
-    x = chain(a)
-    calls += 1
-    jax.block_until_ready(x)
-    secs = time.perf_counter() - start
-    if secs >= min_seconds:
-      return calls * CHAIN * 2.0 * n**3 / secs
+  return flops_rate(lambda: chain(a), CHAIN * 2.0 * n**3, min_seconds)
 
 
 def matmul_peak(dtype="float32", sizes=(1024, 2048), min_seconds: float = 1.0) -> dict:

@@ -5,6 +5,7 @@ the default split; here the rule, and what a process in which JAX already runs d
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -88,8 +89,6 @@ print(json.dumps(runs))
 
 
 def _probe(case, env_extra=None):
-  import os
-
   env = {k: v for k, v in os.environ.items()
          if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **(env_extra or {}))

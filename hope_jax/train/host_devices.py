@@ -129,15 +129,14 @@ def configure(t: Any, mesh_cfg: Any, multi_process: bool) -> int | None:
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # JAX already runs in this process; its devices stay as they are.
-    if want == AUTO:
-      # Split by an earlier run here (or JAX's one device): use what this run's batch wants.
-      have = len(jax.devices("cpu"))
-      n = auto_count(mesh_cfg, int(t.batch_size), have)
-      return n if n <= have else None
     try:
       have = len(jax.devices("cpu"))
     except RuntimeError:  # No CPU backend (JAX_PLATFORMS without "cpu"): nothing to split.
       return None
+    if want == AUTO:
+      # Split by an earlier run here (or JAX's one device): use what this run's batch wants.
+      n = auto_count(mesh_cfg, int(t.batch_size), have)
+      return n if n <= have else None
     if have != want:
       raise ConfigError(
           f"training.cpu_devices={want}, but JAX already runs in this process with {have} "
