@@ -44,8 +44,9 @@ def test_bad_input_is_one_line_exit_2(args, expected):
   assert expected in lines[0]
 
 
-def test_ctrl_c_stops_cleanly(tmp_path):
-  """SIGINT mid-training: no traceback, a warning line, exit status 130."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_and_exits_cleanly(tmp_path, signame):
+  """Ctrl-C or a scheduler's SIGTERM mid-training: a checkpoint, no traceback, 128 + signal."""
   import os
   import signal
   import subprocess
@@ -54,6 +55,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
 
   from tests.conftest import REPO
 
+  signum = getattr(signal, signame)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.Popen(
@@ -67,13 +69,14 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     seen += line
     if "step 3/" in line:
       break
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signum)
   out, _ = proc.communicate(timeout=120)
   seen += out
-  assert proc.returncode == 130, seen[-2000:]
+  assert proc.returncode == 128 + signum, seen[-2000:]
+  assert ("Ctrl-C: stopping" if signame == "SIGINT" else "SIGTERM: stopping") in seen
   assert "Traceback" not in seen
   assert "Interrupted at step" in seen
   from hope_jax.checkpoint import list_checkpoints
 
   saved = [e for e in list_checkpoints(str(tmp_path)) if e.valid]
-  assert saved and saved[-1].step >= 3, "Ctrl-C must save a checkpoint before stopping"
+  assert saved and saved[-1].step >= 3, f"{signame} must save a checkpoint before stopping"

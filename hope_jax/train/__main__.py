@@ -1,5 +1,6 @@
 """`python -m hope_jax.train --config=experiments/base.py [--config.x.y=...]`."""
 
+import signal
 import sys
 
 from absl import flags
@@ -17,8 +18,8 @@ def main(argv):
   from hope_jax.train.loop import train  # Imported after flags: keeps --help fast.
 
   summary = train(_CONFIG.value)
-  if summary["interrupted"]:
-    sys.exit(130)
+  if summary["interrupted"]:  # The shell's convention: 128 + the signal (130: Ctrl-C).
+    sys.exit(128 + (summary["stop_signal"] or signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -62,28 +62,42 @@ def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int,
 
 
 class _StopRequest:
-  """The first SIGINT asks the loop to stop after the current step; a second one raises.
+  """SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step and save.
 
   A KeyboardInterrupt raised inside a jitted step whose input was donated would leave no
-  valid state to save, so the first Ctrl-C only sets a flag the loop checks between steps.
+  valid state to save, so the first signal only sets a flag the loop checks between steps.
+  SIGTERM is what schedulers (SLURM, Kubernetes, `timeout`) send before they kill a job, so
+  a preempted run loses at most the step in flight. A second Ctrl-C raises at once; a
+  second SIGTERM ends the process at once (its default action).
   """
 
+  _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-    logging.warning("Ctrl-C: stopping after this step (press again to abort at once).")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    del frame
+    self.signum = signum
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: stopping after this step (press again to abort at once).")
+      signal.signal(signum, signal.default_int_handler)
+    else:
+      logging.warning("%s: stopping after this step and saving (send it again to end at once).",
+                      signal.Signals(signum).name)
+      signal.signal(signum, signal.SIG_DFL)
 
   def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-      self._previous = None
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}
 
 
 def train(config: Any) -> dict[str, Any]:
@@ -190,7 +204,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   stop = _StopRequest()
   try:
     for s in range(start_step, end_step):
-      if stop.requested:  # Ctrl-C lands here, between steps, never inside a donated one.
+      if stop.requested:  # A signal lands here, between steps, never inside a donated one.
         raise KeyboardInterrupt
       # Each process reads only the rows its devices hold.
       batch = placement.put_batch(lambda a, z, s=s: sampler.rows(s, a, z), batch_shape)
@@ -235,4 +249,5 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   elapsed = time.perf_counter() - t0
   logging.info("Done: step %d in %s", final_step, format_duration(elapsed))
   return {"step": final_step, "losses": losses, "eval": last_eval, "interrupted": interrupted,
-          "elapsed_s": elapsed, "state": state, "model_def": model_def}
+          "stop_signal": stop.signum, "elapsed_s": elapsed, "state": state,
+          "model_def": model_def}
