@@ -19,7 +19,7 @@ import pytest
 from hope_jax import checkpoint as ck
 from hope_jax.config import ConfigError
 from hope_jax.train import distributed
-from hope_jax.train.sharding import partition_spec, resolve_mesh_shape
+from hope_jax.train.sharding import Placement, partition_spec, resolve_mesh_shape
 from tests.conftest import REPO, run_cli
 
 STEPS = 8
@@ -329,3 +329,26 @@ def test_cli_reports_a_mesh_that_does_not_fit_in_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "hope_jax.train: error: training.mesh: data=3 x fsdp=1 = 3 devices, but 8 are "
       "available; make the product equal the device count (or use -1)")
+
+
+def test_one_device_init_lowers_threefry_to_a_kernel_only_while_it_is_traced():
+  """The option that speeds up a GPU's init compile is on while tracing, then as it was."""
+  option = "jax_threefry_gpu_kernel_lowering"
+  seen = []
+
+  def init_fn():
+    seen.append(getattr(jax.config, option))
+    return {"w": jax.random.normal(jax.random.key(0), (4, 4)), "step": jnp.zeros((), jnp.int32)}
+
+  placement = Placement({"data": -1, "fsdp": 1}, 8, jax.devices()[:1])
+  before = getattr(jax.config, option)
+  state = placement.init_state(init_fn)
+  assert seen == [True] and getattr(jax.config, option) == before
+  np.testing.assert_array_equal(state["w"], jax.jit(init_fn)()["w"])
+
+  def failing():
+    raise ValueError("bad init")
+
+  with pytest.raises(ValueError, match="bad init"):
+    placement.init_state(failing)
+  assert getattr(jax.config, option) == before
