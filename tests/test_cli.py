@@ -76,6 +76,7 @@ def test_a_stop_signal_saves_and_exits_cleanly(tmp_path, signame):
   assert ("Ctrl-C: stopping" if signame == "SIGINT" else "SIGTERM: stopping") in seen
   assert "Traceback" not in seen
   assert "Interrupted at step" in seen
+  assert "First step done in" in seen  # The compile's time, left out of tokens/s.
   from hope_jax.checkpoint import list_checkpoints
 
   saved = [e for e in list_checkpoints(str(tmp_path)) if e.valid]

@@ -193,6 +193,10 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       raise FloatingPointError(f"training loss is {m['loss']} at step {step}")
     writer.write(step, row)
     progress.tick(step, {"loss": f"{m['loss']:.3f}"})
+    if step == start_step + 1:  # The rate from here on leaves the compile out.
+      progress.restart(step)
+      logging.info("First step done in %s (compiling the train step included)",
+                   format_duration(time.perf_counter() - t0))
 
   def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
     # Donating `state` into the next step is safe once save() returns: Orbax then
@@ -215,12 +219,14 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
         record(*pending)
         pending = None
-        last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
+        with progress.paused():
+          last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
         writer.write(s + 1, last_eval)
         logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                      unit, last_eval["eval/bits_per_token"])
       if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
-        save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
+        with progress.paused():
+          save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
     if pending is not None:
       record(*pending)
       pending = None

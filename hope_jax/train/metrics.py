@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -51,17 +52,38 @@ class MetricWriter:
 
 
 class Progress:
-  """Throughput and ETA between log lines; a tqdm bar on an interactive terminal."""
+  """Throughput and ETA between log lines; a tqdm bar on an interactive terminal.
+
+  The rate counts training steps only: time spent in `paused()` (evaluations, checkpoint
+  saves) is left out, and `restart()` after the first step drops its compile, so neither
+  skews tokens/s or the time left.
+  """
 
   def __init__(self, start_step: int, end_step: int, tokens_per_step: int, enabled: bool):
     self.end_step, self.tokens_per_step = end_step, tokens_per_step
-    self._t, self._step = time.perf_counter(), start_step
+    self._t = time.perf_counter()
+    self.restart(start_step)
     self._bar = None
     if enabled and sys.stderr.isatty():
       from tqdm import tqdm
 
       self._bar = tqdm(total=end_step, initial=start_step, unit="step", dynamic_ncols=True,
                        leave=False)
+
+  def restart(self, step: int) -> float:
+    """Starts a new window at `step`; returns the seconds since the last one began."""
+    now = time.perf_counter()
+    since, self._t, self._step, self._paused = now - self._t, now, step, 0.0
+    return since
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Leaves the time spent inside out of the rate."""
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - t0
 
   def tick(self, step: int, postfix: dict[str, str] | None = None) -> None:
     if self._bar is not None:
@@ -72,8 +94,8 @@ class Progress:
   def rate(self, step: int) -> tuple[float, float]:
     """(tokens/s since the last call, seconds remaining at that rate)."""
     now = time.perf_counter()
-    dt, ds = now - self._t, step - self._step
-    self._t, self._step = now, step
+    dt, ds = now - self._t - self._paused, step - self._step
+    self._t, self._step, self._paused = now, step, 0.0
     steps_per_s = ds / dt if dt > 0 else 0.0
     eta = (self.end_step - step) / steps_per_s if steps_per_s > 0 else float("inf")
     return steps_per_s * self.tokens_per_step, eta

@@ -1,0 +1,28 @@
+"""The log's throughput and time left count training steps only."""
+
+import types
+
+import pytest
+
+from hope_jax.train import metrics
+
+
+def test_progress_rate_leaves_out_the_first_steps_compile_and_paused_time(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+  progress = metrics.Progress(0, 100, tokens_per_step=10, enabled=False)
+  now[0] += 30.0  # The first step, its compile included.
+  assert progress.restart(1) == pytest.approx(30.0)
+  now[0] += 9.0  # Steps 2..10 at 1 s each.
+  with progress.paused():
+    now[0] += 50.0  # An evaluation or a checkpoint save.
+  tok_s, eta = progress.rate(10)
+  assert tok_s == pytest.approx(10.0) and eta == pytest.approx(90.0)
+  now[0] += 4.0  # Steps 11..12 at 2 s each: the earlier pause counts once only.
+  assert progress.rate(12) == (pytest.approx(5.0), pytest.approx(176.0))
+  with pytest.raises(RuntimeError):  # A pause ended by an error still counts as paused.
+    with progress.paused():
+      now[0] += 7.0
+      raise RuntimeError
+  now[0] += 1.0
+  assert progress.rate(13)[0] == pytest.approx(10.0)
