@@ -81,3 +81,29 @@ def test_a_stop_signal_saves_and_exits_cleanly(tmp_path, signame):
 
   saved = [e for e in list_checkpoints(str(tmp_path)) if e.valid]
   assert saved and saved[-1].step >= 3, f"{signame} must save a checkpoint before stopping"
+
+
+SIGNAL_IN_FINAL_EVAL = """
+import os, signal, sys
+from hope_jax.train import loop
+from experiments import tiny
+
+real = loop.evaluate
+def evaluate(*args, **kwargs):  # Only the final eval runs (eval_every > num_steps).
+  os.kill(os.getpid(), signal.SIGTERM)
+  return real(*args, **kwargs)
+loop.evaluate = evaluate
+cfg = tiny.get_config()
+cfg.training.update(num_steps=3, eval_every=1000, save_every=1000, checkpoint_dir=sys.argv[1])
+summary = loop.train(cfg)
+print("interrupted", summary["interrupted"], "step", summary["step"])
+"""
+
+
+def test_a_sigterm_during_the_final_eval_still_saves_the_finished_run(tmp_path):
+  proc = run_cli(["-c", SIGNAL_IN_FINAL_EVAL, str(tmp_path)])
+  assert proc.returncode == 0, proc.stderr[-2000:]  # -15: killed before the final save.
+  assert "interrupted False step 3" in proc.stdout
+  from hope_jax.checkpoint import list_checkpoints
+
+  assert [e.step for e in list_checkpoints(str(tmp_path)) if e.valid] == [3]

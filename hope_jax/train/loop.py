@@ -99,6 +99,12 @@ class _StopRequest:
       signal.signal(s, previous)
     self._previous = {}
 
+  def __enter__(self) -> "_StopRequest":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.restore()
+
 
 def train(config: Any) -> dict[str, Any]:
   """Runs (or resumes) the job described by `config`; returns a summary dict.
@@ -205,52 +211,53 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
 
   t0 = time.perf_counter()
   pending = None
-  stop = _StopRequest()
-  try:
-    for s in range(start_step, end_step):
-      if stop.requested:  # A signal lands here, between steps, never inside a donated one.
-        raise KeyboardInterrupt
-      # Each process reads only the rows its devices hold.
-      batch = placement.put_batch(lambda a, z, s=s: sampler.rows(s, a, z), batch_shape)
-      state, metrics = train_step(state, batch)
+  # The signal handlers stay until the final checkpoint is written: a signal during the
+  # final eval only sets the flag, so the finished run is still saved.
+  with _StopRequest() as stop:
+    try:
+      for s in range(start_step, end_step):
+        if stop.requested:  # A signal lands here, between steps, never inside a donated one.
+          raise KeyboardInterrupt
+        # Each process reads only the rows its devices hold.
+        batch = placement.put_batch(lambda a, z, s=s: sampler.rows(s, a, z), batch_shape)
+        state, metrics = train_step(state, batch)
+        if pending is not None:
+          record(*pending)
+        pending = (s + 1, metrics)
+        if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
+          record(*pending)
+          pending = None
+          with progress.paused():
+            last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
+          writer.write(s + 1, last_eval)
+          logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
+                       unit, last_eval["eval/bits_per_token"])
+        if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
+          with progress.paused():
+            save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
       if pending is not None:
         record(*pending)
-      pending = (s + 1, metrics)
-      if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
-        record(*pending)
         pending = None
-        with progress.paused():
-          last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
-        writer.write(s + 1, last_eval)
-        logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
-                     unit, last_eval["eval/bits_per_token"])
-      if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
-        with progress.paused():
-          save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
-    if pending is not None:
-      record(*pending)
-      pending = None
-  except KeyboardInterrupt:
-    interrupted = True
-    if any(x.is_deleted() for x in jax.tree.leaves(state)):  # Interrupted inside a donated step.
-      logging.warning("Interrupted mid-step; the last checkpoint is step %s.", ckpt.latest_step)
-    else:
-      logging.warning("Interrupted at step %d; saving a checkpoint and stopping cleanly.",
-                      int(state["step"]))
-      save(int(state["step"]), force=True)
-  finally:
-    stop.restore()
-    progress.close()
+    except KeyboardInterrupt:
+      interrupted = True
+      if any(x.is_deleted() for x in jax.tree.leaves(state)):  # Interrupted inside a donated step.
+        logging.warning("Interrupted mid-step; the last checkpoint is step %s.", ckpt.latest_step)
+      else:
+        logging.warning("Interrupted at step %d; saving a checkpoint and stopping cleanly.",
+                        int(state["step"]))
+        save(int(state["step"]), force=True)
+    finally:
+      progress.close()
 
-  state_alive = not any(x.is_deleted() for x in jax.tree.leaves(state))
-  final_step = int(state["step"]) if state_alive else int(ckpt.latest_step or start_step)
-  if not interrupted and final_step > start_step:
-    last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
-    writer.write(final_step, last_eval)
-    logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
-                 last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
-  if not interrupted:
-    save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
+    state_alive = not any(x.is_deleted() for x in jax.tree.leaves(state))
+    final_step = int(state["step"]) if state_alive else int(ckpt.latest_step or start_step)
+    if not interrupted and final_step > start_step:
+      last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
+      writer.write(final_step, last_eval)
+      logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
+                   last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
+    if not interrupted:
+      save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
   writer.close()
   elapsed = time.perf_counter() - t0
   logging.info("Done: step %d in %s", final_step, format_duration(elapsed))
