@@ -100,6 +100,11 @@ if [ "$MAIN_JOB" = 1 ]; then
   until grep -q "step $MAIN_STOP_AT/" "$OUT/main_1.log" || ! kill -0 $pid 2>/dev/null \
       || [ $((SECONDS - start)) -ge "$MAIN_TIMEOUT" ]; do sleep 0.2; done
   kill -TERM $pid 2>/dev/null
+  stopped=$SECONDS  # It should save and stop within a step; KILL it after MAIN_TIMEOUT.
+  while kill -0 $pid 2>/dev/null && [ $((SECONDS - stopped)) -lt "$MAIN_TIMEOUT" ]; do
+    sleep 0.2
+  done
+  kill -KILL $pid 2>/dev/null
   wait $pid
   echo "first run: exit $? after $((SECONDS - start)) s (143: stopped by SIGTERM)"
   grep -E "Model:|step [0-9]+/|eval|SIGTERM|Interrupted|Error" "$OUT/main_1.log" | sed 's/^.*\] //' \

@@ -1,4 +1,4 @@
-"""Time to create a fresh train state: jitted (as the train loop does), and the alternatives.
+"""Time to create a fresh train state: jitted, as the train loop does it, and the alternatives.
 
 Run (from the repository root):
   python benchmarks/init_time.py                      # hope at D=256, 4 layers (the CPU size)
@@ -7,10 +7,12 @@ Run (from the repository root):
            --timeout=SECONDS (per row) --json=FILE
 
 Modes, each in its own subprocess (a fresh JAX, so nothing is cached between them):
-  jit         `jax.jit(init_fn)()`, what `Placement.init_state` runs on one device;
-  jit_kernel  the same with `jax_threefry_gpu_kernel_lowering` on: on a GPU the threefry
-              random bits come from one kernel instead of its rounds unrolled into the
-              program (the option does nothing elsewhere);
+  jit         `jax.jit(init_fn)()`, what the train loop ran before it used `jit_kernel`
+              (and still runs on a mesh of several devices);
+  jit_kernel  the same with `jax_threefry_gpu_kernel_lowering` on, as `Placement.init_state`
+              runs it on one device: on a GPU the threefry random bits come from one kernel
+              instead of its rounds unrolled into the program (the option does nothing
+              elsewhere);
   eager       `init_fn()` op by op (what `benchmarks/train_mfu.py` does).
 
 Per row: the time to lower, compile and run (jit) or just run (eager), and a checksum of the
@@ -98,7 +100,9 @@ def main() -> None:
       rows.append({"model": args.model, "mode": mode, "error": out.stderr.strip()[-300:]})
       continue
     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  fmt = lambda r, k: f"{r[k]:.1f}" if k in r else "-"
+  def fmt(row: dict, key: str) -> str:
+    return f"{row[key]:.1f}" if key in row else "-"
+
   print(f"\nFresh train state of `{args.model}` ({', '.join(args.set) or 'benchmark size'})\n")
   print("| mode | backend | lower (s) | compile (s) | total (s) | parameters | checksum |")
   print("|---|---|---|---|---|---|---|")

@@ -83,27 +83,39 @@ def test_a_stop_signal_saves_and_exits_cleanly(tmp_path, signame):
   assert saved and saved[-1].step >= 3, f"{signame} must save a checkpoint before stopping"
 
 
-SIGNAL_IN_FINAL_EVAL = """
+SIGNAL_AT_THE_END = """
 import os, signal, sys
+from hope_jax.checkpoint import CheckpointManager
 from hope_jax.train import loop
 from experiments import tiny
 
-real = loop.evaluate
-def evaluate(*args, **kwargs):  # Only the final eval runs (eval_every > num_steps).
-  os.kill(os.getpid(), signal.SIGTERM)
+where, directory = sys.argv[1:]
+# The final save's commit: the first wait for a pending save (save_every > num_steps).
+owner, name = {"last_log_line": (loop, "log_line"), "final_eval": (loop, "evaluate"),
+               "final_save": (CheckpointManager, "_flush")}[where]
+real, fired = getattr(owner, name), []
+def with_sigterm(*args, **kwargs):  # Once: at step 3's log line, the eval, the commit.
+  if not fired and {"last_log_line": lambda: args[0] == 3, "final_eval": lambda: True,
+                    "final_save": lambda: args[0]._pending is not None}[where]():
+    fired.append(True)
+    os.kill(os.getpid(), signal.SIGTERM)
   return real(*args, **kwargs)
-loop.evaluate = evaluate
+setattr(owner, name, with_sigterm)
 cfg = tiny.get_config()
-cfg.training.update(num_steps=3, eval_every=1000, save_every=1000, checkpoint_dir=sys.argv[1])
+cfg.training.update(num_steps=3, eval_every=1000, save_every=1000, checkpoint_dir=directory)
 summary = loop.train(cfg)
-print("interrupted", summary["interrupted"], "step", summary["step"])
+print("interrupted", summary["interrupted"], "step", summary["step"], "eval", bool(summary["eval"]))
 """
 
 
-def test_a_sigterm_during_the_final_eval_still_saves_the_finished_run(tmp_path):
-  proc = run_cli(["-c", SIGNAL_IN_FINAL_EVAL, str(tmp_path)])
+@pytest.mark.parametrize("where,interrupted", [
+    ("last_log_line", True), ("final_eval", False), ("final_save", False)])
+def test_a_sigterm_at_the_end_of_a_run_still_saves_it(tmp_path, where, interrupted):
+  """Before the final eval: saved at once, eval skipped; during the eval or save: finished."""
+  proc = run_cli(["-c", SIGNAL_AT_THE_END, where, str(tmp_path)])
   assert proc.returncode == 0, proc.stderr[-2000:]  # -15: killed before the final save.
-  assert "interrupted False step 3" in proc.stdout
+  assert f"interrupted {interrupted} step 3 eval {not interrupted}" in proc.stdout
+  assert ("without its final evaluation" in proc.stderr) == interrupted
   from hope_jax.checkpoint import list_checkpoints
 
   assert [e.step for e in list_checkpoints(str(tmp_path)) if e.valid] == [3]

@@ -7,6 +7,8 @@ and on 4; two processes join through `jax.distributed` on a loopback port.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -195,6 +197,43 @@ def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path
     # Adam moved each weight by ~1e-2 per step; the layouts differ by summation order only.
     assert x.shape == y.shape and x.dtype == y.dtype
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=TOL)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves(tmp_path):
+  """A preemption notice in one process: all stop at the step JAX's service names, and save.
+
+  Stopping on its own, the signalled process would wait in the save's collective while
+  the other one waits in the next step's.
+  """
+  d = tmp_path / "stop"
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), **devices_env(2))
+    procs.append(subprocess.Popen(
+        [sys.executable, *cli_args(d, 100000, **{"training.mesh.data": 2,
+                                                 "training.mesh.fsdp": 2})],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  seen = ""
+  for line in procs[0].stdout:  # Process 0 logs; at step 3 both are past their compile.
+    seen += line
+    if "step 3/" in line:
+      break
+  procs[1].send_signal(signal.SIGTERM)
+  try:
+    outs = [seen + p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  stops = [re.search(r"every process stops at step (\d+)", o) for o in outs]
+  assert all(stops), outs[0][-3000:]
+  step = int(stops[0].group(1))
+  assert step == int(stops[1].group(1)) and step >= 3
+  listed = ck.list_checkpoints(str(d))
+  assert listed[-1].step == step and all(e.valid for e in listed)  # save_every=4 too.
 
 
 def test_bfloat16_compute_trains_with_float32_params(tmp_path):

@@ -12,7 +12,7 @@ def test_progress_rate_leaves_out_the_first_steps_compile_and_paused_time(monkey
   monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
   progress = metrics.Progress(0, 100, tokens_per_step=10, enabled=False)
   now[0] += 30.0  # The first step, its compile included.
-  assert progress.restart(1) == pytest.approx(30.0)
+  progress.restart(1)
   now[0] += 9.0  # Steps 2..10 at 1 s each.
   with progress.paused():
     now[0] += 50.0  # An evaluation or a checkpoint save.

@@ -4,7 +4,7 @@ The host dispatches step n+1 before it reads step n's metrics, so the device
 never waits on Python. `num_steps` is the step the run ends at: rerunning the
 same command (with `training.resume_from=latest`) after a crash finishes the job.
 Checkpoints are saved asynchronously every `save_every` steps, at the end and on
-Ctrl-C; `close()` in `finally` never returns before a pending save is committed.
+Ctrl-C or SIGTERM; `close()` in `finally` never returns before a pending save is committed.
 
 On several devices or processes the state and batches are laid out by
 `hope_jax.train.sharding.Placement` (`training.mesh`), and only process 0 logs
@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from hope_jax.checkpoint import CheckpointManager
 from hope_jax.config import validate_run_config
@@ -62,33 +63,49 @@ def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int,
 
 
 class _StopRequest:
-  """SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step and save.
+  """SIGINT (Ctrl-C) or SIGTERM asks the loop to stop between steps and save.
 
   A KeyboardInterrupt raised inside a jitted step whose input was donated would leave no
   valid state to save, so the first signal only sets a flag the loop checks between steps.
   SIGTERM is what schedulers (SLURM, Kubernetes, `timeout`) send before they kill a job, so
-  a preempted run loses at most the step in flight. A second Ctrl-C raises at once; a
-  second SIGTERM ends the process at once (its default action).
+  a preempted run keeps every finished step. A second Ctrl-C raises at once; a second
+  SIGTERM ends the process at once (its default action).
+
+  With several processes every one must stop at the same step, or the one saving waits in
+  a collective the others never join. There JAX's preemption service (on by default with
+  `jax.distributed`) catches SIGTERM in any process and names one step for all
+  (`multihost_utils.reached_preemption_sync_point`), and Ctrl-C is passed on to it as a
+  SIGTERM to this process.
   """
 
-  _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-  def __init__(self):
+  def __init__(self, shared: bool = False):
     self.signum: int | None = None
+    self._shared = shared
     self._previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+      # When shared, SIGTERM stays with the preemption service's own handler.
+      signals = (signal.SIGINT,) if shared else (signal.SIGINT, signal.SIGTERM)
+      self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
-  @property
-  def requested(self) -> bool:
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop before `step`'s update: the same answer in every process."""
+    if self._shared:
+      if not multihost_utils.reached_preemption_sync_point(step):
+        return False
+      logging.warning("Stop request (SIGTERM or Ctrl-C in a process of this job): every "
+                      "process stops at step %d and saves.", step)
+      self.signum = self.signum or signal.SIGTERM
+      return True
     return self.signum is not None
 
   def _handle(self, signum, frame):
     del frame
-    self.signum = signum
+    self.signum = self.signum or signum  # The first signal sets the exit status.
     if signum == signal.SIGINT:
       logging.warning("Ctrl-C: stopping after this step (press again to abort at once).")
       signal.signal(signum, signal.default_int_handler)
+      if self._shared:
+        os.kill(os.getpid(), signal.SIGTERM)
     else:
       logging.warning("%s: stopping after this step and saving (send it again to end at once).",
                       signal.Signals(signum).name)
@@ -104,6 +121,12 @@ class _StopRequest:
 
   def __exit__(self, *exc) -> None:
     self.restore()
+
+
+def _shared_stop() -> bool:
+  """Whether stop requests go through JAX's preemption service (several processes)."""
+  return (jax.process_count() > 1 and jax.distributed.is_initialized()
+          and bool(jax.config.jax_enable_preemption_service))
 
 
 def train(config: Any) -> dict[str, Any]:
@@ -213,10 +236,10 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   pending = None
   # The signal handlers stay until the final checkpoint is written: a signal during the
   # final eval only sets the flag, so the finished run is still saved.
-  with _StopRequest() as stop:
+  with _StopRequest(_shared_stop()) as stop:
     try:
       for s in range(start_step, end_step):
-        if stop.requested:  # A signal lands here, between steps, never inside a donated one.
+        if stop.should_stop(s):  # A signal lands here, between steps, never in a donated one.
           raise KeyboardInterrupt
         # Each process reads only the rows its devices hold.
         batch = placement.put_batch(lambda a, z, s=s: sampler.rows(s, a, z), batch_shape)
@@ -233,6 +256,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
           logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                        unit, last_eval["eval/bits_per_token"])
         if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
+          jax.block_until_ready(state)  # The step's own time counts; the save's does not.
           with progress.paused():
             save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
       if pending is not None:
@@ -251,6 +275,12 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
 
     state_alive = not any(x.is_deleted() for x in jax.tree.leaves(state))
     final_step = int(state["step"]) if state_alive else int(ckpt.latest_step or start_step)
+    if not interrupted and stop.should_stop(final_step):  # Save before a long final eval.
+      interrupted = True
+      save(final_step, force=True)
+      logging.warning("Stopped after the last step: saved step %d without its final "
+                      "evaluation (python -m hope_jax.evaluate --checkpoint_dir=%s "
+                      "--write_manifest adds it).", final_step, t.checkpoint_dir)
     if not interrupted and final_step > start_step:
       last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
       writer.write(final_step, last_eval)
@@ -258,6 +288,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                    last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
     if not interrupted:
       save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
+    ckpt.wait()  # The last save is committed before a second signal can end the process.
   writer.close()
   elapsed = time.perf_counter() - t0
   logging.info("Done: step %d in %s", final_step, format_duration(elapsed))

@@ -61,7 +61,6 @@ class Progress:
 
   def __init__(self, start_step: int, end_step: int, tokens_per_step: int, enabled: bool):
     self.end_step, self.tokens_per_step = end_step, tokens_per_step
-    self._t = time.perf_counter()
     self.restart(start_step)
     self._bar = None
     if enabled and sys.stderr.isatty():
@@ -70,11 +69,9 @@ class Progress:
       self._bar = tqdm(total=end_step, initial=start_step, unit="step", dynamic_ncols=True,
                        leave=False)
 
-  def restart(self, step: int) -> float:
-    """Starts a new window at `step`; returns the seconds since the last one began."""
-    now = time.perf_counter()
-    since, self._t, self._step, self._paused = now - self._t, now, step, 0.0
-    return since
+  def restart(self, step: int) -> None:
+    """Starts a new window at `step`, dropping the time since the last one began."""
+    self._t, self._step, self._paused = time.perf_counter(), step, 0.0
 
   @contextlib.contextmanager
   def paused(self):
