@@ -199,13 +199,8 @@ def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=TOL)
 
 
-def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves(tmp_path):
-  """A preemption notice in one process: all stop at the step JAX's service names, and save.
-
-  Stopping on its own, the signalled process would wait in the save's collective while
-  the other one waits in the next step's.
-  """
-  d = tmp_path / "stop"
+def _two_processes_with_sigterm(d, watch: int, when: str) -> list[str]:
+  """Trains in two processes; SIGTERM to process 1 once process `watch` prints `when`."""
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -216,24 +211,39 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves(tmp_pa
         [sys.executable, *cli_args(d, 100000, **{"training.mesh.data": 2,
                                                  "training.mesh.fsdp": 2})],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  seen = ""
-  for line in procs[0].stdout:  # Process 0 logs; at step 3 both are past their compile.
-    seen += line
-    if "step 3/" in line:
-      break
-  procs[1].send_signal(signal.SIGTERM)
+  seen = ["", ""]
   try:
-    outs = [seen + p.communicate(timeout=120)[0] for p in procs]
+    for line in procs[watch].stdout:
+      seen[watch] += line
+      if when in line:
+        break
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [seen[i] + p.communicate(timeout=120)[0] for i, p in enumerate(procs)]
   finally:
     for p in procs:
       p.kill()
   assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
-  stops = [re.search(r"every process stops at step (\d+)", o) for o in outs]
-  assert all(stops), outs[0][-3000:]
-  step = int(stops[0].group(1))
-  assert step == int(stops[1].group(1)) and step >= 3
-  listed = ck.list_checkpoints(str(d))
-  assert listed[-1].step == step and all(e.valid for e in listed)  # save_every=4 too.
+  return outs
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves(tmp_path):
+  """A preemption notice in one process: all stop at the step JAX's service names, and save.
+
+  Stopping on its own, the signalled process would wait in the save's collective while
+  the other one waits in the next step's. The second run gets the notice while it starts,
+  resumed from that step (before its first check of the notice).
+  """
+  d = tmp_path / "stop"
+  steps = []
+  for watch, when in ((0, "step 3/"), (1, "Process 1 of 2")):
+    outs = _two_processes_with_sigterm(d, watch, when)
+    stops = [re.search(r"every process stops at step (\d+)", o) for o in outs]
+    assert all(stops), outs[0][-3000:] + outs[1][-3000:]
+    steps.append(int(stops[0].group(1)))
+    assert steps[-1] == int(stops[1].group(1))
+    listed = ck.list_checkpoints(str(d))
+    assert listed[-1].step == steps[-1] and all(e.valid for e in listed)  # save_every=4 too.
+  assert steps[0] >= 3 and steps[1] == steps[0]  # The resumed run stopped before a step.
 
 
 def test_bfloat16_compute_trains_with_float32_params(tmp_path):

@@ -73,14 +73,16 @@ class _StopRequest:
 
   With several processes every one must stop at the same step, or the one saving waits in
   a collective the others never join. There JAX's preemption service (on by default with
-  `jax.distributed`) catches SIGTERM in any process and names one step for all
+  `jax.distributed`) catches SIGTERM in any process and names one check for all
   (`multihost_utils.reached_preemption_sync_point`), and Ctrl-C is passed on to it as a
-  SIGTERM to this process.
+  SIGTERM to this process. JAX's handler keeps catching SIGTERM, so only SIGKILL or a second
+  Ctrl-C (which then ends this process at once, as a kill would) stops such a run sooner.
   """
 
   def __init__(self, shared: bool = False):
     self.signum: int | None = None
     self._shared = shared
+    self._checks = 0  # Ids for the preemption service: every process counts the same.
     self._previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
       # When shared, SIGTERM stays with the preemption service's own handler.
@@ -89,23 +91,29 @@ class _StopRequest:
 
   def should_stop(self, step: int) -> bool:
     """Whether to stop before `step`'s update: the same answer in every process."""
-    if self._shared:
-      if not multihost_utils.reached_preemption_sync_point(step):
-        return False
-      logging.warning("Stop request (SIGTERM or Ctrl-C in a process of this job): every "
-                      "process stops at step %d and saves.", step)
-      self.signum = self.signum or signal.SIGTERM
-      return True
-    return self.signum is not None
+    if not self._shared:
+      return self.signum is not None
+    # Counted from 1 in this run, as the service's own ids start at 0 in each process: a
+    # notice that comes while the run starts then stops it before any step (with the
+    # train step as the id, a resumed run took one more step first).
+    self._checks += 1
+    if not multihost_utils.reached_preemption_sync_point(self._checks):
+      return False
+    logging.warning("Stop request (SIGTERM or Ctrl-C in a process of this job): every "
+                    "process stops at step %d and saves.", step)
+    self.signum = self.signum or signal.SIGTERM
+    return True
 
   def _handle(self, signum, frame):
     del frame
     self.signum = self.signum or signum  # The first signal sets the exit status.
     if signum == signal.SIGINT:
       logging.warning("Ctrl-C: stopping after this step (press again to abort at once).")
-      signal.signal(signum, signal.default_int_handler)
-      if self._shared:
+      if self._shared:  # Raising in one process would leave it saving alone, stuck.
+        signal.signal(signum, lambda *_: os._exit(128 + signal.SIGINT))
         os.kill(os.getpid(), signal.SIGTERM)
+      else:
+        signal.signal(signum, signal.default_int_handler)
     else:
       logging.warning("%s: stopping after this step and saving (send it again to end at once).",
                       signal.Signals(signum).name)
@@ -124,9 +132,19 @@ class _StopRequest:
 
 
 def _shared_stop() -> bool:
-  """Whether stop requests go through JAX's preemption service (several processes)."""
-  return (jax.process_count() > 1 and jax.distributed.is_initialized()
-          and bool(jax.config.jax_enable_preemption_service))
+  """Whether JAX's preemption service runs here, so stop requests go through it.
+
+  That depends on `jax_enable_preemption_service` as it was when `jax.distributed` was
+  initialised; JAX has no public way to ask, so this reads its state where it can.
+  """
+  if jax.process_count() == 1 or not jax.distributed.is_initialized():
+    return False
+  try:
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):  # Another JAX: the option's current value.
+    return bool(jax.config.jax_enable_preemption_service)
 
 
 def train(config: Any) -> dict[str, Any]:
