@@ -93,9 +93,8 @@ class _StopRequest:
     """Whether to stop before `step`'s update: the same answer in every process."""
     if not self._shared:
       return self.signum is not None
-    # Counted from 1 in this run, as the service's own ids start at 0 in each process: a
-    # notice that comes while the run starts then stops it before any step (with the
-    # train step as the id, a resumed run took one more step first).
+    # Counted from 1 in this run, as the service's own count starts at 0 in each process:
+    # whatever id a notice names is then still ahead, even in a run resumed at a late step.
     self._checks += 1
     if not multihost_utils.reached_preemption_sync_point(self._checks):
       return False
