@@ -16,10 +16,11 @@ def test_progress_rate_leaves_out_the_first_steps_compile_and_paused_time(monkey
   now[0] += 9.0  # Steps 2..10 at 1 s each.
   with progress.paused():
     now[0] += 50.0  # An evaluation or a checkpoint save.
+  # 90 steps left at 1 s, plus the pause's 50 s over 9 steps so far for each.
   tok_s, eta = progress.rate(10)
-  assert tok_s == pytest.approx(10.0) and eta == pytest.approx(90.0)
-  now[0] += 4.0  # Steps 11..12 at 2 s each: the earlier pause counts once only.
-  assert progress.rate(12) == (pytest.approx(5.0), pytest.approx(176.0))
+  assert tok_s == pytest.approx(10.0) and eta == pytest.approx(90 * (1 + 50 / 9))
+  now[0] += 4.0  # Steps 11..12 at 2 s each: the earlier pause is out of this rate.
+  assert progress.rate(12) == (pytest.approx(5.0), pytest.approx(88 * (2 + 50 / 11)))
   with pytest.raises(RuntimeError):  # A pause ended by an error still counts as paused.
     with progress.paused():
       now[0] += 7.0

@@ -56,11 +56,13 @@ class Progress:
 
   The rate counts training steps only: time spent in `paused()` (evaluations, checkpoint
   saves) is left out, and `restart()` after the first step drops its compile, so neither
-  skews tokens/s or the time left.
+  skews tokens/s. The time left adds the paused time per step seen so far, so evaluations
+  and saves still to come are counted at their average cost.
   """
 
   def __init__(self, start_step: int, end_step: int, tokens_per_step: int, enabled: bool):
     self.end_step, self.tokens_per_step = end_step, tokens_per_step
+    self._paused_total, self._steps_total = 0.0, 0
     self.restart(start_step)
     self._bar = None
     if enabled and sys.stderr.isatty():
@@ -89,13 +91,18 @@ class Progress:
         self._bar.set_postfix(postfix, refresh=False)
 
   def rate(self, step: int) -> tuple[float, float]:
-    """(tokens/s since the last call, seconds remaining at that rate)."""
+    """(tokens/s since the last call, seconds remaining: that rate plus paused time)."""
     now = time.perf_counter()
     dt, ds = now - self._t - self._paused, step - self._step
+    self._paused_total += self._paused
+    self._steps_total += ds
     self._t, self._step, self._paused = now, step, 0.0
     steps_per_s = ds / dt if dt > 0 else 0.0
-    eta = (self.end_step - step) / steps_per_s if steps_per_s > 0 else float("inf")
-    return steps_per_s * self.tokens_per_step, eta
+    if steps_per_s <= 0:
+      return 0.0, float("inf")
+    paused_per_step = self._paused_total / self._steps_total
+    return (steps_per_s * self.tokens_per_step,
+            (self.end_step - step) * (1 / steps_per_s + paused_per_step))
 
   def close(self) -> None:
     if self._bar is not None:
