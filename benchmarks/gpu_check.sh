@@ -44,7 +44,8 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # JAX lets XLA use 75% of the card by default: hope at batch 4 (62 GiB) needs more.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-MFU_SIZE=${MFU_SIZE:---set=hidden_size=1024 --set=num_layers=12 --set=num_heads=16 --lengths=4096 --set=scan_layers=true}
+GPU_SIZE="--set=hidden_size=1024 --set=num_heads=16"
+MFU_SIZE=${MFU_SIZE:-$GPU_SIZE --set=num_layers=12 --lengths=4096 --set=scan_layers=true}
 MFU_ROWS=${MFU_ROWS-hope|4|--set=lm_grad_remat_every=8;hope|1|}
 FIRST_TIMEOUT=${FIRST_TIMEOUT:-45}
 DEADLINE=${DEADLINE:-570}
@@ -52,12 +53,11 @@ MAIN_JOB=${MAIN_JOB:-1}
 MAIN_STOP_AT=${MAIN_STOP_AT:-200}
 MAIN_TIMEOUT=${MAIN_TIMEOUT:-150}
 INIT_TIMEOUT=${INIT_TIMEOUT:-50}
-GPU_SIZE="--set=hidden_size=1024 --set=num_heads=16"
 INIT_ROWS=${INIT_ROWS-jit,jit_kernel,eager|$GPU_SIZE --set=num_layers=4;jit_kernel,eager|$GPU_SIZE --set=num_layers=12}
 ROW_TIMEOUT=${ROW_TIMEOUT:-150}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-120}
 PEAK_SIZES=${PEAK_SIZES:-4096,8192}
-PROFILE_ARGS=${PROFILE_ARGS---set=hidden_size=1024 --set=num_layers=2 --set=num_heads=16 --set=dtype=bfloat16 --batch=1 --length=4096}
+PROFILE_ARGS=${PROFILE_ARGS-$GPU_SIZE --set=num_layers=2 --set=dtype=bfloat16 --batch=1 --length=4096}
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 \
   | tee "$OUT/device.txt"

@@ -9,7 +9,7 @@ Run (from the repository root):
 Modes, each in its own subprocess (a fresh JAX, so nothing is cached between them):
   jit         `jax.jit(init_fn)()`, what the train loop ran before it used `jit_kernel`
               (and still runs on a mesh of several devices);
-  jit_kernel  the same with `jax_threefry_gpu_kernel_lowering` on, as `Placement.init_state`
+  jit_kernel  the same inside `sharding.threefry_gpu_kernel()`, as `Placement.init_state`
               runs it on one device: on a GPU the threefry random bits come from one kernel
               instead of its rounds unrolled into the program (the option does nothing
               elsewhere);
@@ -23,6 +23,7 @@ show the same value. Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -39,12 +40,12 @@ def measure(model: str, mode: str, overrides: dict) -> dict:
   import jax
   import numpy as np
 
-  if mode == "jit_kernel":
-    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
   from benchmarks.train_mfu import model_config
   from experiments import base
   from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.sharding import threefry_gpu_kernel
   from hope_jax.train.state import ModelDef, make_init_fn, param_count
+
 
   cfg = model_config(model, overrides)
   model_def = ModelDef(cfg)
@@ -54,9 +55,10 @@ def measure(model: str, mode: str, overrides: dict) -> dict:
   if mode == "eager":
     state = jax.block_until_ready(init_fn())
   else:
-    lowered = jax.jit(init_fn).lower()
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
+    with threefry_gpu_kernel() if mode == "jit_kernel" else contextlib.nullcontext():
+      lowered = jax.jit(init_fn).lower()
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
     t2 = time.perf_counter()
     row.update(lower_s=t1 - t0, compile_s=t2 - t1)
     state = jax.block_until_ready(compiled())

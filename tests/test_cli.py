@@ -94,9 +94,12 @@ where, directory = sys.argv[1:]
 owner, name = {"last_log_line": (loop, "log_line"), "final_eval": (loop, "evaluate"),
                "final_save": (CheckpointManager, "_flush")}[where]
 real, fired = getattr(owner, name), []
-def with_sigterm(*args, **kwargs):  # Once: at step 3's log line, the eval, the commit.
-  if not fired and {"last_log_line": lambda: args[0] == 3, "final_eval": lambda: True,
-                    "final_save": lambda: args[0]._pending is not None}[where]():
+def due(args):  # Step 3's log line, the eval, the commit of a pending save.
+  if where == "last_log_line":
+    return args[0] == 3
+  return where == "final_eval" or args[0]._pending is not None
+def with_sigterm(*args, **kwargs):
+  if not fired and due(args):
     fired.append(True)
     os.kill(os.getpid(), signal.SIGTERM)
   return real(*args, **kwargs)

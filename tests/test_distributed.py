@@ -169,8 +169,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path, reference):
-  d = tmp_path / "two"
+def _start_two_processes(d, steps: int, stderr) -> list[subprocess.Popen]:
+  """The CLI in two processes joined on a loopback port, 2 devices each, a 2 x 2 mesh."""
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -178,8 +178,15 @@ def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid), **devices_env(2))
     procs.append(subprocess.Popen(
-        [sys.executable, *cli_args(d, 4, **{"training.mesh.data": 2, "training.mesh.fsdp": 2})],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        [sys.executable, *cli_args(d, steps, **{"training.mesh.data": 2,
+                                                "training.mesh.fsdp": 2})],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True))
+  return procs
+
+
+def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path, reference):
+  d = tmp_path / "two"
+  procs = _start_two_processes(d, 4, stderr=subprocess.PIPE)
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
@@ -201,16 +208,7 @@ def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path
 
 def _two_processes_with_sigterm(d, watch: int, when: str) -> list[str]:
   """Trains in two processes; SIGTERM to process 1 once process `watch` prints `when`."""
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), **devices_env(2))
-    procs.append(subprocess.Popen(
-        [sys.executable, *cli_args(d, 100000, **{"training.mesh.data": 2,
-                                                 "training.mesh.fsdp": 2})],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  procs = _start_two_processes(d, 100000, stderr=subprocess.STDOUT)
   seen = ["", ""]
   try:
     for line in procs[watch].stdout:

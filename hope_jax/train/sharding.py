@@ -22,6 +22,7 @@ train step is the plain `jax.jit(step, donate_argnums=0)` it always was.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any, Callable
@@ -178,7 +179,8 @@ class Placement:
   def init_state(self, init_fn: Callable[[], Any]) -> Any:
     """A fresh state, created directly in its shards (never whole on one device)."""
     if self.single:
-      return _init_with_threefry_kernel(init_fn)
+      with threefry_gpu_kernel():  # Traced and compiled inside: that is when it counts.
+        return jax.jit(init_fn)()
     return jax.jit(init_fn, out_shardings=self.shardings(jax.eval_shape(init_fn)))()
 
   def replicated(self) -> NamedSharding:
@@ -247,21 +249,22 @@ def sharded_fraction(state: Any) -> tuple[int, int]:
   return len(split), len(leaves)
 
 
-def _init_with_threefry_kernel(init_fn: Callable[[], Any]) -> Any:
-  """`jax.jit(init_fn)()` with JAX's threefry random bits lowered to one GPU kernel.
+@contextlib.contextmanager
+def threefry_gpu_kernel():
+  """JAX's threefry random bits lowered to one GPU kernel while inside, then as before.
 
   By default every initialiser's threefry rounds are unrolled into the program, and XLA:GPU
   took over 45 s to compile a 4-layer D=1024 `hope` init that way (over 120 s at 12
   layers) against 6.2 s (18.6 s) with the kernel, for the same numbers (the parameters'
   checksum matches the CPU's jitted init; `benchmarks/init_time.py`, docs/performance.md).
-  The option does nothing on other backends. It is set only while this init is traced and
-  compiled, and only on one device: on a mesh, XLA would have to run such an opaque kernel
-  whole on every device and then slice its output, which has not been measured here.
+  The option does nothing on other backends. `Placement.init_state` uses it on one device
+  only: on a mesh, XLA would have to run such an opaque kernel whole on every device and
+  then slice its output, which has not been measured here.
   """
   option = "jax_threefry_gpu_kernel_lowering"
   previous = getattr(jax.config, option)
   jax.config.update(option, True)
   try:
-    return jax.jit(init_fn)()
+    yield
   finally:
     jax.config.update(option, previous)
