@@ -6,7 +6,8 @@
 # 2. benchmarks/train_mfu.py at a GPU size (D=1024, 12 layers, 16 heads, L=4096, bfloat16
 #    outer matmuls, float32 inner state, the layer scan `scan_layers` so one block compiles),
 #    MFU against the card's bf16 peak measured in the same process, one train_mfu call per
-#    row of MFU_ROWS ("models|batch|extra arguments", rows separated by ";"). The default
+#    row of MFU_ROWS ("models|batch|extra arguments|VAR=value", rows separated by ";"; the
+#    optional last field sets one environment variable for the row, e.g. XLA_FLAGS). The default
 #    rows: hope at batch 4 with the chunk scan's carry kept every 8 of its 64 chunks
 #    (`lm_grad_remat_every=8`: XLA:CPU plans 61 GiB of temporaries for it, against 199 GiB
 #    for batch 4 without it, from `jit(...).lower().compile().memory_analysis()`; it held
@@ -68,13 +69,13 @@ echo "== train MFU (the headline numbers first: the profile and tests take what 
 row=0
 IFS=';' read -ra rows <<< "$MFU_ROWS"
 for spec in "${rows[@]}"; do
-  IFS='|' read -r models batch extra <<< "$spec"
+  IFS='|' read -r models batch extra envvar <<< "$spec"
   row=$((row + 1))
   # shellcheck disable=SC2086  # MFU_SIZE and extra are lists of arguments.
-  python3 benchmarks/train_mfu.py --models="$models" $MFU_SIZE $extra --batch="$batch" \
+  env ${envvar:+"$envvar"} python3 benchmarks/train_mfu.py --models="$models" $MFU_SIZE $extra --batch="$batch" \
     --dtype=bfloat16 --peak_sizes="$PEAK_SIZES" --steps=3 --timeout="$ROW_TIMEOUT" \
     --json="$OUT/gpu_mfu_$row.json" 2> "$OUT/mfu_$row.err"
-  echo "train_mfu row $row ($models, batch $batch, $extra): exit $?"
+  echo "train_mfu row $row ($models, batch $batch, $extra${envvar:+, $envvar}): exit $?"
   grep "^\[" "$OUT/mfu_$row.err" | tail -6  # Stage timings of the row.
   grep -iE "error|out of memory" "$OUT/mfu_$row.err" | tail -3
 done

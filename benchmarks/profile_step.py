@@ -92,6 +92,26 @@ def _hlo_name(event: dict, op_names: dict) -> str | None:
   return None
 
 
+def _device_lines(events: list[dict]) -> list[str]:
+  """Per line of the device's trace (a stream, or a line the profiler derives): its kernels,
+  their mean length, and how busy they keep the line between its first start and last end.
+  Many short kernels with idle time between them mean a launch-bound step."""
+  names = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "")
+           for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  lines = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X":
+      lines[(e["pid"], e["tid"])].append(e)
+  out = []
+  for key, ks in sorted(lines.items(), key=lambda kv: -sum(e["dur"] for e in kv[1]))[:4]:
+    busy = sum(e["dur"] for e in ks)
+    span = max(e["ts"] + e["dur"] for e in ks) - min(e["ts"] for e in ks)
+    out.append(f"device line {names.get(key) or key[1]}: {len(ks)} kernels, mean "
+               f"{busy / len(ks):.1f} us; busy {busy / 1e6:.3f} s of the {span / 1e6:.3f} s from "
+               f"the first one's start to the last one's end ({100 * busy / max(span, 1):.0f}%)")
+  return out
+
+
 def summarise(events: list[dict], hlo_text: str, top: int) -> str:
   """Markdown tables of busy time by (pass, part) and of the costliest operations.
 
@@ -124,6 +144,7 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
   where = "the device's kernels" if pids is not None else "the compute threads"
   out = [f"busy time of {where}: {total / 1e6:.2f} s", ""]
   if pids is not None:  # On a device every event is a kernel: say what was not attributed.
+    out += _device_lines(events) + [""]
     out += [f"kernels not matched to an HLO operation: {sum(unmatched.values()) / 1e6:.2f} s; "
             "the largest: " + ", ".join(f"{n} ({us / 1e6:.3f} s)"
                                         for n, us in unmatched.most_common(5)), ""]

@@ -61,6 +61,7 @@ class ModelConfig:
   selfmod_meta_grad: str = "full"  # "full" | "first_order"
   impl: str = "chunked"  # "chunked" | "reference"
   remat: bool = True  # jax.checkpoint around the inner-loop scan bodies.
+  inner_scan_unroll: int = 1  # Chunks per iteration of the Titans chunk scans (0: all); same results.
   scan_layers: bool = False  # lax.scan over the blocks: one block compiled, not N (deep models).
   static_projections: bool = False  # Titans-LMM: k/v/eta/alpha from linear maps.
 
@@ -158,6 +159,10 @@ class ModelConfig:
       raise ConfigError(
           f"model.lm_grad_remat_every must be an int >= 0 (0 or 1 keeps every chunk), got "
           f"{self.lm_grad_remat_every!r}")
+    if isinstance(self.inner_scan_unroll, bool) or self.inner_scan_unroll < 0:
+      raise ConfigError(
+          f"model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan), got "
+          f"{self.inner_scan_unroll!r}")
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_other",
                 "chunk_mem", "conv_width"):
       if getattr(self, key) < 1:

@@ -48,6 +48,9 @@ def test_summary_counts_each_operation_once_without_its_nested_events():
   table = profile_step.summarise(gpu, hlo, top=5)
   assert "busy time of the device's kernels: 0.00 s" in table
   assert "the largest: sm90_gemm (0.000 s)" in table  # Unattributed kernel time is shown.
+  # 100 us of kernels between 0 and 150 us: the device's idle time shows.
+  assert "device line 1: 3 kernels, mean 33.3 us; busy 0.000 s of the 0.000 s" in table
+  assert "end (67%)" in table
   assert "| forward | phase_a | 0.00 | 75.0% |" in table  # 60 of 80.
   assert "| outer backward | ffn | 0.00 | 25.0% |" in table
 

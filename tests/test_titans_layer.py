@@ -10,6 +10,7 @@ import dataclasses
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -112,6 +113,41 @@ def test_outer_gradient_is_causal(chunked_and_reference):
   (_, (_, gu)), *_ = chunked_and_reference
   assert float(jnp.abs(gu[:, 41:]).max()) == 0.0
   assert float(jnp.abs(gu[:, 40]).min()) > 0.0
+
+
+def _scan_unrolls(model, u):
+  """The `unroll` of every scan in the traced forward pass (nested jaxprs included)."""
+  graphdef, params = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda p, u: nnx.merge(graphdef, p)(u))(params, u)
+  out = []
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "scan":
+        out.append((eqn.params["length"], eqn.params["unroll"]))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  return sorted(out)
+
+
+@pytest.mark.parametrize("unroll", [2, 0])
+def test_unrolled_chunk_scan_equals_the_loop(chunked_and_reference, unroll):
+  # model.inner_scan_unroll runs several chunks per loop iteration (0: all of them): the
+  # scans' unroll changes, the outputs and outer gradients do not.
+  u = inputs()
+  proj = jax.random.normal(jax.random.PRNGKey(7), u.shape)
+  unrolled = make(inner_scan_unroll=unroll)
+  # L=64 makes 16 chunks of C_o=4 (phase A) and 8 of C_m=8 (phase B).
+  assert _scan_unrolls(make(), u) == [(8, 1), (16, 1)]
+  assert _scan_unrolls(unrolled, u) == ([(8, 2), (16, 2)] if unroll else [(8, 8), (16, 16)])
+  (l_c, (g_c, gu_c)), _, y_c, _ = chunked_and_reference
+  (l_u, (g_u, gu_u)), y_u = jax.jit(
+      lambda u, proj: (_loss_and_grads(unrolled, u, proj, 40), unrolled(u)))(u, proj)
+  chex.assert_trees_all_close(y_u, y_c, atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(l_u, l_c, rtol=1e-6)
+  chex.assert_trees_all_close((g_u, gu_u), (g_c, gu_c), atol=1e-6, rtol=1e-5)
 
 
 def test_inner_updates_move_the_fast_weights(model):

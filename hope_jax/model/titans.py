@@ -43,7 +43,8 @@ def inner_spec(cfg: ModelConfig) -> selfmod.InnerSpec:
       chunk_other=cfg.chunk_other, chunk_mem=cfg.chunk_mem, dgd_precond=cfg.dgd_precond,
       momentum=cfg.momentum, use_alpha=cfg.use_alpha, eta_max=cfg.eta_max,
       alpha_min=cfg.alpha_min, clip=cfg.inner_grad_clip, memory_target=cfg.memory_target,
-      read_mode=cfg.read_mode, meta_grad=cfg.selfmod_meta_grad, impl=cfg.impl, remat=cfg.remat)
+      read_mode=cfg.read_mode, meta_grad=cfg.selfmod_meta_grad, impl=cfg.impl, remat=cfg.remat,
+      unroll=cfg.inner_scan_unroll)
 
 
 def _param(rngs, std, shape, dtype):

@@ -53,6 +53,7 @@ class InnerSpec:
   meta_grad: str = "full"
   impl: str = "chunked"
   remat: bool = True
+  unroll: int = 1  # Chunks per iteration of `scan_chunked`'s loop; 0: the whole scan unrolled.
 
 
 # ----------------------------------------------------------------- group update
@@ -264,7 +265,8 @@ def scan_chunked(spec: InnerSpec, body, params, state, xs, chunk: int):
   if spec.remat:
     step = jax.checkpoint(step)
   xs_c = jax.tree.map(lambda a: a.reshape(n, chunk, *a.shape[1:]), xs)
-  run, ys = jax.lax.scan(step, run, xs_c)
+  # Unrolling trades compile time for fewer loop iterations (the GPU's per-iteration cost).
+  run, ys = jax.lax.scan(step, run, xs_c, unroll=spec.unroll or True)
   ys = jax.tree.map(lambda a: a.reshape(n * chunk, *a.shape[2:]), ys)
   return _join((run.get("W1"), run.get("W2")), run), ys
 
