@@ -24,7 +24,9 @@
 # 6. the equivalence tests (chunked == per-token, fused == reference, streaming == parallel,
 #    grouped == plain chunk scan) on the GPU, with float32 matmuls at 'highest' precision
 #    (the GPU's default, TF32, is not what those tolerances are for): first those that have
-#    not yet run on a GPU, then the whole set until DEADLINE seconds after the start (570).
+#    not yet run on a GPU, then the whole set until DEADLINE seconds after the start (570);
+#    TEST_ENV=VAR=value sets one environment variable for the tests only (e.g. the XLA_FLAGS
+#    of an MFU row, to check that it computes the same).
 # Wheels under .whl/ (packages the machine lacks: ml_collections and tensorboardX; a flax
 # that matches its jax) are installed first. Override the size for a CPU smoke run with MFU_SIZE, the rows
 # with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no profile), the peak's
@@ -130,11 +132,12 @@ echo "== equivalence tests on $(python3 -c 'import jax; print(jax.default_backen
 # before them), then the whole set in the time left. SIGINT at the limit: pytest stops its
 # xdist workers and prints its summary (a plain TERM left the workers compiling on the GPU
 # while the benchmark ran, on 2026-11-26).
-FIRST_TESTS=${FIRST_TESTS-tests/test_lm.py::test_grouped_chunk_scan_equals_the_plain_scan tests/test_lm.py::test_layer_scan_equals_the_layer_loop tests/test_decode.py::test_streaming_equals_parallel}
+FIRST_TESTS=${FIRST_TESTS-tests/test_titans_layer.py::test_unrolled_chunk_scan_equals_the_loop}
 run_tests() {  # run_tests NAME SECONDS PYTEST_ARGS...
   local name=$1 limit=$2 start=$SECONDS
   shift 2
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 20 "$limit" python3 -m pytest -v -n 8 \
+  env ${TEST_ENV:+"$TEST_ENV"} JAX_DEFAULT_MATMUL_PRECISION=highest \
+    timeout -s INT -k 20 "$limit" python3 -m pytest -v -n 8 \
     -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s; $(grep -c PASSED "$OUT/$name.log") passed," \
     "$(grep -c FAILED "$OUT/$name.log") failed lines"

@@ -1,6 +1,7 @@
 """The §8 FLOP count against XLA's own count, and the MFU benchmark end to end."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
     assert r["tokens_per_s"] > 0 and 0 < r["mfu_f32"] < 1
     assert r["mfu"] == r["mfu_f32"] and r["peak_dtype"] == "float32"
     assert r["peak_f32"] > 1e8  # At least 0.1 GFLOP/s: the peak was really measured.
+    # The loss before any update: a freshly initialised model is near uniform over 256 bytes.
+    assert abs(r["first_loss"] - math.log(256)) < 0.3, r["first_loss"]
   assert rows[1]["mfu_f32_with_cms_writes"] > rows[1]["mfu_f32"]
   assert "| hope | 32 | 2 |" in proc.stdout
 
