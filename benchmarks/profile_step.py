@@ -128,6 +128,9 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
     events = [e for e in events if e.get("pid") in pids]
   by_part: collections.Counter = collections.Counter()
   by_op: collections.Counter = collections.Counter()
+  # Executions of the operations (on a device: kernels), by part and by kind.
+  part_runs: collections.Counter = collections.Counter()
+  op_runs: collections.Counter = collections.Counter()
   unmatched: collections.Counter = collections.Counter()
   for e, us in exclusive_times(events):
     name = _hlo_name(e, op_names)
@@ -135,24 +138,29 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
       unmatched[e["name"]] += us
       continue
     kind, part = classify(op_names[name])
+    op = (re.sub(r"[._]\d+$", "", name), kind, part)
     by_part[(kind, part)] += us
-    by_op[(re.sub(r"[._]\d+$", "", name), kind, part)] += us
+    by_op[op] += us
+    part_runs[(kind, part)] += 1
+    op_runs[op] += 1
   total = sum(by_part.values())
   if not total:
     names = sorted({e["name"] for e in events if e.get("ph") == "X"})[:20]
     return f"no operation of hlo.txt found among {len(events)} trace events; some names: {names}"
   where = "the device's kernels" if pids is not None else "the compute threads"
-  out = [f"busy time of {where}: {total / 1e6:.2f} s", ""]
+  # On a GPU each operation run is a kernel of at least ~2 us, so the count bounds the step.
+  out = [f"busy time of {where}: {total / 1e6:.2f} s in {sum(part_runs.values()):,} operation "
+         "runs", ""]
   if pids is not None:  # On a device every event is a kernel: say what was not attributed.
     out += _device_lines(events) + [""]
     out += [f"kernels not matched to an HLO operation: {sum(unmatched.values()) / 1e6:.2f} s; "
             "the largest: " + ", ".join(f"{n} ({us / 1e6:.3f} s)"
                                         for n, us in unmatched.most_common(5)), ""]
-  out += ["| pass | part | busy (s) | share |", "|---|---|---|---|"]
-  out += [f"| {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% |"
+  out += ["| pass | part | busy (s) | share | runs |", "|---|---|---|---|---|"]
+  out += [f"| {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% | {part_runs[(k, p)]:,} |"
           for (k, p), us in by_part.most_common()]
-  out += ["", "| operation kind | pass | part | busy (s) | share |", "|---|---|---|---|---|"]
-  out += [f"| {n} | {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% |"
+  out += ["", "| operation kind | pass | part | busy (s) | share | runs |", "|---|---|---|---|---|---|"]
+  out += [f"| {n} | {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% | {op_runs[(n, k, p)]:,} |"
           for (n, k, p), us in by_op.most_common(top)]
   return "\n".join(out)
 

@@ -33,9 +33,9 @@ def test_summary_counts_each_operation_once_without_its_nested_events():
   own = {(e["name"], e["tid"]): t for e, t in profile_step.exclusive_times(events)}
   assert own[("ThunkExecutor::Execute", 1)] == 30  # 100 less its two nested operations.
   table = profile_step.summarise(events, hlo, top=5)
-  assert "busy time of the compute threads: 0.00 s" in table  # 90 microseconds.
-  assert "| forward | phase_a | 0.00 | 55.6% |" in table  # 50 of 90.
-  assert "| outer backward | ffn | 0.00 | 44.4% |" in table
+  assert "busy time of the compute threads: 0.00 s in 3 operation runs" in table  # 90 us.
+  assert "| forward | phase_a | 0.00 | 55.6% | 2 |" in table  # 50 of 90, run twice.
+  assert "| outer backward | ffn | 0.00 | 44.4% | 1 |" in table
   assert "ThunkExecutor" not in table
 
   # A GPU trace: the device's kernels count (by name or by `args.hlo_op`), the host's
