@@ -26,7 +26,9 @@
 #    (the GPU's default, TF32, is not what those tolerances are for): first those that have
 #    not yet run on a GPU, then the whole set until DEADLINE seconds after the start (570);
 #    TEST_ENV=VAR=value sets one environment variable for the tests only (e.g. the XLA_FLAGS
-#    of an MFU row, to check that it computes the same).
+#    of an MFU row, to check that it computes the same). An XLA_FLAGS there replaces the
+#    tests' own default (tests/conftest.py: lower optimisation, faster compiles), so this
+#    script appends that default to it: the flags under test are then the only change.
 # Wheels under .whl/ (packages the machine lacks: ml_collections and tensorboardX; a flax
 # that matches its jax) are installed first. Override the size for a CPU smoke run with MFU_SIZE, the rows
 # with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no profile), the peak's
@@ -74,9 +76,9 @@ for spec in "${rows[@]}"; do
   IFS='|' read -r models batch extra envvar <<< "$spec"
   row=$((row + 1))
   # shellcheck disable=SC2086  # MFU_SIZE and extra are lists of arguments.
-  env ${envvar:+"$envvar"} python3 benchmarks/train_mfu.py --models="$models" $MFU_SIZE $extra --batch="$batch" \
-    --dtype=bfloat16 --peak_sizes="$PEAK_SIZES" --steps=3 --timeout="$ROW_TIMEOUT" \
-    --json="$OUT/gpu_mfu_$row.json" 2> "$OUT/mfu_$row.err"
+  env ${envvar:+"$envvar"} python3 benchmarks/train_mfu.py --models="$models" $MFU_SIZE $extra \
+    --batch="$batch" --dtype=bfloat16 --peak_sizes="$PEAK_SIZES" --steps=3 \
+    --timeout="$ROW_TIMEOUT" --json="$OUT/gpu_mfu_$row.json" 2> "$OUT/mfu_$row.err"
   echo "train_mfu row $row ($models, batch $batch, $extra${envvar:+, $envvar}): exit $?"
   grep "^\[" "$OUT/mfu_$row.err" | tail -6  # Stage timings of the row.
   grep -iE "error|out of memory" "$OUT/mfu_$row.err" | tail -3
@@ -133,6 +135,9 @@ echo "== equivalence tests on $(python3 -c 'import jax; print(jax.default_backen
 # xdist workers and prints its summary (a plain TERM left the workers compiling on the GPU
 # while the benchmark ran, on 2026-11-26).
 FIRST_TESTS=${FIRST_TESTS-tests/test_titans_layer.py::test_unrolled_chunk_scan_equals_the_loop}
+if [[ ${TEST_ENV:-} == XLA_FLAGS=* ]]; then  # Keep tests/conftest.py's default flags too.
+  TEST_ENV="$TEST_ENV --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+fi
 run_tests() {  # run_tests NAME SECONDS PYTEST_ARGS...
   local name=$1 limit=$2 start=$SECONDS
   shift 2

@@ -57,20 +57,36 @@ def classify(op_name: str) -> tuple[str, str]:
 
 
 def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
-  """Each complete event with its own time: its duration less that of events nested in it."""
+  """Each complete event with its own time: its duration less that of events nested in it.
+
+  An event nests in an earlier one on its line only if it also ends inside it; one that
+  starts inside and ends after (device timestamps can overlap slightly) is its successor.
+  """
   ops = sorted((e for e in events if e.get("ph") == "X"),
                key=lambda e: (e["pid"], e["tid"], e["ts"], -e.get("dur", 0)))
   own = {}
   stack: list[dict] = []
   for e in ops:
+    end = e["ts"] + e["dur"]
     while stack and ((stack[-1]["pid"], stack[-1]["tid"]) != (e["pid"], e["tid"])
-                     or stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]):
+                     or stack[-1]["ts"] + stack[-1]["dur"] < end):
       stack.pop()
     own[id(e)] = e["dur"]
     if stack:
       own[id(stack[-1])] -= e["dur"]
     stack.append(e)
   return [(e, own[id(e)]) for e in ops]
+
+
+def _union_us(events: list[dict]) -> float:
+  """Microseconds covered by at least one of the events (overlaps counted once)."""
+  total, reach = 0.0, float("-inf")
+  for e in sorted(events, key=lambda e: e["ts"]):
+    start, end = max(e["ts"], reach), e["ts"] + e["dur"]
+    if end > start:
+      total += end - start
+      reach = end
+  return total
 
 
 def _device_pids(events: list[dict]) -> set[int] | None:
@@ -93,9 +109,13 @@ def _hlo_name(event: dict, op_names: dict) -> str | None:
 
 
 def _device_lines(events: list[dict]) -> list[str]:
-  """Per line of the device's trace (a stream, or a line the profiler derives): its kernels,
-  their mean length, and how busy they keep the line between its first start and last end.
-  Many short kernels with idle time between them mean a launch-bound step."""
+  """Per line of the device's trace (a stream, or a line the profiler derives), its kernels.
+
+  For each: how many, their mean length, and how busy they keep the line between the first
+  one's start and the last one's end (time covered by at least one kernel, so overlapping
+  events count once). Many short kernels with little idle time between them mean a step
+  bound by its kernel count rather than by launches or compute.
+  """
   names = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "")
            for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
   lines = collections.defaultdict(list)
@@ -104,11 +124,12 @@ def _device_lines(events: list[dict]) -> list[str]:
       lines[(e["pid"], e["tid"])].append(e)
   out = []
   for key, ks in sorted(lines.items(), key=lambda kv: -sum(e["dur"] for e in kv[1]))[:4]:
-    busy = sum(e["dur"] for e in ks)
+    summed, busy = sum(e["dur"] for e in ks), _union_us(ks)
     span = max(e["ts"] + e["dur"] for e in ks) - min(e["ts"] for e in ks)
     out.append(f"device line {names.get(key) or key[1]}: {len(ks)} kernels, mean "
-               f"{busy / len(ks):.1f} us; busy {busy / 1e6:.3f} s of the {span / 1e6:.3f} s from "
-               f"the first one's start to the last one's end ({100 * busy / max(span, 1):.0f}%)")
+               f"{summed / len(ks):.1f} us; busy {busy / 1e6:.3f} s (summed "
+               f"{summed / 1e6:.3f} s) of the {span / 1e6:.3f} s from the first one's start to "
+               f"the last one's end ({100 * busy / max(span, 1):.0f}%)")
   return out
 
 
@@ -159,7 +180,8 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
   out += ["| pass | part | busy (s) | share | runs |", "|---|---|---|---|---|"]
   out += [f"| {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% | {part_runs[(k, p)]:,} |"
           for (k, p), us in by_part.most_common()]
-  out += ["", "| operation kind | pass | part | busy (s) | share | runs |", "|---|---|---|---|---|---|"]
+  out += ["", "| operation kind | pass | part | busy (s) | share | runs |",
+          "|---|---|---|---|---|---|"]
   out += [f"| {n} | {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% | {op_runs[(n, k, p)]:,} |"
           for (n, k, p), us in by_op.most_common(top)]
   return "\n".join(out)

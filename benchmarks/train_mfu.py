@@ -149,13 +149,14 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
       lambda event, secs, **kw: compiles.append(event)
       if event == "/jax/core/compile/backend_compile_duration" else None)
   state, metrics = step(state, batches[0])  # Warm-up; `compile` above filled the jit cache.
-  # The loss before any update (the schedule's warmup starts at 0): rows that change only
-  # how the step runs (XLA flags, unrolling, the layer scan) must agree on it up to rounding.
-  # The last step's loss is no such check: Adam's first updates move every parameter by about
-  # the learning rate for any gradient above its epsilon, so rounding noise steers the path.
-  first_loss = float(metrics["loss"])
+  # The loss and gradient norm of the fresh state (a step's loss is taken before its update):
+  # rows that change only how the step runs (XLA flags, unrolling, the layer scan) must agree
+  # on them up to rounding. The last step's loss is no such check: Adam's first updates move
+  # each parameter by about the learning rate for any gradient above its epsilon, so rounding
+  # noise steers the path.
+  first_loss, first_grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
   warm_compiles = len(compiles)
-  log(f"warm-up step done (loss {first_loss:.6f})")
+  log(f"warm-up step done (loss {first_loss:.6f}, gradient norm {first_grad_norm:.6g})")
   start = time.perf_counter()
   for i in range(steps):
     state, metrics = step(state, batches[i % 2])
@@ -178,7 +179,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           "device": jax.local_devices()[0].device_kind,
           "device_peak_bytes": _device_peak_bytes(jax),
-          "first_loss": first_loss, "loss": float(metrics["loss"]), "dtype": cfg.dtype,
+          "first_loss": first_loss, "first_grad_norm": first_grad_norm, "loss": float(metrics["loss"]), "dtype": cfg.dtype,
           "devices": devices,
           "overrides": overrides}
 

@@ -19,6 +19,11 @@ class ConfigError(ValueError):
   """A bad configuration value; the message names the key and what is wanted."""
 
 
+def _is_count(value) -> bool:
+  """An int >= 0 (not a bool, which is an int to Python)."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a HOPE-family language model (see docs/configuration.md).
@@ -61,7 +66,7 @@ class ModelConfig:
   selfmod_meta_grad: str = "full"  # "full" | "first_order"
   impl: str = "chunked"  # "chunked" | "reference"
   remat: bool = True  # jax.checkpoint around the inner-loop scan bodies.
-  inner_scan_unroll: int = 1  # Chunks per iteration of the Titans chunk scans (0: all); same results.
+  inner_scan_unroll: int = 1  # Chunks per loop iteration of the Titans chunk scans (0: all).
   scan_layers: bool = False  # lax.scan over the blocks: one block compiled, not N (deep models).
   static_projections: bool = False  # Titans-LMM: k/v/eta/alpha from linear maps.
 
@@ -155,11 +160,11 @@ class ModelConfig:
         ("param_dtype", ("float32", "bfloat16")),
     ):
       _choice(f"model.{key}", getattr(self, key), options)
-    if isinstance(self.lm_grad_remat_every, bool) or self.lm_grad_remat_every < 0:
+    if not _is_count(self.lm_grad_remat_every):
       raise ConfigError(
           f"model.lm_grad_remat_every must be an int >= 0 (0 or 1 keeps every chunk), got "
           f"{self.lm_grad_remat_every!r}")
-    if isinstance(self.inner_scan_unroll, bool) or self.inner_scan_unroll < 0:
+    if not _is_count(self.inner_scan_unroll):
       raise ConfigError(
           f"model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan), got "
           f"{self.inner_scan_unroll!r}")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hope_jax.config import ModelConfig, validate_run_config
+from hope_jax.config import ConfigError, ModelConfig, validate_run_config
 from hope_jax.train.state import ModelDef
 from tests.conftest import REPO
 
@@ -53,3 +53,11 @@ def test_configuration_doc_is_current():
     committed = f.read()
   assert committed == configdoc.render(), (
       "docs/configuration.md is stale: python -m hope_jax.configdoc > docs/configuration.md")
+
+
+@pytest.mark.parametrize("key,value", [("inner_scan_unroll", 2.5), ("inner_scan_unroll", True),
+                                       ("lm_grad_remat_every", 1.5)])
+def test_count_keys_refuse_non_integers(key, value):
+  # A float or a bool would pass a plain `< 0` check and fail later, inside the compiled scan.
+  with pytest.raises(ConfigError, match=f"model.{key} must be an int >= 0.*got {value!r}"):
+    ModelConfig(**{key: value}).validate()

@@ -64,6 +64,7 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
     assert r["peak_f32"] > 1e8  # At least 0.1 GFLOP/s: the peak was really measured.
     # The loss before any update: a freshly initialised model is near uniform over 256 bytes.
     assert abs(r["first_loss"] - math.log(256)) < 0.3, r["first_loss"]
+    assert math.isfinite(r["first_grad_norm"]) and r["first_grad_norm"] > 0
   assert rows[1]["mfu_f32_with_cms_writes"] > rows[1]["mfu_f32"]
   assert "| hope | 32 | 2 |" in proc.stdout
 

@@ -49,7 +49,7 @@ def test_summary_counts_each_operation_once_without_its_nested_events():
   assert "busy time of the device's kernels: 0.00 s" in table
   assert "the largest: sm90_gemm (0.000 s)" in table  # Unattributed kernel time is shown.
   # 100 us of kernels between 0 and 150 us: the device's idle time shows.
-  assert "device line 1: 3 kernels, mean 33.3 us; busy 0.000 s of the 0.000 s" in table
+  assert "device line 1: 3 kernels, mean 33.3 us; busy 0.000 s (summed 0.000 s) of the" in table
   assert "end (67%)" in table
   assert "| forward | phase_a | 0.00 | 75.0% |" in table  # 60 of 80.
   assert "| outer backward | ffn | 0.00 | 25.0% |" in table
@@ -78,3 +78,19 @@ def test_profile_step_traces_a_tiny_hope_step(tmp_path):
   hlo = (out / "hlo.txt").read_text()
   for scope in ("phase_a", "phase_b", "ffn", "cms_write_grads"):
     assert scope in hlo, scope  # The named scopes the summary attributes time to.
+
+
+def test_overlapping_device_events_are_neither_nested_nor_counted_twice():
+  # Kernels on one stream whose timestamps overlap a little are successive, not nested: each
+  # keeps its own time, and the line's busy time counts the overlap once.
+  ev = lambda name, ts, dur: {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": 1}
+  events = [ev("a", 0, 10), ev("b", 9, 10), ev("c", 18, 10), ev("d", 40, 10)]
+  own = {e["name"]: t for e, t in profile_step.exclusive_times(events)}
+  assert own == {"a": 10, "b": 10, "c": 10, "d": 10}
+  assert profile_step._union_us(events) == 38  # 0-28 and 40-50.
+  (line,) = profile_step._device_lines(events)
+  assert "4 kernels, mean 10.0 us; busy 0.000 s (summed 0.000 s) of the 0.000 s" in line
+  assert line.endswith("(76%)")  # 38 of the 50 us span, not 40 of 50.
+  # A truly nested event still comes off its parent's time.
+  own = {e["name"]: t for e, t in profile_step.exclusive_times([ev("p", 0, 10), ev("k", 2, 5)])}
+  assert own == {"p": 5, "k": 5}
