@@ -7,8 +7,8 @@
 #    outer matmuls, float32 inner state, the layer scan `scan_layers` so one block compiles),
 #    MFU against the card's bf16 peak measured in the same process, one train_mfu call per
 #    row of MFU_ROWS ("models|batch|extra arguments|VAR=value", rows separated by ";"; the
-#    optional last field sets one environment variable for the row, e.g. XLA_FLAGS). The default
-#    rows: hope at batch 4 with the chunk scan's carry kept every 8 of its 64 chunks
+#    optional last field sets one environment variable for the row, e.g. XLA_FLAGS). The
+#    default rows: hope at batch 4 with the chunk scan's carry kept every 8 of its 64 chunks
 #    (`lm_grad_remat_every=8`: XLA:CPU plans 61 GiB of temporaries for it, against 199 GiB
 #    for batch 4 without it, from `jit(...).lower().compile().memory_analysis()`; it held
 #    62.0 GiB on an H100), then hope at batch 1 without it, the baseline of the same
@@ -26,18 +26,17 @@
 #    (the GPU's default, TF32, is not what those tolerances are for): first those that have
 #    not yet run on a GPU, then the whole set until DEADLINE seconds after the start (570);
 #    TEST_ENV=VAR=value sets one environment variable for the tests only (e.g. the XLA_FLAGS
-#    of an MFU row, to check that it computes the same). An XLA_FLAGS there replaces the
-#    tests' own default (tests/conftest.py: lower optimisation, faster compiles), so this
-#    script appends that default to it: the flags under test are then the only change.
+#    of an MFU row, to check that it computes the same; tests/conftest.py adds its own
+#    compile-time flags to an XLA_FLAGS, so the flags under test are the only change).
 # Wheels under .whl/ (packages the machine lacks: ml_collections and tensorboardX; a flax
-# that matches its jax) are installed first. Override the size for a CPU smoke run with MFU_SIZE, the rows
-# with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no profile), the peak's
-# matmul sizes with PEAK_SIZES, the tests run first with FIRST_TESTS (empty: none), and the
-# time limits (seconds) with ROW_TIMEOUT (each MFU row, 150), PROFILE_TIMEOUT (120),
-# MAIN_TIMEOUT (each run of the main job, 150), INIT_TIMEOUT (each init row, 50) and
-# FIRST_TIMEOUT (45). A device call (600 s at most) has room for the MFU rows, the profile
-# and the tests, or for the main job, the init rows and the tests; skip the rest with
-# MFU_ROWS="" PROFILE_ARGS="" or MAIN_JOB=0 INIT_ROWS="".
+# that matches its jax) are installed first. Override the size for a CPU smoke run with
+# MFU_SIZE, the rows with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no
+# profile), the peak's matmul sizes with PEAK_SIZES, the tests run first with FIRST_TESTS
+# (empty: none), and the time limits (seconds) with ROW_TIMEOUT (each MFU row, 150),
+# PROFILE_TIMEOUT (120), MAIN_TIMEOUT (each run of the main job, 150), INIT_TIMEOUT (each
+# init row, 50) and FIRST_TIMEOUT (45). A device call (600 s at most) has room for the MFU
+# rows, the profile and the tests, or for the main job, the init rows and the tests; skip
+# the rest with MFU_ROWS="" PROFILE_ARGS="" or MAIN_JOB=0 INIT_ROWS="".
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -135,9 +134,6 @@ echo "== equivalence tests on $(python3 -c 'import jax; print(jax.default_backen
 # xdist workers and prints its summary (a plain TERM left the workers compiling on the GPU
 # while the benchmark ran, on 2026-11-26).
 FIRST_TESTS=${FIRST_TESTS-tests/test_titans_layer.py::test_unrolled_chunk_scan_equals_the_loop}
-if [[ ${TEST_ENV:-} == XLA_FLAGS=* ]]; then  # Keep tests/conftest.py's default flags too.
-  TEST_ENV="$TEST_ENV --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-fi
 run_tests() {  # run_tests NAME SECONDS PYTEST_ARGS...
   local name=$1 limit=$2 start=$SECONDS
   shift 2

@@ -26,30 +26,27 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.child import emit, run_row  # noqa: E402
+from benchmarks.train_mfu import _parse_set, model_and_optimizer, model_config  # noqa: E402
+
 MODES = ("jit", "jit_kernel", "eager")
 
 
 def measure(model: str, mode: str, overrides: dict) -> dict:
   """Runs in the child: creates the train state once in `mode` and times its stages."""
-  sys.path.insert(0, REPO)
   import jax
   import numpy as np
 
-  from benchmarks.train_mfu import model_config
-  from experiments import base
-  from hope_jax.train.optimizer import make_optimizer
   from hope_jax.train.sharding import threefry_gpu_kernel
-  from hope_jax.train.state import ModelDef, make_init_fn, param_count
+  from hope_jax.train.state import make_init_fn, param_count
 
-
-  cfg = model_config(model, overrides)
-  model_def = ModelDef(cfg)
-  init_fn = make_init_fn(model_def, make_optimizer(base.get_config().training), 0)
+  init_fn = make_init_fn(*model_and_optimizer(model_config(model, overrides)), 0)
   row = {"model": model, "mode": mode, "backend": jax.default_backend()}
   t0 = time.perf_counter()
   if mode == "eager":
@@ -78,12 +75,9 @@ def main() -> None:
   p.add_argument("--json", default=None)
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
-  sys.path.insert(0, REPO)
-  from benchmarks.train_mfu import _parse_set
-
   overrides = _parse_set(args.set)
   if args.child:
-    print(json.dumps(measure(args.model, args.child, overrides)))
+    emit(measure(args.model, args.child, overrides))
     return
   modes = args.modes.split(",")
   unknown = sorted(set(modes) - set(MODES))
@@ -93,15 +87,8 @@ def main() -> None:
   for mode in modes:
     cmd = [sys.executable, os.path.abspath(__file__), f"--model={args.model}", f"--child={mode}",
            *[f"--set={s}" for s in args.set]]
-    try:
-      out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-      rows.append({"model": args.model, "mode": mode, "error": f"over {args.timeout:.0f} s"})
-      continue
-    if out.returncode != 0:
-      rows.append({"model": args.model, "mode": mode, "error": out.stderr.strip()[-300:]})
-      continue
-    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows.append({"model": args.model, "mode": mode, **run_row(cmd, args.timeout)})
+
   def fmt(row: dict, key: str) -> str:
     return f"{row[key]:.1f}" if key in row else "-"
 
@@ -110,7 +97,7 @@ def main() -> None:
   print("|---|---|---|---|---|---|---|")
   for r in rows:
     if "error" in r:
-      print(f"| {r['mode']} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} |")
+      print(f"| {r['mode']} | error: {r['error']} |")
       continue
     print(f"| {r['mode']} | {r['backend']} | {fmt(r, 'lower_s')} | {fmt(r, 'compile_s')} | "
           f"{r['total_s']:.1f} | {r['params']:,} | {r['checksum']:.9g} |")

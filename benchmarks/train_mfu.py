@@ -33,11 +33,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.child import emit, run_row  # noqa: E402
 
 COMMON = dict(hidden_size=256, num_layers=4, num_heads=4, vocab_size=256)
 MODELS = {  # The spec's default config per block (hope-spec.md §9), at the size above.
@@ -78,20 +80,26 @@ def model_config(model: str, overrides: dict):
   return cfg
 
 
+def model_and_optimizer(cfg):
+  """(model_def, tx): the model of `cfg` and the base run's AdamW chain and schedule."""
+  from experiments import base
+  from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.state import ModelDef
+
+  return ModelDef(cfg), make_optimizer(base.get_config().training)
+
+
 def train_setup(cfg):
-  """(model_def, tx, state): the base run's optimizer and a fresh train state.
+  """(model_def, tx, state): `model_and_optimizer` and a fresh train state.
 
   The init is eager: each layer's initialisers then reuse the per-shape op cache. A jitted
   init compiles every layer's RNG ops anew: for D=1024 and 12 layers 23 s against 5 s on the
   2-core CPU, and on an H100 18.6 s against 6.0 s even with the threefry kernel the train
   loop uses (`benchmarks/init_time.py`).
   """
-  from experiments import base
-  from hope_jax.train.optimizer import make_optimizer
-  from hope_jax.train.state import ModelDef, init_train_state
+  from hope_jax.train.state import init_train_state
 
-  model_def = ModelDef(cfg)
-  tx = make_optimizer(base.get_config().training)  # The base run's AdamW chain and schedule.
+  model_def, tx = model_and_optimizer(cfg)
   return model_def, tx, init_train_state(model_def, tx, 0)
 
 
@@ -179,8 +187,8 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           "device": jax.local_devices()[0].device_kind,
           "device_peak_bytes": _device_peak_bytes(jax),
-          "first_loss": first_loss, "first_grad_norm": first_grad_norm, "loss": float(metrics["loss"]), "dtype": cfg.dtype,
-          "devices": devices,
+          "first_loss": first_loss, "first_grad_norm": first_grad_norm,
+          "loss": float(metrics["loss"]), "dtype": cfg.dtype, "devices": devices,
           "overrides": overrides}
 
 
@@ -207,7 +215,7 @@ def main() -> None:
     model, length, batch = args.child.split(":")
     row = measure(model, int(length), int(batch), args.steps, overrides,
                   tuple(int(x) for x in args.peak_sizes.split(",")), args.devices)
-    print("ROW " + json.dumps(row), flush=True)
+    emit(row)
     return
 
   rows = []
@@ -222,19 +230,9 @@ def main() -> None:
              ] + [f"--set={s}" for s in args.set]
       # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
       env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
-      try:
-        # The child's stderr (its progress and any traceback) goes straight to ours.
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
-                              timeout=args.timeout)
-        found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-        if proc.returncode or not found:
-          row = {"model": model, "L": length, "B": batch,
-                 "error": f"exit {proc.returncode} (its traceback is on stderr)"}
-        else:
-          row = json.loads(found[0])
-      except subprocess.TimeoutExpired:
-        row = {"model": model, "L": length, "B": batch,
-               "error": f"no result within --timeout={args.timeout:g} s"}
+      row = run_row(cmd, args.timeout, env)
+      if "error" in row:
+        row = {"model": model, "L": length, "B": batch, **row}
       rows.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
       if args.json:  # After every row, so a later row's crash or timeout loses nothing.

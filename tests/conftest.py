@@ -4,9 +4,12 @@ import os
 import sys
 
 # Tests are tiny, so XLA's compile time dominates them: skip the expensive LLVM passes
-# (about half the compile time). Subprocesses inherit this; set XLA_FLAGS to override.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# (about half the compile time). Added to any XLA_FLAGS already set (e.g. flags under test on
+# a GPU, benchmarks/gpu_check.sh's TEST_ENV); a flag named there wins. Subprocesses inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")]
+    + [f for f in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+       if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]).strip()
 
 # The CLI runs of the tests are tiny, where splitting the CPU into devices
 # (training.cpu_devices=-1) costs a few seconds of set-up per run and gains nothing: keep

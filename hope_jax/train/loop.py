@@ -118,16 +118,13 @@ class _StopRequest:
                       signal.Signals(signum).name)
       signal.signal(signum, signal.SIG_DFL)
 
-  def restore(self) -> None:
-    for s, previous in self._previous.items():
-      signal.signal(s, previous)
-    self._previous = {}
-
   def __enter__(self) -> "_StopRequest":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.restore()
+  def __exit__(self, *exc) -> None:  # The handlers that were there before come back.
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}
 
 
 def _shared_stop() -> bool:
