@@ -122,3 +122,58 @@ def trace(model, tokens_BL) -> dict[str, Any]:
     layers.append(layer)
   return {"chunk": c, "chunk_ends": chunk_ends,
           "logits_BLV": np.asarray(jnp.concatenate(logits, axis=1)), "layers": layers}
+
+
+def health(model, tokens_BL) -> dict[str, float]:
+  """The health metrics of spec §6 for every self-modifying layer, as plain floats.
+
+  Runs `trace` on the longest prefix of `tokens_BL` that fills whole chunks and reduces its
+  records to a few numbers per layer j (keys `health/layer{j}/...`):
+
+    * `drift`: the largest |W_run - W_0| over the layer's memories (W1 and W2), heads and
+      sequences at the end of the prefix. A calm memory stays within about the norm of its
+      initial weights, which the retention decays away (W2's is about sqrt(E): 8 to 16 at
+      head_dim 64); at D=1024 the spec's init runs the memories away to over 1,000
+      (docs/architecture.md, "Runaway fast weights").
+    * `eta_mean`, `eta_max`: the inner learning rates chosen over the prefix (at most
+      eta_max of the config).
+    * `alpha_mean`, `alpha_min`: the retentions (without `use_alpha`: absent).
+
+  Layers without a self-modifying memory (attention mixers) are left out, and so is
+  everything when the prefix is shorter than one chunk: the result is then empty.
+  """
+  if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
+    return {}
+  tokens_BL = np.asarray(tokens_BL, np.int32)
+  c = _grid(model)
+  l = tokens_BL.shape[1] // c * c
+  if l == 0:
+    return {}
+  out = {}
+  for j, layer in enumerate(trace(model, tokens_BL[:, :l])["layers"]):
+    if layer["eta_BLH"] is None:
+      continue
+    key = f"health/layer{j}/"
+    out[key + "drift"] = float(max(np.max(d[:, -1]) for d in layer["drift"].values()))
+    out[key + "eta_mean"] = float(np.mean(layer["eta_BLH"]))
+    out[key + "eta_max"] = float(np.max(layer["eta_BLH"]))
+    if layer["alpha_BLH"] is not None:
+      out[key + "alpha_mean"] = float(np.mean(layer["alpha_BLH"]))
+      out[key + "alpha_min"] = float(np.min(layer["alpha_BLH"]))
+  return out
+
+
+def format_health(metrics: dict[str, float]) -> str:
+  """One log line's worth of `health`: "layer 0: drift 6.43, eta 0.0119 (max 0.0124), ..."."""
+  layers: dict[str, dict[str, float]] = {}
+  for key, value in metrics.items():
+    _, layer, name = key.split("/")
+    layers.setdefault(layer, {})[name] = value
+  parts = []
+  for layer, m in layers.items():
+    text = (f"{layer.replace('layer', 'layer ')}: drift {m['drift']:.3g}, eta {m['eta_mean']:.3g} "
+            f"(max {m['eta_max']:.3g})")
+    if "alpha_min" in m:
+      text += f", alpha {m['alpha_mean']:.3g} (min {m['alpha_min']:.3g})"
+    parts.append(text)
+  return " | ".join(parts)

@@ -9,6 +9,8 @@ from flax import nnx
 import hope_jax
 from experiments import tiny
 from hope_jax import diagnostics
+from hope_jax.config import ModelConfig
+from hope_jax.model.lm import LanguageModel
 
 
 def _model(block="hope", num_layers=2):
@@ -85,3 +87,49 @@ def test_trace_without_cms_runs_on_the_mixer_grid():
 def test_trace_rejects_unaligned_length():
   with pytest.raises(ValueError, match="multiple of the chunk 8"):
     diagnostics.trace(_model(), _tokens(1, 20))
+
+
+def test_health_reduces_the_trace_of_the_whole_chunks():
+  model = _model()
+  tokens = _tokens(2, 36)  # 4 tokens past the last whole chunk of 8: left out.
+  got = diagnostics.health(model, tokens)
+  out = diagnostics.trace(model, tokens[:, :32])
+  assert set(got) == {f"health/layer{j}/{k}" for j in range(2)
+                      for k in ("drift", "eta_mean", "eta_max", "alpha_mean", "alpha_min")}
+  for j, layer in enumerate(out["layers"]):
+    key = f"health/layer{j}/"
+    drift = max(float(np.max(d[:, -1])) for d in layer["drift"].values())
+    assert got[key + "drift"] == pytest.approx(drift) and drift > 0
+    assert got[key + "eta_mean"] == pytest.approx(float(np.mean(layer["eta_BLH"])))
+    assert got[key + "eta_max"] == pytest.approx(float(np.max(layer["eta_BLH"])))
+    assert got[key + "alpha_min"] == pytest.approx(float(np.min(layer["alpha_BLH"])))
+    assert got[key + "alpha_mean"] == pytest.approx(float(np.mean(layer["alpha_BLH"])))
+  line = diagnostics.format_health(got)
+  assert line.startswith("layer 0: drift ") and " | layer 1: drift " in line
+  assert f"eta {got['health/layer1/eta_mean']:.3g} (max " in line and ", alpha " in line
+
+
+def test_health_is_empty_where_it_does_not_apply():
+  assert diagnostics.health(_model("transformer_pp", num_layers=1), _tokens(1, 16)) == {}
+  assert diagnostics.health(_model(), _tokens(1, 7)) == {}  # Shorter than one chunk of 8.
+  got = diagnostics.health(_model("hope_attention", num_layers=1), _tokens(1, 16))
+  assert got == {}  # Attention mixers have no self-modifying memory.
+
+
+def test_larger_memory_input_init_runs_the_memories_away():
+  # The spec's W_in init (std 0.02) at D=256 keeps the memories near their meta-init; twice
+  # that makes them run away within 512 tokens, as the spec's init does at D=1024
+  # (docs/architecture.md, "Runaway fast weights"): the drift grows past 100 and the inner
+  # rates reach eta_max.
+  def health(std):
+    cfg = ModelConfig(block="hope", hidden_size=256, num_heads=4, num_layers=1,
+                      cms_signal="static", memory_input_std=std)
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    assert float(np.std(np.asarray(model.blocks[0].mixer.w_in.kernel[...]))) == pytest.approx(
+        std, rel=0.02)
+    return diagnostics.health(model, _tokens(1, 512))
+
+  calm, runaway = health(0.02), health(0.04)
+  assert calm["health/layer0/drift"] < 20 and calm["health/layer0/eta_max"] < 0.02
+  assert runaway["health/layer0/drift"] > 100
+  assert runaway["health/layer0/eta_max"] == pytest.approx(0.1, abs=1e-3)

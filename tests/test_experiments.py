@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +62,11 @@ def test_count_keys_refuse_non_integers(key, value):
   # A float or a bool would pass a plain `< 0` check and fail later, inside the compiled scan.
   with pytest.raises(ConfigError, match=f"model.{key} must be an int >= 0.*got {value!r}"):
     ModelConfig(**{key: value}).validate()
+
+
+@pytest.mark.parametrize("value", [0.0, -0.02, True, "0.02"])
+def test_memory_input_std_must_be_a_positive_number(value):
+  with pytest.raises(ConfigError, match=f"model.memory_input_std must be a positive number, "
+                                        f"got {re.escape(repr(value))}"):
+    ModelConfig(memory_input_std=value).validate()
+  ModelConfig(memory_input_std=0.01).validate()

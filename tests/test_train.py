@@ -1,10 +1,13 @@
 """The training loop learns, is deterministic, and the LM is causal."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hope_jax import diagnostics
 from hope_jax.config import ModelConfig
 from hope_jax.train.loop import train
 
@@ -54,3 +57,34 @@ def test_lm_is_causal(block):
   g = jax.grad(out_t)(x)
   assert jnp.all(g[0, t + 1:] == 0.0)
   assert jnp.any(g[0, : t + 1] != 0.0)
+
+
+def test_hope_run_logs_memory_health_after_each_eval(tmp_path, tiny_config, caplog):
+  cfg = _tiny(tmp_path, tiny_config, num_steps=4, eval_every=2, save_every=100)
+  cfg.model.block = "hope"
+  with caplog.at_level("INFO"):
+    train(cfg)
+  rows = [json.loads(line) for line in
+          (tmp_path / "ckpt" / "logs" / "metrics.jsonl").read_text().splitlines()]
+  health = [r for r in rows if "health/layer0/drift" in r]
+  assert [r["step"] for r in health] == [2, 4]
+  for r in health:
+    assert r["health/layer0/drift"] > 0
+    assert 0 < r["health/layer0/eta_mean"] <= r["health/layer0/eta_max"] <= cfg.model.eta_max
+    assert cfg.model.alpha_min <= r["health/layer0/alpha_min"] <= 1
+  logged = [m for m in caplog.messages if m.startswith("health at step ")]
+  assert len(logged) == 2 and logged[0].startswith("health at step 2 | layer 0: drift ")
+
+
+def test_failing_health_metrics_never_cost_the_run(tmp_path, tiny_config, caplog, monkeypatch):
+  def broken(model, tokens):
+    raise RuntimeError("replay failed")
+
+  monkeypatch.setattr(diagnostics, "health", broken)
+  with caplog.at_level("WARNING"):
+    out = train(_tiny(tmp_path, tiny_config, num_steps=4, eval_every=2, save_every=100))
+  assert out["step"] == 4 and not out["interrupted"]
+  warned = [m for m in caplog.messages if m.startswith("health metrics failed")]
+  assert warned == ["health metrics failed at step 2 and are off for this run: "
+                    "RuntimeError('replay failed')"]
+  assert (tmp_path / "ckpt" / "checkpoint_step_4").is_dir()  # The final save still ran.

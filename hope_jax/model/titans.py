@@ -60,7 +60,7 @@ class SelfModTitans(nnx.Module):
     self.names = proj_memory_names(cfg)
     kw = dict(rngs=rngs, dtype=DTYPES[cfg.dtype], param_dtype=pd)
     if cfg.memory_input == "proj":
-      self.w_in = Linear(d, d, std=0.02, **kw)
+      self.w_in = Linear(d, d, std=cfg.memory_input_std, **kw)
     if not cfg.adaptive_q:
       self.w_q = Linear(d, d, std=0.02, **kw)
     self.w_g = Linear(d, d, std=0.02, **kw)

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from hope_jax import diagnostics
 from hope_jax.checkpoint import CheckpointManager
 from hope_jax.config import validate_run_config
 from hope_jax.data import load_corpus
@@ -60,6 +61,15 @@ def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int,
   loss = float(np.mean(jax.device_get(losses)))
   return {"eval/loss": loss, "eval/bits_per_token": loss / LN2,
           "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def health_report(model_def: ModelDef, params: Any, val_tokens: np.ndarray,
+                  seq_len: int) -> dict[str, float]:
+  """`diagnostics.health` of `params` on the first validation window ({} where none applies)."""
+  window = next(eval_batches(val_tokens, 1, seq_len, 1), None)
+  if window is None:
+    return {}
+  return diagnostics.health(model_def.bind(params), window[:, :seq_len])
 
 
 class _StopRequest:
@@ -241,6 +251,23 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       logging.info("First step done in %s (compiling the train step included)",
                    format_duration(time.perf_counter() - t0))
 
+  # The replay that measures it is not written for several processes' global arrays.
+  check_health = [bool(t.get("health", True)) and jax.process_count() == 1]
+
+  def log_health(step: int) -> None:
+    if not check_health[0]:
+      return
+    try:
+      with progress.paused():
+        health = health_report(model_def, state["params"], corpus.val, d.seq_len)
+    except Exception as e:  # A diagnostic must never cost the run: warn, and stop measuring.
+      check_health[0] = False
+      logging.warning("health metrics failed at step %d and are off for this run: %r", step, e)
+      return
+    if health:
+      writer.write(step, health)
+      logging.info("health at step %d | %s", step, diagnostics.format_health(health))
+
   def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
     # Donating `state` into the next step is safe once save() returns: Orbax then
     # holds host copies (on CPU, numpy views that make JAX skip the donation).
@@ -269,6 +296,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
           writer.write(s + 1, last_eval)
           logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                        unit, last_eval["eval/bits_per_token"])
+          log_health(s + 1)
         if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
           jax.block_until_ready(state)  # The step's own time counts; the save's does not.
           with progress.paused():
@@ -300,6 +328,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       writer.write(final_step, last_eval)
       logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
                    last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
+      log_health(final_step)
     if not interrupted:
       save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
     ckpt.wait()  # The last save is committed before a second signal can end the process.
