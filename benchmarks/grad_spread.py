@@ -5,10 +5,10 @@ Computes the gradient of the LM loss at a fresh `hope` state (train_mfu's preset
 in `--precisions`, and prints each parameter's gradient norm per repeat (largest first)
 and the largest difference between the first and last repeat, relative to the largest
 entry. Rows of train_mfu.py that only change how the step runs (XLA flags, unrolling)
-should agree on the gradient; this shows how far one program agrees with itself, and
-running it in two processes shows how far two compilations do (docs/performance.md:
-on an H100 at D=1024 and L=4096 the fresh gradient's norm was 79 in one process and 1423
-in another, with every repeat inside a process identical).
+should agree on the gradient; this shows how far one compiled program agrees with itself,
+and running it in two processes shows how far two compilations do (docs/performance.md:
+on an H100 at D=1024 and L=4096, three repeats agreed to 1e-8, while two train_mfu
+processes of the same program gave fresh gradient norms of 75.8 and 164.7).
 
   python benchmarks/grad_spread.py --set=hidden_size=256 --length=512 --json=spread.json
 """
@@ -54,13 +54,21 @@ def main() -> None:
     return {jax.tree_util.keystr(k): jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
             for k, v in leaves}
 
+  def loss_fn(p):
+    return lm_loss(model_def.apply(p, toks[:, :-1]), toks[:, 1:])
+
+  def grad_and_norms(p):
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    return loss, norms(grads), grads
+
   out = {}
   for prec in args.precisions.split(","):
+    start = time.perf_counter()
+    # The precision applies where the dots are traced, so it must hold while lowering.
     with jax.default_matmul_precision(None if prec == "default" else prec):
-      fn = jax.jit(lambda p: (lambda lg: (lg[0], norms(lg[1]), lg[1]))(jax.value_and_grad(
-          lambda q: lm_loss(model_def.apply(q, toks[:, :-1]), toks[:, 1:]))(p)))
-      fn = fn.lower(params).compile()
-    print(f"{time.perf_counter() - t0:.1f} s compiled ({prec})", flush=True)
+      fn = jax.jit(grad_and_norms).lower(params).compile()
+    print(f"{time.perf_counter() - t0:.1f} s: lowered and compiled ({prec}) in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
     runs, grads = [], []
     for _ in range(args.repeats):
       loss, n, g = fn(params)

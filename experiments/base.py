@@ -45,8 +45,8 @@ def get_config() -> config_dict.ConfigDict:
   t.log_every = 25  # Steps between log lines (loss, bits, lr, tokens/s, time left).
   t.eval_every = 200  # Steps between validation evaluations (and always at the end).
   t.eval_batches = 8  # Validation batches per evaluation.
-  # After each evaluation, log the self-modifying memories' drift and rates on one validation
-  # sequence (spec §6 health metrics; hope_jax.diagnostics.health; one process only).
+  # After each evaluation (and its save), log the self-modifying memories' drift and rates on
+  # one validation sequence (spec §6; hope_jax.diagnostics.health; skipped with several processes).
   t.health = True
   t.seed = 0  # Seeds parameters, the RNG state and the batch order.
   t.checkpoint_dir = "./checkpoints"  # One directory per experiment; logs go under it too.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any, Mapping
 
 BLOCKS = ("transformer_pp", "hope", "hope_attention", "titans_lmm")
@@ -54,8 +55,8 @@ class ModelConfig:
   frozen_memories: tuple[str, ...] = ()  # Memories never updated in context ("w/o inner-k/v/q").
   memory_target: str = "self"  # "self" | "v"
   memory_input: str = "proj"  # "proj" | "identity"
-  # Init std of W_in, the memory-input projection. The spec's 0.02 lets the self-modifying
-  # memories run away at D >= 1024 (docs/architecture.md, "Runaway fast weights").
+  # Init std of W_in, the memory-input projection (unused with memory_input="identity"). The
+  # spec's 0.02 let the self-modifying memories run away at D=1024 (docs/architecture.md).
   memory_input_std: float = 0.02
   conv_position: str = "pre_memory"  # "pre_memory" | "post_memory"
   conv_width: int = 4  # Causal depthwise conv window on the memory-input and q streams.
@@ -172,7 +173,8 @@ class ModelConfig:
           f"model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan), got "
           f"{self.inner_scan_unroll!r}")
     if (isinstance(self.memory_input_std, bool)
-        or not isinstance(self.memory_input_std, (int, float)) or not self.memory_input_std > 0):
+        or not isinstance(self.memory_input_std, (int, float))
+        or not 0 < self.memory_input_std < math.inf):
       raise ConfigError(
           f"model.memory_input_std must be a positive number, got {self.memory_input_std!r}")
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_other",

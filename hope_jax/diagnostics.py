@@ -130,17 +130,20 @@ def health(model, tokens_BL) -> dict[str, float]:
   Runs `trace` on the longest prefix of `tokens_BL` that fills whole chunks and reduces its
   records to a few numbers per layer j (keys `health/layer{j}/...`):
 
-    * `drift`: the largest |W_run - W_0| over the layer's memories (W1 and W2), heads and
-      sequences at the end of the prefix. A calm memory stays within about the norm of its
-      initial weights, which the retention decays away (W2's is about sqrt(E): 8 to 16 at
-      head_dim 64); at D=1024 the spec's init runs the memories away to over 1,000
+    * `drift_w1`, `drift_w2`: the largest |W_run - W_0| of the layer's W1 (resp. W2) over its
+      memories, heads and sequences at the end of the prefix. A calm memory stays within
+      about the norm of its initial weights, which the retention decays away: W1 about
+      0.8 and W2 about sqrt(E) (8 for the projection memories, 16 for the main memory at
+      head_dim 64). At D=1024 the spec's init runs W1 away to over 1,000
       (docs/architecture.md, "Runaway fast weights").
     * `eta_mean`, `eta_max`: the inner learning rates chosen over the prefix (at most
       eta_max of the config).
     * `alpha_mean`, `alpha_min`: the retentions (without `use_alpha`: absent).
 
   Layers without a self-modifying memory (attention mixers) are left out, and so is
-  everything when the prefix is shorter than one chunk: the result is then empty.
+  everything when the prefix is shorter than one chunk: the result is then empty. The
+  replay holds every chunk's CMS deltas of the prefix (`trace`), 8 GiB for one sequence
+  of 4,096 tokens at D=1024 and 4 layers.
   """
   if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
     return {}
@@ -154,7 +157,9 @@ def health(model, tokens_BL) -> dict[str, float]:
     if layer["eta_BLH"] is None:
       continue
     key = f"health/layer{j}/"
-    out[key + "drift"] = float(max(np.max(d[:, -1]) for d in layer["drift"].values()))
+    for w in ("W1", "W2"):  # drift names are "<memory>/<W1|W2>", each [B, N chunks, H].
+      out[key + f"drift_{w.lower()}"] = float(max(
+          np.max(d[:, -1]) for name, d in layer["drift"].items() if name.endswith("/" + w)))
     out[key + "eta_mean"] = float(np.mean(layer["eta_BLH"]))
     out[key + "eta_max"] = float(np.max(layer["eta_BLH"]))
     if layer["alpha_BLH"] is not None:
@@ -164,15 +169,18 @@ def health(model, tokens_BL) -> dict[str, float]:
 
 
 def format_health(metrics: dict[str, float]) -> str:
-  """One log line's worth of `health`: "layer 0: drift 6.43, eta 0.0119 (max 0.0124), ..."."""
+  """`health` as one log line, e.g. "layer 0: drift W1 2.102 W2 11.03, eta 0.00951 (max ...".
+
+  Drifts keep four significant digits, so a runaway shows as 1113, not 1.11e+03.
+  """
   layers: dict[str, dict[str, float]] = {}
   for key, value in metrics.items():
     _, layer, name = key.split("/")
     layers.setdefault(layer, {})[name] = value
   parts = []
   for layer, m in layers.items():
-    text = (f"{layer.replace('layer', 'layer ')}: drift {m['drift']:.3g}, eta {m['eta_mean']:.3g} "
-            f"(max {m['eta_max']:.3g})")
+    text = (f"{layer.replace('layer', 'layer ')}: drift W1 {m['drift_w1']:.4g} "
+            f"W2 {m['drift_w2']:.4g}, eta {m['eta_mean']:.3g} (max {m['eta_max']:.3g})")
     if "alpha_min" in m:
       text += f", alpha {m['alpha_mean']:.3g} (min {m['alpha_min']:.3g})"
     parts.append(text)

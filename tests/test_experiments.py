@@ -64,7 +64,7 @@ def test_count_keys_refuse_non_integers(key, value):
     ModelConfig(**{key: value}).validate()
 
 
-@pytest.mark.parametrize("value", [0.0, -0.02, True, "0.02"])
+@pytest.mark.parametrize("value", [0.0, -0.02, float("inf"), True, "0.02"])
 def test_memory_input_std_must_be_a_positive_number(value):
   with pytest.raises(ConfigError, match=f"model.memory_input_std must be a positive number, "
                                         f"got {re.escape(repr(value))}"):

@@ -66,14 +66,14 @@ def test_hope_run_logs_memory_health_after_each_eval(tmp_path, tiny_config, capl
     train(cfg)
   rows = [json.loads(line) for line in
           (tmp_path / "ckpt" / "logs" / "metrics.jsonl").read_text().splitlines()]
-  health = [r for r in rows if "health/layer0/drift" in r]
+  health = [r for r in rows if "health/layer0/drift_w1" in r]
   assert [r["step"] for r in health] == [2, 4]
   for r in health:
-    assert r["health/layer0/drift"] > 0
+    assert r["health/layer0/drift_w1"] > 0 and r["health/layer0/drift_w2"] > 0
     assert 0 < r["health/layer0/eta_mean"] <= r["health/layer0/eta_max"] <= cfg.model.eta_max
     assert cfg.model.alpha_min <= r["health/layer0/alpha_min"] <= 1
   logged = [m for m in caplog.messages if m.startswith("health at step ")]
-  assert len(logged) == 2 and logged[0].startswith("health at step 2 | layer 0: drift ")
+  assert len(logged) == 2 and logged[0].startswith("health at step 2 | layer 0: drift W1 ")
 
 
 def test_failing_health_metrics_never_cost_the_run(tmp_path, tiny_config, caplog, monkeypatch):
@@ -88,3 +88,13 @@ def test_failing_health_metrics_never_cost_the_run(tmp_path, tiny_config, caplog
   assert warned == ["health metrics failed at step 2 and are off for this run: "
                     "RuntimeError('replay failed')"]
   assert (tmp_path / "ckpt" / "checkpoint_step_4").is_dir()  # The final save still ran.
+
+
+def test_health_off_is_never_measured(tmp_path, tiny_config, monkeypatch):
+  calls = []
+  monkeypatch.setattr(diagnostics, "health", lambda model, tokens: calls.append(1) or {})
+  train(_tiny(tmp_path / "on", tiny_config, num_steps=4, eval_every=2, save_every=100))
+  assert len(calls) == 2  # After the eval at step 2 and the final one.
+  train(_tiny(tmp_path / "off", tiny_config, num_steps=4, eval_every=2, save_every=100,
+              health=False))
+  assert len(calls) == 2

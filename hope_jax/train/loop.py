@@ -66,9 +66,7 @@ def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int,
 def health_report(model_def: ModelDef, params: Any, val_tokens: np.ndarray,
                   seq_len: int) -> dict[str, float]:
   """`diagnostics.health` of `params` on the first validation window ({} where none applies)."""
-  window = next(eval_batches(val_tokens, 1, seq_len, 1), None)
-  if window is None:
-    return {}
+  window = next(eval_batches(val_tokens, 1, seq_len, 1))
   return diagnostics.health(model_def.bind(params), window[:, :seq_len])
 
 
@@ -252,16 +250,18 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                    format_duration(time.perf_counter() - t0))
 
   # The replay that measures it is not written for several processes' global arrays.
-  check_health = [bool(t.get("health", True)) and jax.process_count() == 1]
+  check_health = bool(t.get("health", True)) and jax.process_count() == 1
 
   def log_health(step: int) -> None:
-    if not check_health[0]:
+    """Runs after the step's save, and not once a stop is asked for: it may compile."""
+    nonlocal check_health
+    if not check_health or stop.signum is not None:
       return
     try:
       with progress.paused():
         health = health_report(model_def, state["params"], corpus.val, d.seq_len)
     except Exception as e:  # A diagnostic must never cost the run: warn, and stop measuring.
-      check_health[0] = False
+      check_health = False
       logging.warning("health metrics failed at step %d and are off for this run: %r", step, e)
       return
     if health:
@@ -296,11 +296,12 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
           writer.write(s + 1, last_eval)
           logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                        unit, last_eval["eval/bits_per_token"])
-          log_health(s + 1)
         if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
           jax.block_until_ready(state)  # The step's own time counts; the save's does not.
           with progress.paused():
             save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
+        if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
+          log_health(s + 1)
       if pending is not None:
         record(*pending)
         pending = None
@@ -328,9 +329,9 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       writer.write(final_step, last_eval)
       logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
                    last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
-      log_health(final_step)
     if not interrupted:
       save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
+      log_health(final_step)
     ckpt.wait()  # The last save is committed before a second signal can end the process.
   writer.close()
   elapsed = time.perf_counter() - t0
