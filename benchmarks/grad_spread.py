@@ -39,7 +39,7 @@ def main() -> None:
   import numpy as np
 
   from benchmarks.train_mfu import _parse_set, model_config, train_setup
-  from hope_jax.train.step import lm_loss
+  from hope_jax.train.step import make_eval_step
 
   t0 = time.perf_counter()
   cfg = model_config("hope", _parse_set(args.set))
@@ -54,11 +54,10 @@ def main() -> None:
     return {jax.tree_util.keystr(k): jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
             for k, v in leaves}
 
-  def loss_fn(p):
-    return lm_loss(model_def.apply(p, toks[:, :-1]), toks[:, 1:])
+  loss_fn = make_eval_step(model_def)  # The train step's loss of (params, tokens_BL1).
 
   def grad_and_norms(p):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
+    loss, grads = jax.value_and_grad(loss_fn)(p, toks)
     return loss, norms(grads), grads
 
   out = {}

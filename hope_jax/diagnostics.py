@@ -57,6 +57,30 @@ def _grid(model) -> int:
   return max(int(getattr(b.mixer, "align", 1)) for b in model.blocks)
 
 
+def _replay(model, tokens_BL, c: int, states, fast, deltas_N):
+  """Re-runs the model's forward chunk by chunk from `states`; yields, for every chunk of
+  `c` tokens, (each block's input, the states after the chunk, the logits).
+
+  Chunk i runs on the CMS deltas written after chunk i - 1 (`deltas_N` from `_deltas`, or
+  None without in-context CMS), so the replay is the model's own computation.
+  """
+  first = [f["delta"] if f is not None else None for f in fast]
+  for i in range(tokens_BL.shape[1] // c):
+    if deltas_N is None:
+      deltas = [None] * len(model.blocks)
+    else:
+      deltas = first if i == 0 else jax.tree.map(lambda a, i=i: a[i - 1], deltas_N)
+    xs, states, logits = _chunk_step(model, tokens_BL[:, i * c:(i + 1) * c], states, deltas)
+    yield xs, states, logits
+
+
+def _inspect_layers(model, inputs) -> list[dict | None]:
+  """`inspect` of every self-modifying mixer on its whole replayed input (None elsewhere)."""
+  return [_inspect(b.mixer, b.norm_mixer(jnp.concatenate(x, axis=1)))
+          if hasattr(b.mixer, "inspect") else None
+          for b, x in zip(model.blocks, inputs, strict=True)]
+
+
 def trace(model, tokens_BL) -> dict[str, Any]:
   """Runs `model` over `tokens_BL` and records what its memories do (module docstring).
 
@@ -80,20 +104,10 @@ def trace(model, tokens_BL) -> dict[str, Any]:
     raise ValueError(f"trace: sequence length {l} must be a multiple of the chunk {c} "
                      "(cms_chunks[0], or the mixers' chunk grid)")
   n = l // c
-  states, fast = model._init_states(b, l)
-  if model.fast_cms:
-    deltas_N = _deltas(model, tokens_BL)
-    first = [f["delta"] if f is not None else None for f in fast]
-    # Chunk i runs on the deltas written after chunk i - 1.
-    deltas_at = lambda i: first if i == 0 else jax.tree.map(lambda a: a[i - 1], deltas_N)
-  else:
-    deltas_N = None
-    deltas_at = lambda i: [None] * len(model.blocks)
-
-  states0 = states
+  states0, fast = model._init_states(b, l)
+  deltas_N = _deltas(model, tokens_BL) if model.fast_cms else None
   inputs, drifts, logits = [[] for _ in model.blocks], [[] for _ in model.blocks], []
-  for i in range(n):
-    xs, states, lg = _chunk_step(model, tokens_BL[:, i * c:(i + 1) * c], states, deltas_at(i))
+  for xs, states, lg in _replay(model, tokens_BL, c, states0, fast, deltas_N):
     logits.append(lg)
     for j, block in enumerate(model.blocks):
       inputs[j].append(xs[j])
@@ -102,14 +116,12 @@ def trace(model, tokens_BL) -> dict[str, Any]:
 
   chunk_ends = np.arange(1, n + 1) * c
   layers = []
-  for j, block in enumerate(model.blocks):
+  for j, got in enumerate(_inspect_layers(model, inputs)):
     layer = {"eta_BLH": None, "alpha_BLH": None, "drift": {}, "cms_delta_norm": None,
              "cms_writes": None}
-    if hasattr(block.mixer, "inspect"):
-      x_BLD = jnp.concatenate(inputs[j], axis=1)
-      got = _inspect(block.mixer, block.norm_mixer(x_BLD))
+    if got is not None:
       layer["eta_BLH"] = np.asarray(got["eta_BLH"])
-      if block.mixer.cfg.use_alpha:
+      if model.blocks[j].mixer.cfg.use_alpha:
         layer["alpha_BLH"] = np.asarray(got["alpha_BLH"])
       layer["drift"] = {k: np.stack([np.asarray(d[k]) for d in drifts[j]], axis=1)
                         for k in drifts[j][0]}
@@ -127,8 +139,9 @@ def trace(model, tokens_BL) -> dict[str, Any]:
 def health(model, tokens_BL) -> dict[str, float]:
   """The health metrics of spec §6 for every self-modifying layer, as plain floats.
 
-  Runs `trace` on the longest prefix of `tokens_BL` that fills whole chunks and reduces its
-  records to a few numbers per layer j (keys `health/layer{j}/...`):
+  Replays the model (as `trace` does) over the longest prefix of `tokens_BL` that fills
+  whole chunks, keeping only each layer's input, and reads each layer once with `inspect`.
+  Per layer j (keys `health/layer{j}/...`):
 
     * `drift_w1`, `drift_w2`: the largest |W_run - W_0| of the layer's W1 (resp. W2) over its
       memories, heads and sequences at the end of the prefix. A calm memory stays within
@@ -141,30 +154,36 @@ def health(model, tokens_BL) -> dict[str, float]:
     * `alpha_mean`, `alpha_min`: the retentions (without `use_alpha`: absent).
 
   Layers without a self-modifying memory (attention mixers) are left out, and so is
-  everything when the prefix is shorter than one chunk: the result is then empty. The
-  replay holds every chunk's CMS deltas of the prefix (`trace`), 8 GiB for one sequence
-  of 4,096 tokens at D=1024 and 4 layers.
+  everything when the prefix is shorter than one chunk: the result is then empty. With
+  in-context CMS the replay holds every chunk's CMS deltas of the prefix (`_deltas`).
   """
   if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
     return {}
-  tokens_BL = np.asarray(tokens_BL, np.int32)
   c = _grid(model)
-  l = tokens_BL.shape[1] // c * c
+  tokens_BL = np.asarray(tokens_BL, np.int32)
+  tokens_BL = jnp.asarray(tokens_BL[:, :tokens_BL.shape[1] // c * c])
+  b, l = tokens_BL.shape
   if l == 0:
     return {}
+  states0, fast = model._init_states(b, l)
+  deltas_N = _deltas(model, tokens_BL) if model.fast_cms else None
+  inputs = [[] for _ in model.blocks]
+  for xs, _, _ in _replay(model, tokens_BL, c, states0, fast, deltas_N):
+    for j, x in enumerate(xs):
+      inputs[j].append(x)
   out = {}
-  for j, layer in enumerate(trace(model, tokens_BL[:, :l])["layers"]):
-    if layer["eta_BLH"] is None:
+  for j, got in enumerate(_inspect_layers(model, inputs)):
+    if got is None:
       continue
     key = f"health/layer{j}/"
-    for w in ("W1", "W2"):  # drift names are "<memory>/<W1|W2>", each [B, N chunks, H].
+    for w in ("W1", "W2"):  # drift names are "<memory>/<W1|W2>", each [B, H].
       out[key + f"drift_{w.lower()}"] = float(max(
-          np.max(d[:, -1]) for name, d in layer["drift"].items() if name.endswith("/" + w)))
-    out[key + "eta_mean"] = float(np.mean(layer["eta_BLH"]))
-    out[key + "eta_max"] = float(np.max(layer["eta_BLH"]))
-    if layer["alpha_BLH"] is not None:
-      out[key + "alpha_mean"] = float(np.mean(layer["alpha_BLH"]))
-      out[key + "alpha_min"] = float(np.min(layer["alpha_BLH"]))
+          np.max(d) for name, d in got["drift"].items() if name.endswith("/" + w)))
+    eta = np.asarray(got["eta_BLH"])
+    out[key + "eta_mean"], out[key + "eta_max"] = float(eta.mean()), float(eta.max())
+    if model.blocks[j].mixer.cfg.use_alpha:
+      alpha = np.asarray(got["alpha_BLH"])
+      out[key + "alpha_mean"], out[key + "alpha_min"] = float(alpha.mean()), float(alpha.min())
   return out
 
 

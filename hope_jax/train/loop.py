@@ -63,13 +63,6 @@ def evaluate(eval_step, params, val_tokens: np.ndarray, t: Any, seq_len: int,
           "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
-def health_report(model_def: ModelDef, params: Any, val_tokens: np.ndarray,
-                  seq_len: int) -> dict[str, float]:
-  """`diagnostics.health` of `params` on the first validation window ({} where none applies)."""
-  window = next(eval_batches(val_tokens, 1, seq_len, 1))
-  return diagnostics.health(model_def.bind(params), window[:, :seq_len])
-
-
 class _StopRequest:
   """SIGINT (Ctrl-C) or SIGTERM asks the loop to stop between steps and save.
 
@@ -250,7 +243,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                    format_duration(time.perf_counter() - t0))
 
   # The replay that measures it is not written for several processes' global arrays.
-  check_health = bool(t.get("health", True)) and jax.process_count() == 1
+  check_health = bool(t.health) and jax.process_count() == 1
 
   def log_health(step: int) -> None:
     """Runs after the step's save, and not once a stop is asked for: it may compile."""
@@ -258,8 +251,9 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
     if not check_health or stop.signum is not None:
       return
     try:
-      with progress.paused():
-        health = health_report(model_def, state["params"], corpus.val, d.seq_len)
+      with progress.paused():  # On the first validation window.
+        window = next(eval_batches(corpus.val, 1, d.seq_len, 1))
+        health = diagnostics.health(model_def.bind(state["params"]), window[:, :d.seq_len])
     except Exception as e:  # A diagnostic must never cost the run: warn, and stop measuring.
       check_health = False
       logging.warning("health metrics failed at step %d and are off for this run: %r", step, e)
@@ -288,7 +282,8 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
         if pending is not None:
           record(*pending)
         pending = (s + 1, metrics)
-        if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
+        evaluate_now = (s + 1) % t.eval_every == 0 and s + 1 < end_step
+        if evaluate_now:
           record(*pending)
           pending = None
           with progress.paused():
@@ -300,7 +295,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
           jax.block_until_ready(state)  # The step's own time counts; the save's does not.
           with progress.paused():
             save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
-        if (s + 1) % t.eval_every == 0 and s + 1 < end_step:
+        if evaluate_now:
           log_health(s + 1)
       if pending is not None:
         record(*pending)
