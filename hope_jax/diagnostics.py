@@ -11,38 +11,48 @@
     chunk, and `cms_writes` [K, N]: whether the level's write boundary ended that chunk
     (None without in-context CMS).
 
-The replay uses the deltas collected by `forward_with_fast_state(collect_deltas=True)`,
-so it runs exactly the computation of the model's own forward; `trace` also returns the
-replay's logits, which tests compare with `model(tokens_BL)`.
+The replay runs the model's own `lm_grad` computation one chunk at a time: each chunk's
+forward reads the CMS deltas written so far, then the chunk's write gradients update them,
+as in `forward_with_fast_state`. So it holds one chunk's deltas, never every chunk's;
+`trace` also returns the replay's logits, which tests compare with `model(tokens_BL)`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hope_jax.model import lm
 from hope_jax.ops import cms as cms_ops
 
 
 @nnx.jit
-def _chunk_step(model, tokens_BC, states, deltas):
-  """All layers on one aligned chunk; also returns every block's input."""
+def _chunk_step(model, tokens_BC, targets_BC, mask_BC, states, fast, tokens_seen):
+  """All layers on one aligned chunk, then its CMS writes (the `lm_grad` scan's body).
+
+  Returns every block's input, the mixer states after the chunk, the logits and the fast
+  CMS state after the chunk's writes (`fast` unchanged without in-context CMS).
+  """
+  deltas = [f["delta"] if f is not None else None for f in fast]
   x_BCD = model.embed_tokens(tokens_BC)
   inputs, new_states = [], []
   for block, state, delta in zip(model.blocks, states, deltas, strict=True):
     inputs.append(x_BCD)
     x_BCD, state = block.step(x_BCD, state, delta, aligned=True)
     new_states.append(state)
-  return inputs, new_states, model.logits(x_BCD)
-
-
-@nnx.jit
-def _deltas(model, tokens_BL):
-  return model.forward_with_fast_state(tokens_BL, collect_deltas=True)[2]
+  if model.fast_cms and model._scan_layers():
+    # As the model's own scan does: one block traced and compiled for the write gradients.
+    grads = model.chunk_grads(tokens_BC, targets_BC, mask_BC, lm._stack(states),
+                              lm._stack(deltas), stacked=True)
+    fast = lm._unstack(model._write(lm._stack(fast), grads, tokens_seen, stacked=True),
+                       len(model.blocks))
+  elif model.fast_cms:
+    grads = model.chunk_grads(tokens_BC, targets_BC, mask_BC, states, deltas)
+    fast = model._write(fast, grads, tokens_seen)
+  return inputs, new_states, model.logits(x_BCD), fast
 
 
 @nnx.jit
@@ -57,21 +67,24 @@ def _grid(model) -> int:
   return max(int(getattr(b.mixer, "align", 1)) for b in model.blocks)
 
 
-def _replay(model, tokens_BL, c: int, states, fast, deltas_N):
-  """Re-runs the model's forward chunk by chunk from `states`; yields, for every chunk of
-  `c` tokens, (each block's input, the states after the chunk, the logits).
+def _replay(model, tokens_BL, c: int):
+  """Re-runs the model's forward chunk by chunk from its initial state; yields, for every
+  chunk of `c` tokens, (each block's input, the states after the chunk, the logits, the
+  fast CMS state after the chunk's writes).
 
-  Chunk i runs on the CMS deltas written after chunk i - 1 (`deltas_N` from `_deltas`, or
-  None without in-context CMS), so the replay is the model's own computation.
+  The targets and loss mask are `forward_with_fast_state`'s for a sequence of this length
+  (next tokens; the last position has none), so the writes are the model's own.
   """
-  first = [f["delta"] if f is not None else None for f in fast]
-  for i in range(tokens_BL.shape[1] // c):
-    if deltas_N is None:
-      deltas = [None] * len(model.blocks)
-    else:
-      deltas = first if i == 0 else jax.tree.map(lambda a, i=i: a[i - 1], deltas_N)
-    xs, states, logits = _chunk_step(model, tokens_BL[:, i * c:(i + 1) * c], states, deltas)
-    yield xs, states, logits
+  b, l = tokens_BL.shape
+  states, fast = model._init_states(b, l)
+  targets_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, 1)))
+  mask_BL = jnp.broadcast_to(jnp.arange(l)[None] < l - 1, (b, l)).astype(jnp.float32)
+  for i in range(l // c):
+    piece = slice(i * c, (i + 1) * c)
+    xs, states, logits, fast = _chunk_step(model, tokens_BL[:, piece], targets_BL[:, piece],
+                                           mask_BL[:, piece], states, fast,
+                                           jnp.asarray((i + 1) * c, jnp.int32))
+    yield xs, states, logits, fast
 
 
 def _inspect_layers(model, inputs) -> list[dict | None]:
@@ -104,15 +117,19 @@ def trace(model, tokens_BL) -> dict[str, Any]:
     raise ValueError(f"trace: sequence length {l} must be a multiple of the chunk {c} "
                      "(cms_chunks[0], or the mixers' chunk grid)")
   n = l // c
-  states0, fast = model._init_states(b, l)
-  deltas_N = _deltas(model, tokens_BL) if model.fast_cms else None
+  states0, _ = model._init_states(b, l)
   inputs, drifts, logits = [[] for _ in model.blocks], [[] for _ in model.blocks], []
-  for xs, states, lg in _replay(model, tokens_BL, c, states0, fast, deltas_N):
+  delta_norms = [[] for _ in model.blocks]  # Per layer and chunk: each level's norm [B].
+  for xs, states, lg, fast in _replay(model, tokens_BL, c):
     logits.append(lg)
     for j, block in enumerate(model.blocks):
       inputs[j].append(xs[j])
       if hasattr(block.mixer, "inspect"):
         drifts[j].append(block.mixer.drift(states[j], states0[j]))
+      if model.fast_cms and fast[j] is not None:
+        delta_norms[j].append([jnp.sqrt(sum(jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim)))
+                                            for a in lvl.values()))
+                               for lvl in fast[j]["delta"]])
 
   chunk_ends = np.arange(1, n + 1) * c
   layers = []
@@ -125,10 +142,8 @@ def trace(model, tokens_BL) -> dict[str, Any]:
         layer["alpha_BLH"] = np.asarray(got["alpha_BLH"])
       layer["drift"] = {k: np.stack([np.asarray(d[k]) for d in drifts[j]], axis=1)
                         for k in drifts[j][0]}
-    if deltas_N is not None and deltas_N[j] is not None:
-      norms = [jnp.sqrt(sum(jnp.sum(jnp.square(a), axis=tuple(range(2, a.ndim)))
-                            for a in lvl.values())) for lvl in deltas_N[j]]  # each [N, B]
-      layer["cms_delta_norm"] = np.stack([np.asarray(x).T for x in norms])
+    if delta_norms[j]:  # [chunk][level] -> [level, B, chunk]
+      layer["cms_delta_norm"] = np.asarray(delta_norms[j]).transpose(1, 2, 0)
       hits = cms_ops.level_boundaries(jnp.asarray(chunk_ends), model.cfg.cms_chunks)
       layer["cms_writes"] = np.stack([np.asarray(h) for h in hits])
     layers.append(layer)
@@ -154,8 +169,7 @@ def health(model, tokens_BL) -> dict[str, float]:
     * `alpha_mean`, `alpha_min`: the retentions (without `use_alpha`: absent).
 
   Layers without a self-modifying memory (attention mixers) are left out, and so is
-  everything when the prefix is shorter than one chunk: the result is then empty. With
-  in-context CMS the replay holds every chunk's CMS deltas of the prefix (`_deltas`).
+  everything when the prefix is shorter than one chunk: the result is then empty.
   """
   if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
     return {}
@@ -165,10 +179,8 @@ def health(model, tokens_BL) -> dict[str, float]:
   b, l = tokens_BL.shape
   if l == 0:
     return {}
-  states0, fast = model._init_states(b, l)
-  deltas_N = _deltas(model, tokens_BL) if model.fast_cms else None
   inputs = [[] for _ in model.blocks]
-  for xs, _, _ in _replay(model, tokens_BL, c, states0, fast, deltas_N):
+  for xs, _, _, _ in _replay(model, tokens_BL, c):
     for j, x in enumerate(xs):
       inputs[j].append(x)
   out = {}

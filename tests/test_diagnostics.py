@@ -13,10 +13,11 @@ from hope_jax.config import ModelConfig
 from hope_jax.model.lm import LanguageModel
 
 
-def _model(block="hope", num_layers=2):
+def _model(block="hope", num_layers=2, scan_layers=False):
   cfg = tiny.get_config()
   cfg.model.block = block
   cfg.model.num_layers = num_layers
+  cfg.model.scan_layers = scan_layers
   return hope_jax.build_model(cfg.model, seed=0)
 
 
@@ -61,6 +62,17 @@ def test_trace_replays_the_model_and_records_memories():
   for name, d_BH in want["drift"].items():
     chex.assert_trees_all_close(layer["drift"][name][:, -1], np.asarray(d_BH), rtol=1e-4,
                                 atol=1e-6)
+
+
+def test_trace_with_the_layer_scan_writes_as_the_model_does():
+  # Under scan_layers the replay takes the write gradients through the stacked blocks, as
+  # the model's own scan does; its logits after the first chunk depend on those writes.
+  model = _model(scan_layers=True)
+  tokens = _tokens(1, 24)
+  out = diagnostics.trace(model, tokens)
+  chex.assert_trees_all_close(out["logits_BLV"], np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens)),
+                              atol=1e-5, rtol=1e-5)
+  assert np.all(out["layers"][1]["cms_delta_norm"][0, :, -1] > 0)
 
 
 def test_trace_attention_block_has_no_titans_fields():
