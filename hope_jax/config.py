@@ -181,6 +181,18 @@ class ModelConfig:
                 "chunk_mem", "conv_width"):
       if getattr(self, key) < 1:
         raise ConfigError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+    for key in ("ffn_hidden", "cms_hidden", "mem_hidden_proj", "mem_hidden_mem"):
+      if not _is_count(getattr(self, key)):
+        raise ConfigError(
+            f"model.{key} must be an int >= 0 (0 picks the default width), got "
+            f"{getattr(self, key)!r}")
+    for key in ("eta_max", "rope_theta", "cms_lr"):
+      if not 0 < getattr(self, key) < math.inf:
+        raise ConfigError(f"model.{key} must be a positive number, got {getattr(self, key)!r}")
+    for key in ("inner_grad_clip", "cms_grad_clip"):
+      if not 0 <= getattr(self, key) < math.inf:
+        raise ConfigError(
+            f"model.{key} must be a number >= 0 (0: no clip), got {getattr(self, key)!r}")
     if self.hidden_size % self.num_heads:
       raise ConfigError(
           f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
@@ -276,6 +288,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 DATA_TYPES = ("default", "random", "text", "books", "mqar", "passkey")
+# What the train loop's evaluations report and its checkpoints record: the names
+# `training.keep_best` can rank checkpoints by (`hope_jax.train.loop.evaluate`).
+LOOP_EVAL_METRICS = ("eval/loss", "eval/bits_per_token", "eval/perplexity")
 
 
 def validate_run_config(cfg: Any) -> ModelConfig:
@@ -296,11 +311,30 @@ def validate_run_config(cfg: Any) -> ModelConfig:
   _choice("training.keep_best_mode", t.keep_best_mode, ("min", "max"))
   if t.keep_last is not None and t.keep_last < 1:
     raise ConfigError(f"training.keep_last must be a positive integer or None, got {t.keep_last}")
+  if t.keep_best is not None and t.keep_best not in LOOP_EVAL_METRICS:
+    raise ConfigError(
+        f"training.keep_best={t.keep_best!r} is not a metric the train loop records; expected "
+        f"one of {LOOP_EVAL_METRICS}{_did_you_mean(t.keep_best, LOOP_EVAL_METRICS)}")
+  if t.seed < 0:
+    raise ConfigError(f"training.seed must be >= 0, got {t.seed}")
+  if t.warmup_steps < 0:
+    raise ConfigError(f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+  for key in ("b1", "b2"):
+    if not 0 <= t[key] < 1:
+      raise ConfigError(f"training.{key} must be in [0, 1), got {t[key]}")
+  if not 0 < t.grad_clip < math.inf:
+    raise ConfigError(f"training.grad_clip must be a positive number, got {t.grad_clip}")
+  if not 0 <= t.weight_decay < math.inf:
+    raise ConfigError(f"training.weight_decay must be >= 0, got {t.weight_decay}")
+  if not 0 <= t.min_lr_ratio <= 1:
+    raise ConfigError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
   _choice("data.data_type", d.data_type, DATA_TYPES)
   if d.seq_len < 2:
     raise ConfigError(f"data.seq_len must be at least 2, got {d.seq_len}")
   if not 0.0 < d.val_fraction < 1.0:
     raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+  if not 0 <= d.memmap_min_mb < math.inf:
+    raise ConfigError(f"data.memmap_min_mb must be >= 0, got {d.memmap_min_mb}")
   if d.data_type in ("text", "books"):
     import os
 

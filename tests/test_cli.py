@@ -46,6 +46,18 @@ def test_bad_input_is_one_line_exit_2(args, expected):
   assert expected in lines[0]
 
 
+def test_unwritable_log_dir_is_one_line_exit_2(tmp_path):
+  # Checked with the checkpoint folder, before the first compile (it used to be a traceback).
+  (tmp_path / "a_file").write_text("")
+  proc = run_cli(["-m", "hope_jax.train", TINY, f"--config.training.checkpoint_dir={tmp_path}/ck",
+                  f"--config.training.log_dir={tmp_path}/a_file/logs"])
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert lines[0].startswith("hope_jax.train: error: training.log_dir: cannot write the logs to ")
+  assert "Not a directory" in lines[0]
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_a_stop_signal_saves_and_exits_cleanly(tmp_path, signame):
   """Ctrl-C or a scheduler's SIGTERM mid-training: a checkpoint, no traceback, 128 + signal."""

@@ -70,3 +70,60 @@ def test_memory_input_std_must_be_a_positive_number(value):
                                         f"got {re.escape(repr(value))}"):
     ModelConfig(memory_input_std=value).validate()
   ModelConfig(memory_input_std=0.01).validate()
+
+
+@pytest.mark.parametrize("key,value,wanted", [
+    ("ffn_hidden", -5, "an int >= 0"), ("cms_hidden", -64, "an int >= 0"),
+    ("mem_hidden_proj", 1.5, "an int >= 0"), ("mem_hidden_mem", -3, "an int >= 0"),
+    ("eta_max", -1.0, "a positive number"), ("rope_theta", -1.0, "a positive number"),
+    ("cms_lr", 0.0, "a positive number"), ("inner_grad_clip", -1.0, "a number >= 0"),
+    ("cms_grad_clip", float("nan"), "a number >= 0")])
+def test_widths_rates_and_clips_name_the_key(key, value, wanted):
+  # Each of these used to pass and fail later: a negative width inside the first compile
+  # (broadcast_in_dim), a negative rate or theta as a NaN loss or a silent sign flip.
+  with pytest.raises(ConfigError, match=f"model.{key} must be {wanted}"):
+    ModelConfig(**{key: value}).validate()
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("training", "seed", -1, "training.seed must be >= 0, got -1"),
+    ("training", "warmup_steps", -5, "training.warmup_steps must be >= 0"),
+    ("training", "b1", 2.0, r"training.b1 must be in \[0, 1\), got 2.0"),
+    ("training", "b2", 1.0, r"training.b2 must be in \[0, 1\)"),
+    ("training", "grad_clip", 0.0, "training.grad_clip must be a positive number"),
+    ("training", "weight_decay", -0.1, "training.weight_decay must be >= 0"),
+    ("training", "min_lr_ratio", -1.0, r"training.min_lr_ratio must be in \[0, 1\]"),
+    ("training", "keep_best", "eval/nope", "training.keep_best='eval/nope' is not a metric"),
+    # The loop records bits per token; per byte is hope_jax.evaluate's.
+    ("training", "keep_best", "eval/bits_per_byte",
+     "did you mean 'eval/bits_per_token'"),
+    ("data", "memmap_min_mb", -1.0, "data.memmap_min_mb must be >= 0")])
+def test_run_settings_name_the_key(section, key, value, match):
+  from experiments import tiny
+
+  cfg = tiny.get_config()
+  validate_run_config(cfg)
+  cfg[section][key] = value
+  with pytest.raises(ConfigError, match=match):
+    validate_run_config(cfg)
+
+
+def test_keep_best_takes_every_metric_the_loop_records():
+  from experiments import tiny
+  from hope_jax.config import LOOP_EVAL_METRICS
+  from hope_jax.train.loop import evaluate
+
+  cfg = tiny.get_config()
+  for name in LOOP_EVAL_METRICS:
+    cfg.training.keep_best = name
+    validate_run_config(cfg)
+  # The names are what the loop's `evaluate` returns (here with a constant eval step).
+  import numpy as np
+
+  from hope_jax.train.sharding import Placement
+
+  cfg.training.eval_batches = 1
+  placement = Placement(cfg.training.mesh, cfg.training.batch_size, jax.devices()[:1])
+  got = evaluate(lambda params, batch: jnp.float32(1.0), None, np.arange(400) % 256,
+                 cfg.training, cfg.data.seq_len, placement)
+  assert tuple(got) == LOOP_EVAL_METRICS

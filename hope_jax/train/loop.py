@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from hope_jax import diagnostics
 from hope_jax.checkpoint import CheckpointManager
-from hope_jax.config import validate_run_config
+from hope_jax.config import ConfigError, validate_run_config
 from hope_jax.data import load_corpus
 from hope_jax.data.sampler import BatchSampler, eval_batches
 from hope_jax.train import distributed, host_devices
@@ -168,8 +168,17 @@ def train(config: Any) -> dict[str, Any]:
   devices = jax.devices()[:cpu_devices] if cpu_devices else None
   placement = Placement(mesh_cfg, int(t.batch_size), devices)
   corpus = load_corpus(config.data, model_cfg.vocab_size)
-  # After the config and data checks, before any compile: the directory lock and listing.
+  # Before any compile, each a one-line error: the metrics folder (a default one lies in the
+  # checkpoint folder, whose own check names it), the checkpoint directory lock and listing.
+  if distributed.is_primary() and t.log_dir:
+    _check_log_dir(t.log_dir)
   ckpt = CheckpointManager(config)
+  if distributed.is_primary() and not t.log_dir:
+    try:
+      _check_log_dir(os.path.join(t.checkpoint_dir, "logs"))
+    except ConfigError:
+      ckpt.close()
+      raise
   if cpu_devices and cpu_devices > 1:  # Logged after every input check.
     logging.info("CPU split into %d XLA device(s) (training.cpu_devices=%s)", cpu_devices,
                  host_devices.requested(t))
@@ -177,6 +186,16 @@ def train(config: Any) -> dict[str, Any]:
     return _train(config, model_cfg, corpus, ckpt, placement)
   finally:
     ckpt.close()  # Waits for a pending async save; raises if it failed.
+
+
+def _check_log_dir(log_dir: str) -> None:
+  """Creates the metrics folder, or raises ConfigError naming `training.log_dir`."""
+  try:
+    os.makedirs(log_dir, exist_ok=True)
+    open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8").close()
+  except OSError as e:
+    raise ConfigError(f"training.log_dir: cannot write the logs to {log_dir!r}: "
+                      f"{e.strerror or e}") from None
 
 
 def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
