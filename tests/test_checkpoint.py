@@ -222,6 +222,23 @@ def test_latest_skips_a_broken_newest_with_a_warning(tmp_path, absl_log):
   assert ck.restore_latest(str(tmp_path)).step == 10
 
 
+def test_latest_with_nothing_readable_fails_every_time_and_moves_nothing(tmp_path):
+  # Moving the only checkpoint aside would let the rerun that docs/checkpoints.md recommends
+  # find an empty directory and start fresh: the contract's "never a silent fresh start".
+  _save(tmp_path, [5], mb=6.0)
+  _flip(_data_file(os.path.join(tmp_path, "checkpoint_step_5", "params")))
+  before = sorted(os.listdir(tmp_path))
+  abstract = jax.eval_shape(lambda: _state(5, mb=6.0))
+  for _ in range(2):
+    mgr = CheckpointManager(_config(tmp_path))
+    with pytest.raises(CheckpointError, match="none of its 1 checkpoint.s. is readable.*nothing "
+                                              "was moved"):
+      mgr.restore_for_training(abstract)
+    mgr.close()
+    assert sorted(os.listdir(tmp_path)) == before
+    assert not (tmp_path / "unreadable").exists()
+
+
 @pytest.mark.parametrize("keep_best", [None, "eval/loss"])
 def test_retention_keeps_last_n_and_best_and_always_the_newest(tmp_path, keep_best):
   losses = [5.0, 1.0, 4.0, 3.0, 2.5, 9.0]  # Best at step 2; the newest (6) is the worst.

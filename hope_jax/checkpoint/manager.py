@@ -211,19 +211,30 @@ class CheckpointManager:
     return state, loader_state, manifest
 
   def _restore_latest(self, entries, abstract_state):
+    broken = []
     for e in reversed(entries):
       try:
         if not e.valid:
           raise mf.load_error(e.manifest_path, e.reason)
-        return self._restore(e.manifest_path, abstract_state)
+        restored = self._restore(e.manifest_path, abstract_state)
       except ConfigMismatchError:
         raise
       except CheckpointError as err:
         logging.warning("Skipping unreadable checkpoint (trying an older one): %s", err)
-        self._set_aside(e)
+        broken.append(e)
+        continue
+      # Only once an older one has loaded: the newer broken ones are set aside so their
+      # steps can be saved again. With none readable nothing moves, so a rerun fails the same
+      # way instead of finding an empty directory and silently starting fresh (and an I/O
+      # error that passes leaves every checkpoint where it was).
+      for b in broken:
+        self._set_aside(b)
+      return restored
     if entries:
-      raise CheckpointError(f'Failed to load checkpoint: "{self.directory}": none of its '
-                            f"{len(entries)} checkpoint(s) is readable")
+      raise CheckpointError(
+          f'Failed to load checkpoint: "{self.directory}": none of its {len(entries)} '
+          "checkpoint(s) is readable (warnings above give each reason); nothing was moved. "
+          "Repair or remove them, or set a different training.checkpoint_dir to start fresh")
     return None
 
   def _set_aside(self, entry: mf.CheckpointInfo) -> None:
