@@ -16,8 +16,11 @@ incompressible (e.g. random-float) zstd block restores silently to a wrong value
 from __future__ import annotations
 
 import functools
+import gc
 import logging as py_logging
 import os
+import re
+import sys
 from typing import Any
 
 import jax
@@ -224,6 +227,7 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
     out = {name: restored[name] for name in args}
     jax.block_until_ready([out["params"], out.get("train")])
   except Exception as e:  # Orbax/TensorStore raise many types; the message names the cause.
+    _drop_sibling_read_errors()
     raise load_error(manifest_path, reason(e)) from e
   finally:
     ckptr.close()
@@ -238,11 +242,45 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
   return out
 
 
+def _drop_sibling_read_errors() -> None:
+  """Keeps the reads that failed beside the one being reported from printing tracebacks.
+
+  When one array of a payload cannot be read, Orbax's other reads fail too: their
+  coroutines are left unawaited, and TensorStore completes the reads still in flight on its
+  own threads after Orbax's event loop has closed. Each then reached `sys.unraisablehook`
+  ("Exception ignored in <coroutine ...>" with a TensorStore spec dump, or "Event loop is
+  closed"), hundreds of lines or none by timing, around the one-line error that already
+  names the cause. So after a failed read (only then) the hook drops exactly those two
+  kinds, for the rest of the process, since the late ones come at no predictable time.
+  """
+  if getattr(sys.unraisablehook, "_hope_jax_filter", False):
+    gc.collect()
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    stale_read = "_read_array_index_and_device_put" in repr(unraisable.object)
+    closed_loop = (unraisable.object is None and isinstance(value, RuntimeError)
+                   and str(value) == "Event loop is closed")
+    if not (stale_read or closed_loop):
+      previous(unraisable)
+
+  hook._hope_jax_filter = True
+  sys.unraisablehook = hook
+  gc.collect()
+
+
+# Orbax's own pointer to the full spec: a bound-method repr of the TensorStore, hundreds of
+# characters that name no cause (the cause is the chained TensorStore error).
+_TENSORSTORE_SPEC = re.compile(r" See full TensorStore details: <bound method .*?\}\)>\.?")
+
+
 def reason(e: BaseException) -> str:
   """The most specific message in an exception chain, on one line."""
   parts = []
   while e is not None and len(parts) < 3:
-    text = " ".join(str(e).split())
+    text = _TENSORSTORE_SPEC.sub("", " ".join(str(e).split()))
     if len(text) > 500:  # Keep the start (what) and the end (the OS/TensorStore cause).
       text = f"{text[:200]} ... {text[-300:]}"
     parts.append(f"{type(e).__name__}: {text}")
