@@ -63,3 +63,16 @@ def test_text_corpus(tmp_path, tiny_config):
   corpus = load_corpus(tiny_config.data, 256)
   text = corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]))
   assert "hello world" in text and "café" in text
+
+
+def test_the_smallest_validation_split_gives_a_batch():
+  # `split` keeps seq_len + 1 validation tokens for small corpora: exactly one window. The
+  # loop's evaluation used to count (n - 1) // window = 0 windows there and crash at the
+  # first evaluation, after the compile and the first steps.
+  from hope_jax.data.corpus import split
+
+  train_L, val_L = split(np.arange(40, dtype=np.uint16), 0.05, 16)
+  assert len(val_L) == 17
+  batches = list(eval_batches(val_L, 2, 16, 3))
+  assert len(batches) == 1
+  np.testing.assert_array_equal(batches[0], np.stack([val_L, val_L]))

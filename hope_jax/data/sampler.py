@@ -68,7 +68,7 @@ class BatchSampler:
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int):
   """Fixed, evenly spaced validation windows (the same at every evaluation)."""
   window = seq_len + 1
-  n_windows = (len(tokens) - 1) // window
+  n_windows = len(tokens) // window  # A window holds its inputs and their next tokens.
   total = min(n_windows, batch_size * num_batches)
   idx = np.linspace(0, n_windows - 1, total).astype(np.int64)
   rows = np.stack([tokens[i * window:(i + 1) * window] for i in idx]).astype(np.int32)
