@@ -99,3 +99,30 @@ def test_health_off_is_never_measured(tmp_path, tiny_config, monkeypatch):
   train(_tiny(tmp_path / "off", tiny_config, num_steps=4, eval_every=2, save_every=100,
               health=False))
   assert len(calls) == 2
+
+
+def test_resume_on_data_whose_counted_vocabulary_changed_stops(tmp_path, tiny_config):
+  # A character vocabulary counted at start-up orders ids by frequency: the edited text has
+  # the same characters (the same vocabulary size) with other ids. Resuming on it used to
+  # go on silently, training on ids that mean other characters.
+  from hope_jax.config import ConfigError
+  from hope_jax.data.tokenizers import CharTokenizer
+
+  text = tmp_path / "corpus.txt"
+  text.write_text("a" * 500 + "b" * 300 + "c" * 100)
+  cfg = _tiny(tmp_path, tiny_config, num_steps=2, eval_every=2, health=False)
+  cfg.model.vocab_size = 6  # <pad>, <unk>, a, b, c and the file separator's newline.
+  cfg.data.update(data_type="text", data_path=str(text), tokenizer="char")
+  train(cfg)
+  kept = tmp_path / "ckpt" / "vocab.json"
+  assert CharTokenizer.load(str(kept)).itos[2:5] == ["a", "b", "c"]
+  text.write_text("a" * 500 + "b" * 300 + "c" * 1100)  # c now comes first.
+  cfg.training.num_steps = 4
+  with pytest.raises(ConfigError, match="vocabulary .* is not the one the checkpoint was "
+                                        f"trained with .*tokenizer_path={kept} to keep"):
+    train(cfg)
+  # The kept file is the run's vocabulary: what the hint points at resumes with the same ids.
+  from hope_jax.checkpoint import restore_latest
+
+  saved = restore_latest(str(tmp_path / "ckpt")).loader_state["tokenizer_fingerprint"]
+  assert CharTokenizer.load(str(kept)).fingerprint() == saved

@@ -16,6 +16,8 @@ from hope_jax.config import ConfigError
 
 PAD, UNK = "<pad>", "<unk>"
 VOCAB_FORMAT = "hope_jax.char_vocab.v1"
+# A run's character vocabulary, kept in its checkpoint folder (hope_jax.train.loop).
+VOCAB_FILE = "vocab.json"
 
 
 class Tokenizer(Protocol):
