@@ -87,6 +87,25 @@ def data_config(saved_data: Any, overrides: dict[str, str]):
   return config_dict.ConfigDict(data)
 
 
+def vocabulary_mismatch(restored: Any, tokenizer: Any) -> str | None:
+  """Why `tokenizer` cannot score `restored`, or None.
+
+  Checkpoints record their tokenizer's fingerprint (hope_jax.train.loop); a character
+  vocabulary counted from data that changed since gives other ids at the same size, and its
+  score would look normal.
+  """
+  from hope_jax.data.tokenizers import VOCAB_FILE
+
+  saved = (restored.loader_state or {}).get("tokenizer_fingerprint")
+  have = tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None
+  if saved is None or have is None or saved == have:
+    return None
+  kept = os.path.join(os.path.dirname(restored.manifest_path), VOCAB_FILE)
+  hint = f"; pass --data.tokenizer_path={kept}" if os.path.isfile(kept) else ""
+  return (f"the data's {tokenizer.name} vocabulary (fingerprint {have}) is not the one the "
+          f"checkpoint was trained with (fingerprint {saved}){hint}")
+
+
 def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_size: int,
                          max_windows: int | None) -> tuple[list[dict], list[str]]:
   """Scores each `CheckpointInfo`; unreadable ones become rows with an `error`."""
@@ -119,6 +138,10 @@ def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_si
     if data_key not in corpora:
       corpora[data_key] = load_corpus(data, model_cfg.vocab_size)
       descriptions.append(corpora[data_key].description)
+    mismatch = vocabulary_mismatch(restored, corpora[data_key].tokenizer)
+    if mismatch:
+      row["error"] = mismatch
+      continue
     model_key = json.dumps(model_cfg.to_dict(), sort_keys=True, default=str)
     if model_key not in models:
       model_def = ModelDef(model_cfg)
@@ -165,21 +188,29 @@ def write_manifest_scores(row: dict, description: str) -> None:
   mf.atomic_write_json(row["path"], manifest)
 
 
+def check_flags(f: Any) -> None:
+  """Rejects impossible flags before any checkpoint is read (ConfigError)."""
+  if f.all and f.checkpoint:
+    raise ConfigError("--all and --checkpoint exclude each other")
+  if f.mode not in ("min", "max"):
+    raise ConfigError(f"--mode must be 'min' or 'max', got {f.mode!r}")
+  if f.batch_size < 1:
+    raise ConfigError(f"--batch_size must be positive, got {f.batch_size}")
+  if f.max_windows is not None and f.max_windows < 1:
+    raise ConfigError(f"--max_windows must be at least 1 (or left out to score every window), "
+                      f"got {f.max_windows}")
+  if f.checkpoint and not os.path.isfile(f.checkpoint):
+    raise ConfigError(f"--checkpoint: no such manifest: {f.checkpoint}")
+  if not f.checkpoint and not f.checkpoint_dir:
+    raise ConfigError("--checkpoint_dir (or --checkpoint=MANIFEST) is required")
+  if not f.checkpoint and not os.path.isdir(f.checkpoint_dir):
+    raise ConfigError(f"--checkpoint_dir: no such directory: {f.checkpoint_dir}")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ConfigError(f"unexpected argument(s): {' '.join(argv[1:])}")
-  if F.all and F.checkpoint:
-    raise ConfigError("--all and --checkpoint exclude each other")
-  if F.mode not in ("min", "max"):
-    raise ConfigError(f"--mode must be 'min' or 'max', got {F.mode!r}")
-  if F.batch_size < 1:
-    raise ConfigError(f"--batch_size must be positive, got {F.batch_size}")
-  if F.checkpoint and not os.path.isfile(F.checkpoint):
-    raise ConfigError(f"--checkpoint: no such manifest: {F.checkpoint}")
-  if not F.checkpoint and not F.checkpoint_dir:
-    raise ConfigError("--checkpoint_dir (or --checkpoint=MANIFEST) is required")
-  if not F.checkpoint and not os.path.isdir(F.checkpoint_dir):
-    raise ConfigError(f"--checkpoint_dir: no such directory: {F.checkpoint_dir}")
+  check_flags(F)
 
   from hope_jax import checkpoint
   from hope_jax.train import evaluation

@@ -120,6 +120,22 @@ def load_exported(path: str) -> ExportedForward:
 # ------------------------------------------------------------------------------ CLI
 
 
+def check_flags(F: Any) -> None:
+  """Rejects impossible flags before anything is read or exported (ConfigError)."""
+  if not F.checkpoint_dir and not F.checkpoint:
+    raise ConfigError("--checkpoint_dir (newest checkpoint) or --checkpoint (a manifest) is "
+                      "required")
+  if not F.output:
+    raise ConfigError("--output is required (where to write the artifact)")
+  # 0 would count as "unset" in a truthiness test; None is the only "unset".
+  for name in ("batch_size", "seq_len"):
+    value = getattr(F, name)
+    if value is not None and value < 1:
+      raise ConfigError(f"--{name} must be at least 1 when given, got {value}")
+  if F.dynamic_length and F.seq_len is not None:
+    raise ConfigError("--seq_len and --dynamic_length exclude each other")
+
+
 def main(argv: list[str]) -> None:
   from absl import flags
 
@@ -129,26 +145,22 @@ def main(argv: list[str]) -> None:
   F = flags.FLAGS
   if len(argv) > 1:
     raise ConfigError(f"unexpected argument(s): {' '.join(argv[1:])}")
-  if not F.checkpoint_dir and not F.checkpoint:
-    raise ConfigError("--checkpoint_dir (newest checkpoint) or --checkpoint (a manifest) is "
-                      "required")
-  if not F.output:
-    raise ConfigError("--output is required (where to write the artifact)")
+  check_flags(F)
   from hope_jax import checkpoint
 
   restored = (checkpoint.restore(F.checkpoint) if F.checkpoint else
               checkpoint.restore_latest(F.checkpoint_dir))
   model_cfg = ModelConfig.from_config(restored.config.model)
-  seq_len = None if F.dynamic_length else int(F.seq_len or restored.config.data.seq_len)
-  if seq_len is not None and seq_len < 1:
-    raise ConfigError(f"--seq_len must be positive, got {seq_len}")
+  seq_len = (None if F.dynamic_length else
+             int(restored.config.data.seq_len if F.seq_len is None else F.seq_len))
   platforms = [p for p in F.platforms.split(",") if p] if F.platforms else None
   exported = export_forward(ModelDef(model_cfg), restored.params, seq_len, F.batch_size,
                             platforms)
   save_exported(exported, F.output, {
       "step": restored.step, "manifest": os.path.basename(restored.manifest_path),
       "model": restored.config.model.to_dict()})
-  check = np.zeros((F.batch_size or 1, seq_len or 8), np.int32)
+  check = np.zeros((1 if F.batch_size is None else F.batch_size,
+                    8 if seq_len is None else seq_len), np.int32)
   if jax.default_backend() in exported.platforms:
     load_exported(F.output)(check)  # Fail here, not in the user's hands.
   print(f"Exported step {restored.step} ({restored.manifest_path}) to {F.output}: "

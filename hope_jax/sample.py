@@ -6,6 +6,12 @@ Run:
 
 The prompt goes through `model.prefill`, then `model.decode_step` generates token by token
 with the recurrent state of spec §5. The continuation goes to stdout; tokens/s to stderr.
+`--checkpoint_dir` may also name one manifest (`checkpoint_step_<N>_ts_<T>.json`).
+
+The text is encoded with the tokenizer the run's data used (bytes, the character
+vocabulary training keeps beside the checkpoints, or the data's own, e.g. a books
+folder's vocab.json); `--tokenizer_path=vocab.json` overrides it, e.g. when the
+data folder is not on this machine (see `run_tokenizer`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from hope_jax.config import ConfigError
 
 
 def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
@@ -92,48 +100,135 @@ def _runner(graphdef, b: int, l: int, max_new_tokens: int, temperature: float, t
   return {"jit": run}
 
 
-def _tokenizer(config, checkpoint_dir: str, tokenizer_path: str | None):
-  from hope_jax.data.tokenizers import ByteTokenizer, CharTokenizer
+def _raw_books(data_path: str) -> bool:
+  """True when `data_path` is certainly raw books, not a preprocessed folder (as in books.py)."""
+  from hope_jax.data.books import is_preprocessed
 
-  kind = config.data.tokenizer if "data" in config else "byte"
-  if kind == "byte":
+  folder = data_path if os.path.isdir(data_path) else os.path.dirname(data_path) or "."
+  return os.path.exists(data_path) and not is_preprocessed(folder)
+
+
+def _load_vocab(path: str, what: str, vocab_size: int):
+  from hope_jax.data.tokenizers import CharTokenizer
+
+  try:
+    tok = CharTokenizer.load(path)
+  except ConfigError as e:
+    raise ConfigError(str(e).replace("data.tokenizer_path", what, 1)) from None
+  if tok.vocab_size != vocab_size:
+    raise ConfigError(f"{what}: {path} has {tok.vocab_size} tokens but the run's "
+                      f"model.vocab_size is {vocab_size}: not the run's vocabulary")
+  return tok
+
+
+def run_tokenizer(config, tokenizer_path: str | None = None, *, run_dir: str | None = None,
+                  loader_state: dict | None = None):
+  """The tokenizer the run's data was encoded with, picked as the data loader picks it.
+
+  In order: `tokenizer_path`; bytes when the run says so; the character
+  vocabulary training keeps beside the checkpoints (`run_dir/vocab.json`); else
+  the data itself, through `load_corpus` where only the data knows (a preprocessed
+  books folder brings its own vocab.json whatever `data.tokenizer` says; a
+  character vocabulary without a file was counted from the data at start-up).
+
+  Args:
+    config: the run's config, as saved with its checkpoint.
+    tokenizer_path: a vocab.json that overrides the choice for any run, e.g. when
+      its data is not on this machine.
+    run_dir: the checkpoint folder.
+    loader_state: the checkpoint's loader state; a `tokenizer_fingerprint` recorded
+      there must match the vocabulary found.
+
+  Raises:
+    ConfigError: the vocabulary cannot be found (naming the path and the flag to
+      pass), or it is not the run's (size or fingerprint).
+  """
+  from hope_jax.data import load_corpus
+  from hope_jax.data.corpus import _tokenizer_for
+  from hope_jax.data.tokenizers import VOCAB_FILE, ByteTokenizer
+
+  data, vocab_size = config.data, int(config.model.vocab_size)
+  want = (loader_state or {}).get("tokenizer_fingerprint")
+  kept = os.path.join(run_dir, VOCAB_FILE) if run_dir else None
+  needs_data = ((data.tokenizer == "char" and not data.tokenizer_path)
+                or (data.data_type == "books" and not _raw_books(data.data_path or "")))
+  if tokenizer_path:
+    tok, source = _load_vocab(tokenizer_path, "--tokenizer_path", vocab_size), tokenizer_path
+  elif want == "byte" or (want is None and data.tokenizer == "byte" and not needs_data):
     return ByteTokenizer()
-  path = tokenizer_path or config.data.get("tokenizer_path") or os.path.join(
-      checkpoint_dir, "vocab.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"the run uses data.tokenizer='char' but its vocabulary {path!r} does not exist; "
-        "pass --tokenizer_path=vocab.json")
-  return CharTokenizer.load(path)
+  elif kept and os.path.isfile(kept):
+    tok, source = _load_vocab(kept, "the run's vocabulary", vocab_size), kept
+  else:
+    try:
+      tok = load_corpus(data, vocab_size).tokenizer if needs_data else _tokenizer_for(data)
+    except ConfigError as e:  # Its message names the missing path.
+      raise ConfigError(f"cannot find the run's vocabulary: {e}; pass "
+                        "--tokenizer_path=VOCAB_JSON (e.g. the data folder's vocab.json)") from None
+    source = f"the vocabulary of data.data_path={data.data_path}"
+  got = tok.fingerprint() if hasattr(tok, "fingerprint") else None
+  if want is not None and got is not None and got != want:
+    raise ConfigError(f"{source} is not the vocabulary the run was trained with (fingerprint "
+                      f"{got}, the checkpoint's {want}): its ids mean other tokens; pass "
+                      "--tokenizer_path=VOCAB_JSON with the run's own")
+  return tok
 
 
-def load_model(checkpoint_dir: str):
-  """Builds the run's model from the newest checkpoint in `checkpoint_dir`."""
+def encode_prompt(tok, prompt: str, vocab_size: int) -> np.ndarray:
+  """The prompt as ids `[1, L]`; raises ConfigError if empty or outside the model's vocabulary."""
+  ids_1L = np.asarray(tok.encode(prompt), np.int32)[None]
+  if ids_1L.shape[1] == 0:
+    raise ConfigError("--prompt must not be empty")
+  if ids_1L.max() >= vocab_size:
+    raise ConfigError(f"--prompt encodes to token id {int(ids_1L.max())}, but model.vocab_size is "
+                      f"{vocab_size}: the {getattr(tok, 'name', '?')} tokenizer does not fit this "
+                      "model; pass --tokenizer_path=VOCAB_JSON")
+  return ids_1L
+
+
+def check_flags(f) -> None:
+  """Rejects impossible settings before anything is loaded or compiled (ConfigError)."""
+  if not f.checkpoint_dir:
+    raise ConfigError("--checkpoint_dir is required (a run's checkpoint directory, or one "
+                      "checkpoint_step_*_ts_*.json manifest)")
+  if not f.prompt:
+    raise ConfigError("--prompt must not be empty")
+  if f.max_new_tokens < 1:
+    raise ConfigError(f"--max_new_tokens must be at least 1, got {f.max_new_tokens}")
+  if f.top_k < 0:
+    raise ConfigError(f"--top_k must be >= 0 (0 keeps every token), got {f.top_k}")
+  if not 0.0 < f.top_p <= 1.0:  # Also rejects nan.
+    raise ConfigError(f"--top_p must be in (0, 1] (1 turns it off), got {f.top_p}")
+  if not 0.0 <= f.temperature < float("inf"):
+    raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {f.temperature}")
+
+
+def load_model(path: str):
+  """The run's model and its `Restored` checkpoint, from a manifest or a directory's newest."""
   import hope_jax
-  from hope_jax.checkpoint import restore_latest
+  from hope_jax.checkpoint import restore, restore_latest
 
-  restored = restore_latest(checkpoint_dir)
+  restored = restore(path) if os.path.isfile(path) else restore_latest(path)
   model = hope_jax.build_model(restored.config.model)
   graphdef, state = nnx.split(model)
   nnx.replace_by_pure_dict(state, restored.params)
-  return nnx.merge(graphdef, state), restored.config
+  return nnx.merge(graphdef, state), restored
 
 
 def main(argv) -> None:
-  del argv
   from absl import flags
 
   f = flags.FLAGS
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected argument(s): {' '.join(argv[1:])}")
+  check_flags(f)
   try:
-    model, config = load_model(f.checkpoint_dir)
-    tok = _tokenizer(config, f.checkpoint_dir, f.tokenizer_path)
+    model, restored = load_model(f.checkpoint_dir)
   except (FileNotFoundError, ValueError, KeyError) as err:  # CheckpointError is a ValueError.
-    print(f"hope_jax.sample: error: {err}", file=sys.stderr)
-    sys.exit(2)
-  prompt = np.asarray(tok.encode(f.prompt), np.int32)[None]
-  if prompt.shape[1] == 0:
-    print("hope_jax.sample: error: --prompt must not be empty", file=sys.stderr)
-    sys.exit(2)
+    raise ConfigError(str(err)) from None
+  tok = run_tokenizer(restored.config, f.tokenizer_path,
+                      run_dir=os.path.dirname(restored.manifest_path),
+                      loader_state=restored.loader_state)
+  prompt = encode_prompt(tok, f.prompt, int(restored.config.model.vocab_size))
   kw = dict(temperature=f.temperature, seed=f.seed, top_k=f.top_k, top_p=f.top_p)
   new, secs = generate(model, prompt, f.max_new_tokens, timed=True, **kw)
   print(tok.decode(new[0].tolist()))
@@ -144,19 +239,21 @@ def main(argv) -> None:
 def _define_flags() -> None:
   from absl import flags
 
-  flags.DEFINE_string("checkpoint_dir", None, "Directory holding the run's checkpoints.")
+  flags.DEFINE_string("checkpoint_dir", None, "A run's checkpoint directory (its newest "
+                      "readable checkpoint), or one checkpoint manifest .json.")
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
   flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-  flags.DEFINE_string("tokenizer_path", None, "vocab.json for character-level runs.")
-  flags.mark_flag_as_required("checkpoint_dir")
+  flags.DEFINE_string("tokenizer_path", None, "A vocab.json to use instead of the run's own "
+                      "(default: vocab.json beside the checkpoints, else the vocabulary of the "
+                      "run's data, e.g. a books folder's).")
 
 
 if __name__ == "__main__":
-  from absl import app
+  from hope_jax import cli
 
   _define_flags()
-  app.run(main)
+  cli.run(main, prog="hope_jax.sample", config_flag=None)

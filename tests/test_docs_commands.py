@@ -283,7 +283,7 @@ def test_readme_commands(workdir):
   assert "best by eval/loss (min): step" in proc.stdout
   assert sum("*" in line for line in proc.stdout.splitlines()) == 1, proc.stdout
   proc = run(workdir, export)
-  assert os.path.getsize(workdir / "model.jax_exported") > 0
+  assert os.path.getsize(workdir / "model.jax_export") > 0
 
   # The reader's own books; here one short text is enough.
   (workdir / "books").mkdir()

@@ -126,3 +126,13 @@ def test_resume_on_data_whose_counted_vocabulary_changed_stops(tmp_path, tiny_co
 
   saved = restore_latest(str(tmp_path / "ckpt")).loader_state["tokenizer_fingerprint"]
   assert CharTokenizer.load(str(kept)).fingerprint() == saved
+  # hope_jax.evaluate: the changed data is no score (it would look like a normal one), the
+  # kept vocabulary is.
+  from hope_jax import checkpoint, evaluate
+
+  entries = checkpoint.list_checkpoints(str(tmp_path / "ckpt"))
+  rows, _ = evaluate.evaluate_checkpoints(entries, {}, 2, 1)
+  assert "is not the one the checkpoint was trained with" in rows[0]["error"]
+  assert f"--data.tokenizer_path={kept}" in rows[0]["error"] and "metrics" not in rows[0]
+  rows, _ = evaluate.evaluate_checkpoints(entries, {"tokenizer_path": str(kept)}, 2, 1)
+  assert "error" not in rows[0] and rows[0]["metrics"]["eval/loss"] > 0
