@@ -76,3 +76,17 @@ def test_the_smallest_validation_split_gives_a_batch():
   batches = list(eval_batches(val_L, 2, 16, 3))
   assert len(batches) == 1
   np.testing.assert_array_equal(batches[0], np.stack([val_L, val_L]))
+
+
+def test_split_names_the_true_minimum():
+  with pytest.raises(ConfigError, match=r"has 100 tokens, .* \(need at least 101\)"):
+    split(np.arange(100), 0.9, 10)
+  train, val = split(np.arange(101), 0.9, 10)  # The minimum it names is enough.
+  assert len(train) == 11 and len(val) == 90
+  for n, f, seq in ((20, 0.05, 16), (50, 0.5, 30), (7, 0.3, 3)):
+    with pytest.raises(ConfigError) as err:
+      split(np.arange(n), f, seq)
+    need = int(str(err.value).rsplit(" ", 1)[1].rstrip(")"))
+    split(np.arange(need), f, seq)
+    with pytest.raises(ConfigError):
+      split(np.arange(need - 1), f, seq)

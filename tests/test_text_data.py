@@ -1,5 +1,6 @@
 """Text corpora and tokenizers: encodings, streaming, memmap cache, vocab checks."""
 
+import codecs
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ from ml_collections import config_dict
 
 from hope_jax.config import ConfigError
 from hope_jax.data import load_corpus, text_corpus, token_store
+from hope_jax.data.corpus import text_files
 from hope_jax.data.readers.text import iter_text_chunks, read_text_file
 from hope_jax.data.sampler import BatchSampler
 from hope_jax.data.tokenizers import ByteTokenizer, CharTokenizer
@@ -137,3 +139,139 @@ def test_eval_batches_from_a_split_shorter_than_one_batch():
   assert len(batches) == 1 and batches[0].shape == (4, 9)
   np.testing.assert_array_equal(batches[0][:3], tokens[:27].reshape(3, 9))
   np.testing.assert_array_equal(batches[0][3], batches[0][0])
+
+
+def test_token_writers_racing_for_one_path_both_succeed(tmp_path):
+  path = str(tmp_path / "t.tokens.bin")
+  (tmp_path / "t.tokens.bin.partial").write_bytes(b"stale, from a crashed writer")
+  first, second = token_store.TokenWriter(path, 256), token_store.TokenWriter(path, 256)
+  first.write(np.arange(10))
+  second.write(np.arange(10))  # A shared temp file would be truncated here.
+  first.write(np.arange(10, 20))
+  second.write(np.arange(10, 20))
+  assert first.close() == second.close() == 20  # The loser's rename is not an error.
+  assert token_store.open_tokens(path, "uint8", 20).tolist() == list(range(20))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tokens.bin", "t.tokens.bin.partial"]
+
+
+def test_two_runs_building_one_cache_at_once(tmp_path, monkeypatch):
+  import threading
+
+  path = tmp_path / "one.txt"
+  path.write_text(MIXED * 10, encoding="utf-8")
+  both_writing = threading.Barrier(2, timeout=20)
+
+  def chunks_once_both_are_writing(*args, **kw):
+    both_writing.wait()  # Each run has opened its token file by now.
+    yield from iter_text_chunks(*args, **kw)
+
+  monkeypatch.setattr(text_corpus, "iter_text_chunks", chunks_once_both_are_writing)
+  cfg = _cfg(path, tokenizer="byte", memmap_min_mb=0.0, cache_dir=str(tmp_path / "c"))
+  results, errors = [], []
+
+  def run():
+    try:
+      corpus = load_corpus(cfg, 256)
+      results.append(np.concatenate([corpus.train, corpus.val]))
+    except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+      errors.append(e)
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and len(results) == 2
+  np.testing.assert_array_equal(results[0], results[1])
+  assert not list((tmp_path / "c").glob("*partial*"))
+
+
+def test_cache_record_and_vocab_are_renamed_into_place(tmp_path, monkeypatch):
+  path = tmp_path / "one.txt"
+  path.write_text(MIXED * 10, encoding="utf-8")
+  replaced, replace = [], os.replace
+  monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(dst), replace(src, dst)))
+  vocab = CharTokenizer.build([MIXED.replace("\r\n", "\n"), "\n\n"]).vocab_size
+  load_corpus(_cfg(path, memmap_min_mb=0.0, cache_dir=str(tmp_path / "c")), vocab)
+  assert sorted(os.path.basename(p).split(".", 1)[1] for p in replaced) == [
+      "json", "tokens.bin", "vocab.json"]
+  assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
+      os.path.basename(p) for p in replaced)
+
+
+def test_streamed_file_whose_head_is_ascii_is_not_read_as_utf8(tmp_path, monkeypatch):
+  from hope_jax.data.readers import text
+
+  monkeypatch.setattr(text, "SAMPLE_BYTES", 64)
+  path = tmp_path / "latin.txt"
+  latin = "Zoë à la forêt, très agréable.\n".encode("cp1252")
+  path.write_bytes(b"plain ascii\r\n" * 20 + latin)  # Past the (shrunk) detection window.
+  expected = read_text_file(str(path))
+  assert "forêt" in expected
+  for chunk in (7, 50, 1000):
+    assert "".join(iter_text_chunks(str(path), chunk_bytes=chunk)) == expected
+  # Bytes no encoding explains stay U+FFFD, as in memory, instead of looping.
+  path.write_bytes(codecs.BOM_UTF8 + b"x" * 100 + b"\xff\xfe ok\n")
+  assert "".join(iter_text_chunks(str(path), chunk_bytes=16)) == read_text_file(str(path))
+
+
+def test_unwritable_cache_is_one_config_error_before_counting(tmp_path, monkeypatch):
+  path = tmp_path / "one.txt"
+  path.write_text(MIXED * 10, encoding="utf-8")
+
+  def no_counting(*_, **__):
+    raise AssertionError("counted the corpus before checking the cache folder")
+
+  monkeypatch.setattr(text_corpus, "iter_text_chunks", no_counting)
+  under_a_file = str(path / "cache")  # Root cannot create a folder there either.
+  with pytest.raises(ConfigError, match=r"data.cache_dir: cannot write to .*one.txt/cache .*"
+                     r"set --config.data.cache_dir to a writable folder"):
+    load_corpus(_cfg(path, memmap_min_mb=0.0, cache_dir=under_a_file), 100)
+  if os.path.isdir("/proc/self"):  # An existing folder that root cannot write to either.
+    for tokenizer in ("char", "byte"):
+      with pytest.raises(ConfigError, match="data.cache_dir: cannot write to /proc/self"):
+        load_corpus(_cfg(path, tokenizer=tokenizer, memmap_min_mb=0.0, cache_dir="/proc/self"),
+                    256)
+
+
+def test_text_folder_links_and_binary_files(tmp_path, caplog):
+  data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+  (data / "sub").mkdir(parents=True)
+  elsewhere.mkdir()
+  (data / "a.txt").write_text("hello\n")
+  (data / "sub" / "b.txt").write_bytes("wide text\n".encode("utf-16"))  # NUL bytes, not chars.
+  (elsewhere / "c.txt").write_text("linked\n")
+  (data / "linked").symlink_to(elsewhere, target_is_directory=True)
+  (data / "sub" / "loop").symlink_to(data, target_is_directory=True)
+  (data / "gone.txt").symlink_to(tmp_path / "missing.txt")
+  (data / "blob.txt").write_bytes(b"\x7fELF\x00\x00\x01" * 10)
+  with caplog.at_level("WARNING"):
+    files = text_files(str(data))
+  assert files == [str(data / "a.txt"), str(data / "linked" / "c.txt"), str(data / "sub" / "b.txt")]
+  assert "gone.txt: broken link" in caplog.text and "blob.txt: not a text file" in caplog.text
+  corpus = load_corpus(_cfg(data, tokenizer="byte", seq_len=2), 256)
+  assert "linked" in ByteTokenizer().decode(np.concatenate([corpus.train, corpus.val]))
+  only_binary = tmp_path / "bin"
+  only_binary.mkdir()
+  (only_binary / "x.txt").write_bytes(b"\x00" * 64)
+  with pytest.raises(ConfigError, match=r"no .txt files in .*bin \(skipped: x.txt: not a text"):
+    text_files(str(only_binary))
+  with pytest.raises(ConfigError, match="x.txt is not a text file"):
+    text_files(str(only_binary / "x.txt"))
+
+
+def test_text_folders_skip_preprocessed_book_corpora(tmp_path):
+  # An earlier preprocess_books output inside the data folder holds copies of its books
+  # (text/*.txt): read as text they would count every book twice.
+  import json
+
+  from hope_jax.data.corpus import BOOKS_FORMAT, text_files
+
+  (tmp_path / "a.txt").write_text("a book")
+  out = tmp_path / "corpus"
+  (out / "text").mkdir(parents=True)
+  (out / "text" / "a.txt.txt").write_text("a book")
+  (out / "metadata.json").write_text(json.dumps({"format": BOOKS_FORMAT}))
+  assert text_files(str(tmp_path)) == [str(tmp_path / "a.txt")]
+  (out / "metadata.json").write_text(json.dumps({"format": "something else"}))
+  assert len(text_files(str(tmp_path))) == 2

@@ -8,6 +8,8 @@ the last `val_fraction` of the token stream is held out.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from hope_jax.config import ConfigError
 from hope_jax.data import tasks
-from hope_jax.data.readers.text import read_text_file  # noqa: F401  (re-exported)
+from hope_jax.data.readers.text import is_binary_file, read_text_file  # noqa: F401  (re-export)
 from hope_jax.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 RANDOM_CORPUS_TOKENS = 1 << 20
@@ -36,13 +38,25 @@ class Corpus:
 
 def split(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   """Holds out the tail of `tokens`; both parts keep at least one window."""
+  window = seq_len + 1  # Inputs and their next tokens.
   n = len(tokens)
-  n_val = max(int(n * val_fraction), seq_len + 1)
-  if n - n_val < seq_len + 1:
+  n_val = max(int(n * val_fraction), window)
+  if n - n_val < window:
     raise ConfigError(
         f"data: the corpus has {n} tokens, too few for data.seq_len={seq_len} with "
-        f"data.val_fraction={val_fraction} (need at least {2 * (seq_len + 1)})")
+        f"data.val_fraction={val_fraction} (need at least {min_tokens(val_fraction, seq_len)})")
   return tokens[: n - n_val], tokens[n - n_val:]
+
+
+def min_tokens(val_fraction: float, seq_len: int) -> int:
+  """The fewest tokens that `split` accepts: a window for each part."""
+  window = seq_len + 1
+  # n - max(int(n * f), window) >= window, and n - int(n * f) never decreases
+  # as n grows: start below the real-number bound and step up past rounding.
+  n = max(2 * window, int((window - 1) / (1.0 - val_fraction)))
+  while n - max(int(n * val_fraction), window) < window:
+    n += 1
+  return n
 
 
 def default_text() -> str:
@@ -64,20 +78,66 @@ def _tokenizer_for(data_cfg: Any, texts_for_vocab=None) -> Tokenizer:
   raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r} is not one of ('byte', 'char')")
 
 
+BOOKS_FORMAT = "hope_jax.books.v1"  # metadata.json's format tag of a preprocessed corpus.
+
+
+def is_book_corpus_folder(folder: str) -> bool:
+  """Whether `folder` was written by `preprocess_books` (its metadata.json has BOOKS_FORMAT)."""
+  try:
+    with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as f:
+      return json.load(f).get("format") == BOOKS_FORMAT
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    return False
+
+
 def text_files(path: str) -> list[str]:
-  """The `.txt` files at `path` (a file, or a folder searched recursively)."""
+  """The `.txt` files at `path` (a file, or a folder searched recursively).
+
+  Symlinked folders are followed (each real folder once, so a link cycle
+  ends). Broken links, unreadable files and binary files (NUL characters, as
+  for TXT books) are skipped with a warning.
+
+  Raises:
+    ConfigError: `path` is missing, is a binary file, or holds no usable .txt file.
+  """
   if not os.path.exists(path):
     raise ConfigError(f"data.data_path: no such file or directory: {path}")
   if os.path.isfile(path):
+    if is_binary_file(path):
+      raise ConfigError(f"data.data_path: {path} is not a text file (binary data)")
     return [path]
-  found = sorted(
-      os.path.join(root, name) for root, _, names in os.walk(path)
-      if not any(part.startswith(".") for part in os.path.relpath(root, path).split(os.sep)
-                 if part != ".")
-      for name in names if name.lower().endswith(".txt") and not name.startswith("."))
+  found, skipped, seen = [], [], set()
+  for root, dirs, names in os.walk(path, followlinks=True):
+    st = os.stat(root)
+    if (st.st_dev, st.st_ino) in seen:  # Reached again through a symlink.
+      dirs[:] = []
+      continue
+    seen.add((st.st_dev, st.st_ino))
+    if root != path and is_book_corpus_folder(root):
+      # A preprocess_books output: its text/*.txt are copies of books read elsewhere.
+      logging.warning("skipped folder %s: a preprocessed book corpus (metadata.json format %s)",
+                      root, BOOKS_FORMAT)
+      dirs[:] = []
+      continue
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for name in names:
+      if not name.lower().endswith(".txt") or name.startswith("."):
+        continue
+      file = os.path.join(root, name)
+      try:
+        reason = ("broken link or not a regular file" if not os.path.isfile(file)
+                  else "not a text file (binary data)" if is_binary_file(file) else None)
+      except OSError as e:
+        reason = f"unreadable ({e.strerror or e})"
+      if reason:
+        logging.warning("skipped %s: %s", file, reason)
+        skipped.append(f"{os.path.relpath(file, path)}: {reason}")
+      else:
+        found.append(file)
   if not found:
-    raise ConfigError(f"data.data_path: no .txt files in {path}")
-  return found
+    raise ConfigError(f"data.data_path: no .txt files in {path}"
+                      + (f" (skipped: {'; '.join(skipped[:5])})" if skipped else ""))
+  return sorted(found)
 
 
 def load_corpus(data_cfg: Any, vocab_size: int) -> Corpus:

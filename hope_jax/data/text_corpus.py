@@ -2,10 +2,13 @@
 
 Small corpora are encoded in memory. From `data.memmap_min_mb` on, the files
 are streamed in chunks through the tokenizer into a token cache
-(`<cache_dir>/text-<key>.tokens.bin`, memory-mapped), so a corpus of several
-GB trains in little RAM; the key hashes the files' names, sizes and mtimes
-and the vocabulary, so an edited corpus is re-encoded. A character vocabulary
-built from a large corpus is cached beside it (`text-<key>.vocab.json`).
+(`<cache_dir>/text-<key>-<fingerprint>.tokens.bin`, memory-mapped), so a
+corpus of several GB trains in little RAM; the key hashes the files' names,
+sizes and mtimes and the fingerprint the vocabulary, so an edited corpus is
+re-encoded (the old cache stays until deleted). A character vocabulary built
+from a large corpus is cached beside it (`text-<key>.vocab.json`). Every cache
+file is written under a name unique to its writer and renamed into place, so
+concurrent runs building the same cache do not collide.
 """
 
 from __future__ import annotations
@@ -63,19 +66,35 @@ def encode_files_to_memmap(files: list[str], tok, path: str, chunk_bytes: int = 
       out.write(sep)
     count = out.count
   dtype = token_store.dtype_for(tok.vocab_size).name
-  with open(path[: -len(".tokens.bin")] + ".json", "w", encoding="utf-8") as f:
-    json.dump({"format": CACHE_FORMAT, "num_tokens": count, "dtype": dtype,
-               "files": [os.path.abspath(p) for p in files]}, f, indent=2)
+  token_store.write_json(path[: -len(".tokens.bin")] + ".json", {
+      "format": CACHE_FORMAT, "num_tokens": count, "dtype": dtype,
+      "files": [os.path.abspath(p) for p in files]})
   return token_store.open_tokens(path, dtype, count)
+
+
+def ensure_writable(cache: str) -> None:
+  """Creates `cache` and checks that files can be created in it.
+
+  Called before a long counting or encoding pass, so that a read-only data
+  folder fails at once with the setting to change, not with a traceback later.
+  A probe file is the only test that holds for root, ACLs and read-only mounts.
+
+  Raises:
+    ConfigError: naming `data.cache_dir`.
+  """
+  try:
+    os.makedirs(cache, exist_ok=True)
+    probe = token_store.temp_path(os.path.join(cache, "write-probe"))
+    with open(probe, "xb"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"data.cache_dir: cannot write to {cache} ({e.strerror or e}); set "
+                      "--config.data.cache_dir to a writable folder") from None
 
 
 def cached_tokens(files: list[str], tok, cache: str) -> np.ndarray:
   """The memory-mapped ids of `files`, encoding them on the first call."""
-  try:
-    os.makedirs(cache, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"data.cache_dir: cannot create {cache} ({e.strerror or e}); set "
-                      "--config.data.cache_dir to a writable folder") from None
   stem = os.path.join(cache, f"text-{files_key(files)}-{tok.fingerprint()}")
   record = stem + ".json"
   if os.path.isfile(record) and os.path.isfile(stem + ".tokens.bin"):
@@ -83,6 +102,11 @@ def cached_tokens(files: list[str], tok, cache: str) -> np.ndarray:
       rec = json.load(f)
     if rec.get("format") == CACHE_FORMAT:
       return token_store.open_tokens(stem + ".tokens.bin", rec["dtype"], rec["num_tokens"])
+  ensure_writable(cache)
+  others = [n for n in os.listdir(cache) if n.startswith("text-") and n.endswith(".tokens.bin")]
+  if others:  # Each edit of a corpus leaves a full-size cache behind; say where.
+    logging.info("%s holds %d other token cache(s); delete stale ones to free space",
+                 cache, len(others))
   logging.info("encoding %d text file(s) into %s.tokens.bin", len(files), stem)
   return encode_files_to_memmap(files, tok, stem + ".tokens.bin")
 
@@ -92,13 +116,19 @@ def _streamed_char_vocab(files: list[str], cache: str) -> CharTokenizer:
   path = os.path.join(cache, f"text-{files_key(files)}.vocab.json")
   if os.path.isfile(path):
     return CharTokenizer.load(path)
+  ensure_writable(cache)  # Before the counting pass, which may take minutes.
   counts = Counter(FILE_SEPARATOR)
   for p in files:
     for chunk in iter_text_chunks(p):
       counts.update(chunk)
   tok = CharTokenizer.from_counts(counts)
-  os.makedirs(cache, exist_ok=True)
-  tok.save(path)
+  tmp = token_store.temp_path(path)
+  try:
+    tok.save(tmp)
+    token_store.publish(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   logging.info("built a %d-token character vocabulary: %s", tok.vocab_size, path)
   return tok
 

@@ -9,7 +9,9 @@ the file (`metadata.json` of a preprocessed book folder, or a cache record).
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 
 import numpy as np
 
@@ -22,13 +24,49 @@ def dtype_for(vocab_size: int) -> np.dtype:
   return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+def temp_path(path: str) -> str:
+  """A temporary name beside `path`, unique to this writer.
+
+  Two runs may build the same cache at once; a shared name would let one
+  truncate or rename away the other's half-written file.
+  """
+  return f"{path}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+
+
+def publish(tmp: str, path: str) -> None:
+  """Atomically renames the finished `tmp` to `path`.
+
+  A concurrent writer of the same deterministic content may have won the
+  race; its file is as good as ours (and on Windows, where a mapped file
+  cannot be replaced, it is the one to keep).
+  """
+  try:
+    os.replace(tmp, path)
+  except OSError:
+    if not os.path.isfile(path):
+      raise
+    os.remove(tmp)
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Writes `obj` as JSON to `path` atomically: readers see all of it or nothing."""
+  tmp = temp_path(path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2)  # ASCII escapes: paths may hold lone surrogates.
+    publish(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 class TokenWriter:
   """Appends id arrays to `path`; the file appears only when `close()` succeeds."""
 
   def __init__(self, path: str, vocab_size: int):
     self.path, self.vocab_size = path, vocab_size
     self.dtype = dtype_for(vocab_size)
-    self._tmp = path + ".partial"
+    self._tmp = temp_path(path)
     self._file = open(self._tmp, "wb")
     self.count = 0
 
@@ -44,7 +82,7 @@ class TokenWriter:
 
   def close(self) -> int:
     self._file.close()
-    os.replace(self._tmp, self.path)
+    publish(self._tmp, self.path)
     return self.count
 
   def abort(self) -> None:

@@ -9,6 +9,7 @@ Windows-1252 (Western European) is preferred whenever it decodes the bytes.
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import re
 from typing import Iterator
@@ -23,6 +24,7 @@ from hope_jax.data.readers.document import (
 )
 
 SAMPLE_BYTES = 1 << 22  # Bytes looked at to detect the encoding of a large file.
+BINARY_CHECK_BYTES = 1 << 16  # Head of a file searched for NUL characters.
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
@@ -73,16 +75,57 @@ def read_text_file(path: str) -> str:
   return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def iter_text_chunks(path: str, chunk_bytes: int = 1 << 24) -> Iterator[str]:
-  """Streams a large text file as decoded chunks (bounded memory)."""
+def is_binary_file(path: str) -> bool:
+  """Whether the head of `path` decodes to NUL characters (the TXT book rule).
+
+  NUL bytes alone do not decide it: UTF-16 and UTF-32 text is full of them.
+  """
   with open(path, "rb") as f:
-    enc = detect_encoding(f.read(SAMPLE_BYTES), complete=os.path.getsize(path) <= SAMPLE_BYTES)
+    head = f.read(BINARY_CHECK_BYTES)
+  if b"\x00" not in head:
+    return False
+  return "\x00" in head.decode(detect_encoding(head, complete=False), errors="replace")
+
+
+def iter_text_chunks(path: str, chunk_bytes: int = 1 << 24) -> Iterator[str]:
+  """Streams a large text file as decoded chunks (bounded memory).
+
+  The encoding guessed from the first `SAMPLE_BYTES` is only a guess: a
+  Windows-1252 file whose head is ASCII looks like UTF-8. So chunks are
+  decoded strictly; at the first error the encoding is detected again on the
+  head plus `SAMPLE_BYTES` from the bad byte on, and decoding resumes at the
+  start of the failing chunk. What came before was ASCII in the common case,
+  which every ASCII-compatible fallback decodes the same way, so the text
+  equals `read_text_file`'s (a warning says when it was not). Bytes that no
+  guess decodes become U+FFFD, as in `read_text_file`.
+  """
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(SAMPLE_BYTES)
+    enc = detect_encoding(head, complete=size <= SAMPLE_BYTES)
     f.seek(0)
-    decoder = codecs.getincrementaldecoder(enc)(errors="replace")
-    pending_cr = False
+    decoder = codecs.getincrementaldecoder(enc)(errors="strict")
+    pending_cr, ascii_so_far, tried = False, True, {codecs.lookup(enc).name}
     while True:
+      start = f.tell() - len(decoder.getstate()[0])  # First byte not yet decoded.
       raw = f.read(chunk_bytes)
-      text = decoder.decode(raw, final=not raw)
+      try:
+        text = decoder.decode(raw, final=not raw)
+      except UnicodeDecodeError as e:
+        bad = start + e.start  # The decoder saw its buffered bytes, then `raw`.
+        f.seek(bad)
+        sample = f.read(SAMPLE_BYTES)
+        fallback = detect_encoding(head[:bad] + sample, complete=bad + len(sample) >= size)
+        if not ascii_so_far:
+          logging.warning("%s: not valid %s at byte %d; decoding from byte %d as %s",
+                          path, enc, bad, start, fallback)
+        # A guess made before means the bytes are just corrupt: replace them.
+        errors = "replace" if codecs.lookup(fallback).name in tried else "strict"
+        tried.add(codecs.lookup(fallback).name)
+        enc, decoder = fallback, codecs.getincrementaldecoder(fallback)(errors=errors)
+        f.seek(start)
+        continue
+      ascii_so_far = ascii_so_far and raw.isascii()
       if pending_cr:
         text = "\r" + text
       pending_cr = text.endswith("\r") and bool(raw)  # A "\r\n" may straddle two chunks.
