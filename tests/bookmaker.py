@@ -69,8 +69,31 @@ def make_scanned_pdf(path: str, lines=OCR_LINES) -> str:
   return path
 
 
+def make_pdf_pages(path: str, pages: list[list[str]]) -> str:
+  """A PDF without an outline; each page holds its lines, one text line each."""
+  from fpdf import FPDF
+
+  pdf = FPDF()
+  pdf.set_font("Helvetica", size=11)
+  for lines in pages:
+    pdf.add_page()
+    for line in lines:
+      pdf.cell(text=line)
+      pdf.ln(6)
+  pdf.output(path)
+  return path
+
+
 def make_epub(path: str, chapters, title: str = "A Tale", lang: str = "en") -> str:
   """An EPUB with one XHTML document per (heading, [paragraph html]) chapter."""
+  return make_epub_bodies(path, [
+      (heading or f"part {i}",
+       (f"<h1>{heading}</h1>" if heading else "") + "".join(f"<p>{p}</p>" for p in paragraphs))
+      for i, (heading, paragraphs) in enumerate(chapters)], title, lang)
+
+
+def make_epub_bodies(path: str, bodies, title: str = "A Tale", lang: str = "en") -> str:
+  """An EPUB with one XHTML document per (table-of-contents title, body html)."""
   from ebooklib import epub
 
   book = epub.EpubBook()
@@ -78,9 +101,8 @@ def make_epub(path: str, chapters, title: str = "A Tale", lang: str = "en") -> s
   book.set_title(title)
   book.set_language(lang)
   items = []
-  for i, (heading, paragraphs) in enumerate(chapters):
-    ch = epub.EpubHtml(title=heading or f"part {i}", file_name=f"ch{i}.xhtml", lang=lang)
-    body = (f"<h1>{heading}</h1>" if heading else "") + "".join(f"<p>{p}</p>" for p in paragraphs)
+  for i, (toc_title, body) in enumerate(bodies):
+    ch = epub.EpubHtml(title=toc_title, file_name=f"ch{i}.xhtml", lang=lang)
     ch.content = f"<html><body>{body}</body></html>"
     book.add_item(ch)
     items.append(ch)

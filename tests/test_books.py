@@ -209,3 +209,82 @@ def test_train_cli_on_preprocessed_books(preprocessed, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
   assert max(r["step"] for r in rows) == 3
   assert all(np.isfinite(v) for r in rows for k, v in r.items() if "loss" in k)
+
+
+def test_pdf_page_numbers_need_consecutive_neighbours(tmp_path):
+  # Only one lone number at each end of a page is a candidate, and only when a
+  # nearby page holds the matching number; words and years that end a page stay.
+  pages = [["Preface.", "ix"], ["More preface.", "x"],
+           ["The years were:", "1997", "1998", "1999", "2000"], ["Who said it? Not", "I"],
+           ["Vivid words:", "did", "mix", "civil", "dim", "CD"], ["Page six.", "6"],
+           ["Page seven.", "7"], ["Page eight.", "- 8 -"]]
+  path = bookmaker.make_pdf_pages(str(tmp_path / "numbers.pdf"), pages)
+  words = read_book(path, ReadOptions()).render(False).split()
+  assert words == ("Preface. More preface. The years were: 1997 1998 1999 2000 Who said it? "
+                   "Not I Vivid words: did mix civil dim CD Page six. Page seven. "
+                   "Page eight.").split()
+
+
+def test_epub_text_outside_innermost_blocks_is_kept(tmp_path):
+  path = bookmaker.make_epub_bodies(str(tmp_path / "loose.epub"), [
+      ("Loose", "<div>Loose text.<p>A paragraph.</p>More.</div>"),
+      ("Body", "<h1>T</h1>Text in body.<br/>Second line.<!-- a comment -->"
+               "<p>Para with <em>in</em>line.</p>"),
+      ("Nested", "<section><h2>Inner</h2><div>One <b>bold</b> div.</div></section>")])
+  doc = read_book(path, ReadOptions())
+  assert [(c.title, c.paragraphs) for c in doc.chapters] == [
+      ("Loose", ["Loose text.", "A paragraph.", "More."]),
+      ("T", ["Text in body.", "Second line.", "Para with inline."]),
+      ("Inner", ["One bold div."])]
+
+
+def test_text_files_are_unique_and_fit_the_file_system(tmp_path):
+  # `a/b.txt` and `a__b.txt` flatten to the same name; the Calibre-style CJK
+  # path (3 bytes a character) flattens to far more than 255 bytes.
+  deep = os.path.join("作者" * 40, "书名" * 40 + " (12)", "书名" * 30 + " - 作者.txt")
+  texts = {os.path.join("a", "b.txt"): "Sub folder book.", "a__b.txt": "Root book.",
+           deep: "Deep book."}
+  for rel, text in texts.items():
+    os.makedirs(os.path.dirname(tmp_path / "in" / rel), exist_ok=True)
+    (tmp_path / "in" / rel).write_text(text, encoding="utf-8")
+  out = tmp_path / "out"
+  assert books.preprocess(str(tmp_path / "in"), str(out))["books_read"] == 3
+  docs = [json.loads(line) for line in open(out / "corpus.jsonl", encoding="utf-8")]
+  assert {d["source"]: d["text"] for d in docs} == texts
+  assert len({d["text_file"] for d in docs}) == 3
+  for d in docs:
+    assert len(os.path.basename(d["text_file"]).encode()) <= 255
+    assert (out / d["text_file"]).read_text(encoding="utf-8") == d["text"]
+  assert os.path.join(books.TEXT_DIR, "a__b.txt.txt") in {d["text_file"] for d in docs}
+
+
+def test_preprocessed_folders_inside_the_input_are_not_books(tmp_path):
+  src = tmp_path / "lib"
+  src.mkdir()
+  (src / "one.txt").write_text("The first book.")
+  (src / "two.txt").write_text("The second book.")
+  notes = []
+  books.preprocess(str(src), str(src / "corpus"), warn=notes.append)
+  meta = books.preprocess(str(src), str(src / "corpus_v2"), warn=notes.append)
+  assert (meta["books_found"], meta["books_read"]) == (2, 2)
+  assert any("corpus" in n and books.META_FORMAT in n for n in notes), notes
+  corpus = books.load_books_corpus(_data_cfg(str(src), seq_len=4), 256)
+  assert corpus.description == f"2 book(s) parsed from {src}"
+  with pytest.raises(ConfigError, match="already a preprocessed book corpus"):
+    books.preprocess(str(src / "corpus"), str(tmp_path / "again"))
+
+
+def test_vocab_errors_name_the_flag_and_come_before_parsing(library, tmp_path, monkeypatch):
+  with pytest.raises(ConfigError, match=r"^--vocab: no such file"):
+    books.preprocess(library, str(tmp_path / "o"), vocab_path=str(tmp_path / "nope.json"))
+  vocab = str(tmp_path / "vocab.json")
+  CharTokenizer(["a", "b"]).save(vocab)
+
+  def no_parsing(*args):
+    raise AssertionError("books were parsed before the vocabulary check")
+
+  monkeypatch.setattr(books, "iter_documents", no_parsing)
+  for cfg, size in [(_data_cfg(library), 300),
+                    (_data_cfg(library, tokenizer="char", tokenizer_path=vocab), 256)]:
+    with pytest.raises(ConfigError, match="vocab size mismatch"):
+      books.load_books_corpus(cfg, size)

@@ -5,7 +5,7 @@
   vocab.json     the character vocabulary (PAD=0, UNK=1), any Unicode script
   metadata.json  corpus statistics: books read/skipped (with reasons), pages, ...
   tokens.bin     every book's ids back to back (uint16/uint32), memory-mapped in training
-  text/<book>.txt  the extracted text of each book
+  text/<book>.txt  the extracted text of each book (`a/b.pdf` -> `a__b.pdf.txt`)
 
 `load_books_corpus` reads such a folder (memory-mapped) or parses a folder
 of raw books at start-up.
@@ -13,6 +13,7 @@ of raw books at start-up.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ import numpy as np
 
 from hope_jax.config import ConfigError
 from hope_jax.data import token_store
-from hope_jax.data.corpus import Corpus, _tokenizer_for, check_vocab, split
+from hope_jax.data.corpus import BOOKS_FORMAT as META_FORMAT
+from hope_jax.data.corpus import Corpus, _tokenizer_for, check_vocab, is_book_corpus_folder, split
 from hope_jax.data.readers import (
   CHAPTER_MARKER,
   PARAGRAPH_MARKER,
@@ -36,22 +38,33 @@ from hope_jax.data.readers import (
 )
 from hope_jax.data.tokenizers import CharTokenizer
 
-META_FORMAT = "hope_jax.books.v1"
 DOC_SEPARATOR = "\n\n"  # Between books in tokens.bin.
 TEXT_DIR = "text"
+_NAME_BYTES = 200  # Longest name written under text/; file systems allow 255 bytes.
 
 
-def find_books(input_dir: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
+def find_books(input_dir: str, exclude: str | None = None,
+               warn: Callable[[str], None] = logging.warning) -> tuple[list[str], list[str]]:
   """(books, ignored): relative paths of supported and of other files, sorted.
 
-  Hidden files and folders are skipped, and so is `exclude` (an output
-  folder inside the input folder).
+  Hidden files and folders are skipped, and so are `exclude` (the output
+  folder) and every preprocessed corpus inside the input folder (an earlier
+  output: its text/*.txt would be read as books again), each with a `warn`.
   """
   books, ignored = [], []
   exclude = os.path.realpath(exclude) if exclude else None
+
+  def keep(folder: str) -> bool:
+    if os.path.realpath(folder) == exclude:
+      return False
+    if is_book_corpus_folder(folder):
+      warn(f"skipped folder {folder}: a preprocessed book corpus "
+           f"(metadata.json format {META_FORMAT})")
+      return False
+    return True
+
   for root, dirs, names in os.walk(input_dir):
-    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                     and os.path.realpath(os.path.join(root, d)) != exclude)
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and keep(os.path.join(root, d)))
     for name in sorted(names):
       if name.startswith("."):
         continue
@@ -79,6 +92,9 @@ def _check_folders(input_dir: str, output_dir: str | None) -> None:
     raise ConfigError(f"input folder does not exist: {input_dir}")
   if not os.path.isdir(input_dir):
     raise ConfigError(f"input must be a folder of books, but {input_dir} is a file")
+  if is_book_corpus_folder(input_dir):
+    raise ConfigError(f"input {input_dir} is already a preprocessed book corpus; pass the folder "
+                      "of PDF, EPUB or TXT books it was made from")
   if output_dir is None:
     return
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -89,8 +105,23 @@ def _check_folders(input_dir: str, output_dir: str | None) -> None:
     raise ConfigError(f"cannot create the output folder {output_dir}: {e.strerror or e}") from None
 
 
-def _text_name(rel: str) -> str:
-  return rel.replace(os.sep, "__").replace("/", "__") + ".txt"
+def _text_name(rel: str, taken: set[str]) -> str:
+  """A file name under text/ for book `rel`, unique among `taken` (which it joins).
+
+  Normally the path with `/` as `__` plus `.txt`. A name over _NAME_BYTES
+  (deep or CJK paths) or one already taken (`a/b.txt` and `a__b.txt`; case is
+  ignored for case-insensitive file systems) is cut and gets a hash of `rel`.
+  """
+  flat = rel.replace(os.sep, "__").replace("/", "__")
+  name = flat + ".txt"
+  if len(os.fsencode(name)) > _NAME_BYTES or name.casefold() in taken:
+    digest = hashlib.sha1(os.fsencode(rel)).hexdigest()[:10]
+    stem = os.fsencode(flat)[:_NAME_BYTES - 20].decode("utf-8", "ignore")
+    name, n = f"{stem}~{digest}.txt", 1
+    while name.casefold() in taken:  # Only on a hash collision.
+      name, n = f"{stem}~{digest}-{n}.txt", n + 1
+  taken.add(name.casefold())
+  return name
 
 
 def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = False,
@@ -116,16 +147,20 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
   t0 = time.perf_counter()
   options = options or ReadOptions()
   _check_folders(input_dir, output_dir)
-  fixed_vocab = CharTokenizer.load(vocab_path) if vocab_path else None
+  try:
+    fixed_vocab = CharTokenizer.load(vocab_path) if vocab_path else None
+  except ConfigError as e:  # Its message names the training config key; here it is the flag.
+    raise ConfigError(str(e).replace("data.tokenizer_path", "--vocab", 1)) from None
   if options.enable_ocr:
     from hope_jax.data.readers import ocr
 
     ocr.check_available(options.ocr_lang)
-  books, ignored = find_books(input_dir, exclude=output_dir)
   from tqdm import tqdm
 
-  bar = tqdm(total=len(books), unit="book", disable=not progress, dynamic_ncols=True)
   say = tqdm.write if progress else warn
+  books, ignored = find_books(input_dir, exclude=output_dir,
+                              warn=lambda msg: say(f"warning: {msg}"))
+  bar = tqdm(total=len(books), unit="book", disable=not progress, dynamic_ncols=True)
   meta: dict[str, Any] = {
       "format": META_FORMAT, "input": input_dir,
       "options": {"preserve_structure": preserve_structure, "enable_ocr": options.enable_ocr,
@@ -135,7 +170,7 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
       "books_found": len(books), "books_read": 0, "books_skipped": 0, "skipped": [],
       "needs_ocr": [], "ignored_files": ignored, "by_format": {}, "pages": 0, "ocr_pages": 0,
       "chapters": 0, "paragraphs": 0, "characters": 0}
-  docs, counts = [], Counter(DOC_SEPARATOR)
+  docs, counts, text_names = [], Counter(DOC_SEPARATOR), set()
   for rel, doc, reason in iter_documents(input_dir, books, options):
     bar.update(1)
     bar.set_postfix_str(os.path.basename(rel)[:40])
@@ -144,7 +179,8 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
       say(f"warning: skipped {rel}: {reason}")
       continue
     text = doc.render(preserve_structure)
-    with open(os.path.join(output_dir, TEXT_DIR, _text_name(rel)), "w", encoding="utf-8") as f:
+    text_file = f"{TEXT_DIR}/{_text_name(rel, text_names)}"
+    with open(os.path.join(output_dir, text_file), "w", encoding="utf-8") as f:
       f.write(text)
     counts.update(text)
     if doc.pages_without_text:
@@ -152,7 +188,7 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
       say(f"warning: {rel}: pages {doc.pages_without_text} have no text layer and were not "
           "OCRed (use --enable_ocr)")
     docs.append({"id": len(docs), "source": rel, "format": doc.format, "title": doc.title,
-                 "text_file": f"{TEXT_DIR}/{_text_name(rel)}", "pages": doc.pages,
+                 "text_file": text_file, "pages": doc.pages,
                  "ocr_pages": doc.ocr_pages, "chapters": len(doc.chapters),
                  "paragraphs": doc.num_paragraphs, "num_chars": len(text),
                  "encoding": doc.encoding})
@@ -273,6 +309,12 @@ def load_books_corpus(data_cfg: Any, vocab_size: int) -> Corpus:
 
 
 def _parse_raw_books(path: str, data_cfg: Any, vocab_size: int):
+  # A byte tokenizer or a given vocabulary has a known size: check it before
+  # parsing (OCR can take hours); a vocabulary built from the books waits.
+  fixed_tok = None
+  if data_cfg.tokenizer == "byte" or data_cfg.tokenizer_path:
+    fixed_tok = _tokenizer_for(data_cfg)
+    check_vocab(fixed_tok, vocab_size)
   options = ReadOptions(enable_ocr=bool(data_cfg.enable_ocr), ocr_lang=data_cfg.ocr_lang)
   if options.enable_ocr:
     from hope_jax.data.readers import ocr
@@ -292,7 +334,7 @@ def _parse_raw_books(path: str, data_cfg: Any, vocab_size: int):
   if not texts:
     raise ConfigError(f"data.data_path: no usable books in {path} ({len(books)} found"
                       + (f"; skipped: {'; '.join(skipped[:5])}" if skipped else "") + ")")
-  tok = _tokenizer_for(data_cfg, texts + [DOC_SEPARATOR])
+  tok = fixed_tok or _tokenizer_for(data_cfg, texts + [DOC_SEPARATOR])
   check_vocab(tok, vocab_size)
   sep = tok.encode(DOC_SEPARATOR)
   tokens = np.concatenate([part for t in texts for part in (tok.encode(t), sep)])

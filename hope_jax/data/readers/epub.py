@@ -14,11 +14,53 @@ _BLOCKS = ("p", "li", "blockquote", "pre", "dd", "dt", "figcaption", "caption", 
 _DROP = ("script", "style", "head", "nav", "rt", "rp")  # rt/rp: ruby readings in Japanese.
 
 
+def _text_runs(root) -> list[tuple[str, str, bool]]:
+  """(block name, text, loose) for each run of text under `root`, in document order.
+
+  A run ends where a block element starts or ends. It is the text of an
+  innermost block (`loose` False), or text sitting directly in a container
+  beside its blocks, or in `root` itself (`loose` True). Iterative, so deep
+  nesting cannot exhaust the recursion limit.
+  """
+  from bs4 import CData, NavigableString, Tag
+
+  runs, buf = [], []
+  blocks = [[root.name, True]]  # The open blocks: [name, holds a block].
+
+  def flush():
+    text = "".join(buf)
+    buf.clear()
+    if text.strip():
+      runs.append((blocks[-1][0], text, blocks[-1][1]))
+
+  todo = [(iter(root.children), False)]  # (children left, their parent is a block).
+  while todo:
+    node = next(todo[-1][0], None)
+    if node is None:
+      if todo.pop()[1]:  # A block ends: so does its run.
+        flush()
+        blocks.pop()
+    elif isinstance(node, Tag):
+      block = node.name in _BLOCKS
+      if block:
+        blocks[-1][1] = True
+        flush()
+        blocks.append([node.name, False])
+      todo.append((iter(node.children), block))  # Inline tags: their text joins the run.
+    elif type(node) in (NavigableString, CData):  # Not comments or doctypes.
+      buf.append(str(node))
+  flush()
+  return runs
+
+
 def html_to_chapter(html: bytes | str, toc_title: str | None = None) -> Chapter:
   """One XHTML spine document -> a chapter: its first heading and its paragraphs.
 
   Each innermost block element is a paragraph; inline markup (<em>, <span>,
-  <a>, ruby bases) is joined without spaces so words are not split.
+  <a>, ruby bases) is joined without spaces so words are not split. Text
+  outside any innermost block (directly in <body> or in a <div> beside its
+  <p>s) is kept in place, one paragraph per line, as no element marks its
+  paragraphs.
   """
   from bs4 import BeautifulSoup
 
@@ -29,21 +71,19 @@ def html_to_chapter(html: bytes | str, toc_title: str | None = None) -> Chapter:
     tag.decompose()
   for br in soup.find_all("br"):
     br.replace_with("\n")
-  root = soup.body or soup
   title, paragraphs = None, []
-  for el in root.find_all(_BLOCKS):
-    if el.find(_BLOCKS):  # Not innermost: its children are visited themselves.
+  for name, text, loose in _text_runs(soup.body or soup):
+    lines = [clean_inline(s) for s in text.split("\n")]
+    if loose:
+      paragraphs += [s for s in lines if s]
       continue
-    lines = [clean_inline(s) for s in el.get_text("").split("\n")]
-    text = " ".join(s for s in lines if s) if el.name != "pre" else "\n".join(lines).strip()
+    text = " ".join(s for s in lines if s) if name != "pre" else "\n".join(lines).strip()
     if not text:
       continue
-    if el.name in _HEADINGS and title is None and not paragraphs:
+    if name in _HEADINGS and title is None and not paragraphs:
       title = text
     else:
       paragraphs.append(text)
-  if title is None and not paragraphs:  # Bare text without block elements.
-    paragraphs = [p for p in (clean_inline(s) for s in root.get_text("\n").split("\n")) if p]
   return Chapter(title if title is not None else toc_title, paragraphs)
 
 

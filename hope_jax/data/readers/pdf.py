@@ -15,7 +15,44 @@ from hope_jax.data.readers.document import (
   lines_to_paragraphs,
 )
 
-_PAGE_NUMBER = re.compile(r"^(\d{1,4}|[ivxlcdm]{1,7}|-\s*\d{1,4}\s*-)$", re.IGNORECASE)
+_ARABIC = re.compile(r"(\d{1,4})|-\s*(\d{1,4})\s*-")  # "12", "- 12 -"
+_ROMAN = re.compile(r"c{0,3}(xc|xl|l?x{0,3})(ix|iv|v?i{0,3})", re.IGNORECASE)  # 1..399
+_ROMAN_VALUES = {"i": 1, "v": 5, "x": 10, "l": 50, "c": 100}
+
+
+def _page_number(line: str) -> int | None:
+  """The value of a line that is only a page number (`12`, `- 12 -`, `xiv`), else None."""
+  s = line.strip()
+  if m := _ARABIC.fullmatch(s):
+    return int(m.group(1) or m.group(2))
+  if s and _ROMAN.fullmatch(s):
+    vals = [_ROMAN_VALUES[c] for c in s.lower()]
+    return sum(-v if v < w else v for v, w in zip(vals, vals[1:] + [0], strict=True))
+  return None
+
+
+def strip_page_numbers(pages: list[list[str]]) -> None:
+  """Drops running page numbers from each page's lines, in place.
+
+  Only the first and the last non-blank line of a page can go, and only when
+  it is a lone number (arabic, `- 12 -`, or a roman numeral up to 399 in either
+  case) and a page at most two away holds the matching number at either end
+  (13 on the next page, 10 two pages back), as running numbers do. A word
+  (`I`, `mix`, `did`), a year, or a number on a page with no numbered
+  neighbour stays; a one-page PDF keeps its number.
+  """
+  ends = []  # Per page: {line index: value} of its numbered end lines.
+  for lines in pages:
+    filled = [k for k, line in enumerate(lines) if line.strip()]
+    values = {k: _page_number(lines[k]) for k in {filled[0], filled[-1]}} if filled else {}
+    ends.append({k: v for k, v in values.items() if v is not None})
+  drops = [[k for k, v in numbered.items()
+            if any(0 <= i + d < len(ends) and v + d in ends[i + d].values()
+                   for d in (-2, -1, 1, 2))]
+           for i, numbered in enumerate(ends)]
+  for lines, drop in zip(pages, drops, strict=True):
+    for k in sorted(drop, reverse=True):
+      del lines[k]
 
 
 def _has_images(page) -> bool:
@@ -124,17 +161,13 @@ def read_pdf(path: str, options: ReadOptions, source: str | None = None) -> Docu
     if paragraphs or title:
       chapters.append(Chapter(title, paragraphs))
 
-  for i, text in enumerate(page_texts):
+  page_lines = [text.split("\n") for text in page_texts]
+  strip_page_numbers(page_lines)
+  for i, text_lines in enumerate(page_lines):
     if i in starts:
       flush()
       lines, title = [], starts[i]
-    page_lines = text.split("\n")
-    # Drop running page numbers (a lone number as the first or last line).
-    while page_lines and _PAGE_NUMBER.match(page_lines[-1].strip()):
-      page_lines.pop()
-    while page_lines and _PAGE_NUMBER.match(page_lines[0].strip()):
-      page_lines.pop(0)
-    lines.extend(page_lines)
+    lines.extend(text_lines)
   flush()
   meta = reader.metadata
   meta_title = clean_inline(str(meta.title)) if meta is not None and meta.title else ""
