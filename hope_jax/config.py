@@ -328,23 +328,33 @@ def validate_run_config(cfg: Any) -> ModelConfig:
     raise ConfigError(f"training.weight_decay must be >= 0, got {t.weight_decay}")
   if not 0 <= t.min_lr_ratio <= 1:
     raise ConfigError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+  validate_data_config(d)
+  return model
+
+
+def validate_data_config(d: Any) -> None:
+  """Checks the `data` section (also `hope_jax.evaluate`'s, after its overrides).
+
+  Raises:
+    ConfigError: naming the key and what is wanted.
+  """
+  import os
+
   _choice("data.data_type", d.data_type, DATA_TYPES)
   if d.seq_len < 2:
     raise ConfigError(f"data.seq_len must be at least 2, got {d.seq_len}")
   if not 0.0 < d.val_fraction < 1.0:
     raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-  if not 0 <= d.memmap_min_mb < math.inf:
+  if not 0 <= d.get("memmap_min_mb", 0.0) < math.inf:  # Absent from older runs' configs.
     raise ConfigError(f"data.memmap_min_mb must be >= 0, got {d.memmap_min_mb}")
   if d.data_type in ("text", "books"):
-    import os
-
     if not d.data_path:
       raise ConfigError(f"data.data_path is required for data.data_type={d.data_type!r}")
     if not os.path.exists(d.data_path):
       raise ConfigError(f"data.data_path: no such file or directory: {d.data_path}")
   if d.tokenizer_path:
-    import os
-
     if not os.path.isfile(d.tokenizer_path):
       raise ConfigError(f"data.tokenizer_path: no such file: {d.tokenizer_path}")
-  return model
+  depth = d.get("passkey_depth")
+  if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float))):
+    raise ConfigError(f"data.passkey_depth must be a number in [0, 1] or None, got {depth!r}")

@@ -112,7 +112,7 @@ def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_si
   import jax
 
   from hope_jax import checkpoint
-  from hope_jax.config import ModelConfig
+  from hope_jax.config import ModelConfig, validate_data_config
   from hope_jax.data import load_corpus
   from hope_jax.train import evaluation
   from hope_jax.train.state import ModelDef
@@ -134,6 +134,7 @@ def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_si
       continue
     model_cfg = ModelConfig.from_config(restored.config.model)
     data = data_config(restored.config.data, overrides)
+    validate_data_config(data)  # The overrides as training would take them.
     data_key = json.dumps([data.to_dict(), model_cfg.vocab_size], sort_keys=True, default=str)
     if data_key not in corpora:
       corpora[data_key] = load_corpus(data, model_cfg.vocab_size)

@@ -136,3 +136,8 @@ def test_resume_on_data_whose_counted_vocabulary_changed_stops(tmp_path, tiny_co
   assert f"--data.tokenizer_path={kept}" in rows[0]["error"] and "metrics" not in rows[0]
   rows, _ = evaluate.evaluate_checkpoints(entries, {"tokenizer_path": str(kept)}, 2, 1)
   assert "error" not in rows[0] and rows[0]["metrics"]["eval/loss"] > 0
+  # Its data overrides pass the checks training applies (they used to be taken as given).
+  with pytest.raises(ConfigError, match="data.seq_len must be at least 2, got 1"):
+    evaluate.evaluate_checkpoints(entries, {"seq_len": "1"}, 2, 1)
+  with pytest.raises(ConfigError, match="data.passkey_depth must be a number .*got 'abc'"):
+    evaluate.evaluate_checkpoints(entries, {"data_type": "passkey", "passkey_depth": "abc"}, 2, 1)
