@@ -104,3 +104,14 @@ def test_base_config_declares_every_task_key():
 
   d = base.get_config().data
   assert {k: d[k] for k in tasks.TASK_DEFAULTS} == tasks.TASK_DEFAULTS
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 22])
+@pytest.mark.parametrize("n,k", [(30, 4), (30, 30), (5, 1)])
+def test_blocked_key_picks_equal_the_plain_permutations(monkeypatch, block, n, k):
+  # Blocks of rows draw the same uniforms in the same order, and a partition before the
+  # sort keeps the first k of each permutation: the examples do not change with the block.
+  monkeypatch.setattr(tasks, "_KEY_BLOCK", block)
+  got = tasks._first_of_permutations(np.random.default_rng(3), 11, n, k)
+  want = tasks._first_of_permutations_reference(np.random.default_rng(3), 11, n, k)
+  np.testing.assert_array_equal(got, want)
