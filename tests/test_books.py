@@ -288,3 +288,18 @@ def test_vocab_errors_name_the_flag_and_come_before_parsing(library, tmp_path, m
                     (_data_cfg(library, tokenizer="char", tokenizer_path=vocab), 256)]:
     with pytest.raises(ConfigError, match="vocab size mismatch"):
       books.load_books_corpus(cfg, size)
+
+
+def test_a_book_file_name_that_is_not_utf8_is_recorded(tmp_path):
+  # Linux names are bytes: "caf\xe9.txt" (Latin-1) comes back from os.listdir as
+  # "caf\udce9.txt", which writing corpus.jsonl in UTF-8 used to fail on, after parsing.
+  src = tmp_path / "in"
+  src.mkdir()
+  with open(os.path.join(os.fsencode(src), b"caf\xe9.txt"), "wb") as f:
+    f.write(b"A small book about coffee.\n" * 20)
+  meta = books.preprocess(str(src), str(tmp_path / "out"), warn=lambda _: None)
+  assert meta["books_read"] == 1
+  with open(tmp_path / "out" / "corpus.jsonl", encoding="utf-8") as f:
+    (row,) = [json.loads(line) for line in f]
+  assert row["source"] == "caf\udce9.txt" and row["text"].startswith("A small book")
+  json.load(open(tmp_path / "out" / "metadata.json", encoding="utf-8"))

@@ -39,6 +39,9 @@ from hope_jax.data.readers import (
 from hope_jax.data.tokenizers import CharTokenizer
 
 DOC_SEPARATOR = "\n\n"  # Between books in tokens.bin.
+# A file name that is not UTF-8 comes from os.listdir with lone surrogates, which UTF-8
+# cannot write; as backslash escapes they are JSON's own "\udcXX", read back unchanged.
+JSON_PATH_ERRORS = "backslashreplace"
 TEXT_DIR = "text"
 _NAME_BYTES = 200  # Longest name written under text/; file systems allow 255 bytes.
 
@@ -211,7 +214,8 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
   sep_ids = tok.encode(DOC_SEPARATOR)
   unknown = 0
   with token_store.TokenWriter(os.path.join(output_dir, "tokens.bin"), tok.vocab_size) as out, \
-      open(os.path.join(output_dir, "corpus.jsonl"), "w", encoding="utf-8") as jsonl:
+      open(os.path.join(output_dir, "corpus.jsonl"), "w", encoding="utf-8",
+           errors=JSON_PATH_ERRORS) as jsonl:
     for d in docs:
       with open(os.path.join(output_dir, d["text_file"]), encoding="utf-8") as f:
         text = f.read()
@@ -234,7 +238,7 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
 
 def _write_json(path: str, obj: dict) -> None:
   tmp = path + ".partial"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with open(tmp, "w", encoding="utf-8", errors=JSON_PATH_ERRORS) as f:
     json.dump(obj, f, ensure_ascii=False, indent=2)
   os.replace(tmp, path)
 
