@@ -55,10 +55,12 @@ def describe_flag_error(argv: list[str], err: BaseException) -> str:
     key, value, why = m.group("key"), m.group("value"), " ".join(m.group("why").split())
     if key == "config":
       return f"cannot load config file {value!r}: {why}"
-    key = key.removeprefix("config.")
+    # --config.a.b=... overrides a config key; anything else is a plain flag (sample's --top_k).
+    name = f"config key '{key.removeprefix('config.')}'" if key.startswith("config.") else (
+        f"flag --{key}")
     expected = re.search(r"(int|float|bool|boolean)", why)
     hint = f" (expected {expected.group(1)})" if expected else ""
-    return f"bad value for config key '{key}': {value!r}{hint}: {why}"
+    return f"bad value for {name}: {value!r}{hint}: {why}"
   return " ".join(text.split())
 
 

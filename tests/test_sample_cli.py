@@ -150,6 +150,7 @@ def test_bad_flags_fail_before_anything_is_loaded(books_run, monkeypatch, tmp_pa
 @pytest.mark.parametrize("args,message", [
     (["--top_p=0"], "hope_jax.sample: error: --top_p must be in (0, 1]"),
     (["--top_kk=3"], "hope_jax.sample: error: Unknown command line flag 'top_kk'"),
+    (["--top_k=many"], "hope_jax.sample: error: bad value for flag --top_k: 'many' (expected int)"),
 ])
 def test_sample_command_errors_are_one_line_exit_2(tmp_path, args, message):
   proc = run_cli(["-m", "hope_jax.sample", f"--checkpoint_dir={tmp_path}/none", "--prompt=x",
