@@ -141,3 +141,23 @@ def test_resume_on_data_whose_counted_vocabulary_changed_stops(tmp_path, tiny_co
     evaluate.evaluate_checkpoints(entries, {"seq_len": "1"}, 2, 1)
   with pytest.raises(ConfigError, match="data.passkey_depth must be a number .*got 'abc'"):
     evaluate.evaluate_checkpoints(entries, {"data_type": "passkey", "passkey_depth": "abc"}, 2, 1)
+
+
+@pytest.mark.parametrize("block", ["hope", "titans_lmm", "transformer_pp"])
+def test_weight_decay_spares_norm_scales_and_biases(block):
+  # Spec §6: no decay on norms, biases or the eta/alpha/beta biases. The Titans sublayer's
+  # per-head output norm scale is [H, Dh]: a rule by rank alone decayed it.
+  from hope_jax.train.optimizer import decay_mask
+  from hope_jax.train.state import ModelDef
+
+  params = ModelDef(ModelConfig(block=block, hidden_size=64, num_heads=2, num_layers=1)
+                    ).abstract_params()
+  flags = {"/".join(str(getattr(k, "key", k)) for k in path): v
+           for path, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+  for name, decayed in flags.items():
+    leaf = name.split("/")[-1]
+    spared = leaf in ("scale", "out_scale") or leaf.startswith("b_") or leaf.endswith("_b")
+    assert decayed == (not spared), name
+  assert any(n.endswith("kernel") for n in flags)
+  if block != "transformer_pp":
+    assert flags["blocks/0/mixer/out_scale"] is False

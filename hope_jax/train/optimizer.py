@@ -21,8 +21,16 @@ def learning_rate_schedule(t: Any) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only: not on norm scales, biases or gate/rate biases."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Weight decay on matrices only: not on norm scales, biases or gate/rate biases (spec §6).
+
+  By rank, except the Titans sublayer's per-head output RMSNorm scale (`out_scale`,
+  [H, Dh]), a norm scale of rank 2.
+  """
+  def decays(path, x):
+    name = str(getattr(path[-1], "key", path[-1])) if path else ""
+    return x.ndim >= 2 and not name.endswith("scale")
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(t: Any, params: Any = None,
