@@ -163,7 +163,8 @@ class SelfModTitans(nnx.Module):
               if cfg.momentum else jnp.zeros((b, l, cfg.num_heads), f32))
 
     # Padding to the chunk grid (parallel form only): padded tokens have eta = 0,
-    # alpha = beta = 1, so they write nothing and leave the state as it was.
+    # alpha = beta = 1, so they write and decay nothing; with momentum W_run still takes
+    # W += S once per padded token, so only the outputs, not the final state, are exact.
     pad = (-l) % self.align if mode == "chunked" else 0
     lp = l + pad
     padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
