@@ -12,7 +12,7 @@ needs_titans = pytest.mark.skipif(
 
 
 def tiny(block: str = "hope_attention", **overrides) -> ModelConfig:
-  """D=32, H=2, 2 layers, V=32, C_o=4, C_m=8, CMS chunks (4, 8), float32."""
+  """D=32, H=2, 2 layers, V=32, C_o=C_m=4, CMS chunks (4, 8), float32."""
   base = dict(block=block, vocab_size=32, hidden_size=32, num_layers=2, num_heads=2,
               chunk_other=4, chunk_mem=4, cms_chunks=(4, 8), cms_hidden=64, ffn_hidden=64)
   if block == "titans_lmm":
