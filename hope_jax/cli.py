@@ -107,7 +107,7 @@ def run(main: Callable[[list[str]], None], prog: str, config_flag: str | None = 
   def guarded(argv):
     try:
       main(argv)
-    except ConfigError as e:
+    except (ConfigError, FloatingPointError) as e:  # Bad input, or a diverged run (loop).
       fail(str(e), prog)
 
   app.run(guarded, flags_parser=parser)

@@ -132,6 +132,26 @@ def test_model_config_mismatch_names_every_key(tmp_path):
   mgr.close()
 
 
+def test_restore_takes_the_model_section_or_a_model_config(tmp_path):
+  # What build_model takes: the run config, its model section (as ConfigDict or dict) or a
+  # ModelConfig. A model section alone used to report every key as different, a ModelConfig
+  # a raw TypeError.
+  from hope_jax.config import ModelConfig
+
+  _save(tmp_path, [5])
+  path = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  model = _config(tmp_path).model
+  for config in (model, model.to_dict(), ModelConfig.from_config(model)):
+    assert ck.restore(path, config).step == 5
+  model.hidden_size = 64
+  with pytest.raises(ck.ConfigMismatchError) as err:
+    ck.restore(path, ModelConfig.from_config(model))
+  assert "model.hidden_size: checkpoint=32 current=64" in str(err.value)
+  assert "num_layers" not in str(err.value)
+  with pytest.raises(TypeError, match="a run config, its model section or a ModelConfig"):
+    ck.restore(path, 42)
+
+
 def test_model_key_newer_than_the_checkpoint_matches_only_at_its_default(tmp_path):
   # A checkpoint written before `model.scan_layers` existed resumes under the key's default
   # (which keeps the old behaviour), and is refused when the current run sets another value.

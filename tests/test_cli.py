@@ -136,3 +136,27 @@ def test_a_sigterm_at_the_end_of_a_run_still_saves_it(tmp_path, where, interrupt
   from hope_jax.checkpoint import list_checkpoints
 
   assert [e.step for e in list_checkpoints(str(tmp_path)) if e.valid] == [3]
+
+
+def test_a_diverged_run_is_one_line_and_its_metrics_stay_json(tmp_path):
+  # A NaN loss used to end in a 20-line traceback (rc 1), with NaN written to metrics.jsonl,
+  # which strict JSON readers reject. The first step's line has no rate: its time is the
+  # compile's (it used to report the compile as a throughput).
+  import json
+
+  proc = run_cli(["-m", "hope_jax.train", TINY, f"--config.training.checkpoint_dir={tmp_path}",
+                  "--config.training.learning_rate=1e30", "--config.training.grad_clip=1e30",
+                  "--config.training.log_every=1", "--config.training.num_steps=30"])
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("hope_jax.train: error: training loss is nan at step ")
+  assert "lower training.learning_rate" in last and "Traceback" not in proc.stderr
+  assert "step 1/30 | " in proc.stderr and "first step, no rate yet" in proc.stderr
+
+  def strict(text):
+    raise ValueError(f"not JSON: {text}")
+
+  rows = [json.loads(line, parse_constant=strict)
+          for line in open(tmp_path / "logs" / "metrics.jsonl")]
+  assert any(r.get("train/loss") is None for r in rows)
+  assert "train/tokens_per_s" not in rows[0] and "train/tokens_per_s" in rows[1]

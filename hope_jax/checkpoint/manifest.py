@@ -90,6 +90,26 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
   return out
 
 
+def _model_section(config: Any) -> Any:
+  """The `model` section of a whole run config, or `config` itself when it is one.
+
+  Takes what `hope_jax.build_model` takes: a run config (ConfigDict or dict) with a `model`
+  section, that section alone, or a `ModelConfig`.
+  """
+  if isinstance(config, ModelConfig):
+    return config.to_dict()
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise TypeError(f"config must be a run config, its model section or a ModelConfig, got "
+                    f"{type(config).__name__}")
+  if "model" in config:
+    return config["model"]
+  if "block" in config:  # The model section alone.
+    return config
+  return {}
+
+
 def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:
   """Raises CheckpointError naming every `model.*` key whose value differs.
 
@@ -97,7 +117,7 @@ def check_model_config(saved_config: Mapping[str, Any], current_config: Any, pat
   is the key's default: new model keys are added with defaults that keep the old behaviour.
   """
   saved = canonical(saved_config.get("model", {}))
-  current = canonical(current_config["model"] if "model" in current_config else {})
+  current = canonical(_model_section(current_config))
   defaults = canonical(ModelConfig().to_dict())
   for key, value in current.items():
     if key not in saved and key in defaults and value == defaults[key]:

@@ -148,11 +148,17 @@ def _shared_stop() -> bool:
 def train(config: Any) -> dict[str, Any]:
   """Runs (or resumes) the job described by `config`; returns a summary dict.
 
+  The summary holds `step` (where the run ended), `losses` [(step, loss)], `eval` (the
+  latest validation metrics, {} if none ran) and `eval_step` (the step they measured: not
+  `step` when a stop skipped the final evaluation), `interrupted`, `stop_signal`,
+  `elapsed_s`, the final `state` and the `model_def`.
+
   On a CPU the first call may set JAX's CPU device count for the whole process
   (`training.cpu_devices`, hope_jax/train/host_devices.py).
 
   Raises:
     ConfigError: bad configuration or data, before anything is compiled.
+    FloatingPointError: the training loss is not finite (after writing that step's metrics).
   """
   model_cfg = validate_run_config(config)
   t = config.training
@@ -269,6 +275,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   eval_step = placement.jit_eval_step(make_eval_step(model_def), abstract["params"])
   batch_shape = (int(t.batch_size), d.seq_len + 1)
   schedule = learning_rate_schedule(t)
+  float(schedule(start_step))  # Its first call compiles (~0.3 s): not in a logged rate.
   primary = distributed.is_primary()
   writer = (MetricWriter(t.log_dir or os.path.join(t.checkpoint_dir, "logs")) if primary
             else _NoWriter())
@@ -277,6 +284,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
 
   losses: list[tuple[int, float]] = []
   last_eval: dict[str, float] = {}
+  last_eval_step = None  # The step `last_eval` measured.
   interrupted = False
   window: list[float] = []
 
@@ -285,21 +293,28 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
     losses.append((step, m["loss"]))
     window.append(m["loss"])
     row = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"]}
-    if step % t.log_every == 0 or step == end_step:
-      tok_s, eta = progress.rate(step)
-      mean = float(np.mean(window))
-      window.clear()
-      row.update({"train/loss_avg": mean, "train/learning_rate": float(schedule(step - 1)),
-                  "train/tokens_per_s": tok_s})
-      log_line(step, end_step, mean, mean / LN2, float(schedule(step - 1)), tok_s, eta, unit)
-    if not math.isfinite(m["loss"]):
-      raise FloatingPointError(f"training loss is {m['loss']} at step {step}")
-    writer.write(step, row)
-    progress.tick(step, {"loss": f"{m['loss']:.3f}"})
-    if step == start_step + 1:  # The rate from here on leaves the compile out.
+    first = step == start_step + 1
+    if first:  # The rate from here on leaves the compile out, this step's log line included.
       progress.restart(step)
       logging.info("First step done in %s (compiling the train step included)",
                    format_duration(time.perf_counter() - t0))
+    if step % t.log_every == 0 or step == end_step:
+      # The first step of a process has no rate: its time is the compile's.
+      tok_s, eta = (None, None) if first else progress.rate(step)
+      mean = float(np.mean(window))
+      window.clear()
+      lr = float(schedule(step - 1))
+      row.update({"train/loss_avg": mean, "train/learning_rate": lr})
+      if tok_s is not None:
+        row["train/tokens_per_s"] = tok_s
+      log_line(step, end_step, mean, mean / LN2, lr, tok_s, eta, unit)
+    writer.write(step, row)
+    if not math.isfinite(m["loss"]):
+      raise FloatingPointError(
+          f"training loss is {m['loss']} at step {step} (the last checkpoint is step "
+          f"{ckpt.latest_step}): lower training.learning_rate or training.grad_clip, or look "
+          "for bad data; a rerun resumes from that checkpoint")
+    progress.tick(step, {"loss": f"{m['loss']:.3f}"})
 
   # The replay that measures it is not written for several processes' global arrays.
   check_health = bool(t.health) and jax.process_count() == 1
@@ -348,6 +363,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
           pending = None
           with progress.paused():
             last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
+          last_eval_step = s + 1
           writer.write(s + 1, last_eval)
           logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                        unit, last_eval["eval/bits_per_token"])
@@ -367,7 +383,9 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       else:
         logging.warning("Interrupted at step %d; saving a checkpoint and stopping cleanly.",
                         int(state["step"]))
-        save(int(state["step"]), force=True)
+        step_now = int(state["step"])
+        # A signal during an evaluation stops the run after it: the checkpoint keeps its metrics.
+        save(step_now, last_eval if last_eval_step == step_now else None, force=True)
     finally:
       progress.close()
 
@@ -381,6 +399,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                       "--write_manifest adds it).", final_step, t.checkpoint_dir)
     if not interrupted and final_step > start_step:
       last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
+      last_eval_step = final_step
       writer.write(final_step, last_eval)
       logging.info("final eval at step %d | loss %.4f | %s %.4f", final_step,
                    last_eval["eval/loss"], unit, last_eval["eval/bits_per_token"])
@@ -391,6 +410,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   writer.close()
   elapsed = time.perf_counter() - t0
   logging.info("Done: step %d in %s", final_step, format_duration(elapsed))
-  return {"step": final_step, "losses": losses, "eval": last_eval, "interrupted": interrupted,
+  return {"step": final_step, "losses": losses, "eval": last_eval, "eval_step": last_eval_step,
+          "interrupted": interrupted,
           "stop_signal": stop.signum, "elapsed_s": elapsed, "state": state,
           "model_def": model_def}

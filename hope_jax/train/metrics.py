@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -13,6 +14,8 @@ from absl import logging
 
 
 def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -33,8 +36,10 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
-    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
+    # NaN and inf as null: json.dumps would write NaN, which strict JSON readers reject.
+    row = {"step": int(step), **{k: float(v) if math.isfinite(float(v)) else None
+                                 for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -109,7 +114,12 @@ class Progress:
       self._bar.close()
 
 
-def log_line(step: int, end: int, loss: float, bits: float, lr: float, tok_s: float,
-             eta: float, unit: str) -> None:
+def log_line(step: int, end: int, loss: float, bits: float, lr: float, tok_s: float | None,
+             eta: float | None, unit: str) -> None:
+  """One progress line; `tok_s` None (a process's first step, its compile) prints no rate."""
+  if tok_s is None:
+    logging.info("step %d/%d | loss %.4f | %s %.4f | lr %.2e | first step, no rate yet", step,
+                 end, loss, unit, bits, lr)
+    return
   logging.info("step %d/%d | loss %.4f | %s %.4f | lr %.2e | %.0f tok/s | %s left", step, end,
                loss, unit, bits, lr, tok_s, format_duration(eta))
