@@ -160,3 +160,29 @@ def test_a_diverged_run_is_one_line_and_its_metrics_stay_json(tmp_path):
           for line in open(tmp_path / "logs" / "metrics.jsonl")]
   assert any(r.get("train/loss") is None for r in rows)
   assert "train/tokens_per_s" not in rows[0] and "train/tokens_per_s" in rows[1]
+
+
+def test_a_full_disk_is_one_error_line_without_tracebacks(tmp_path):
+  # A file-size limit stands in for a full disk: the save's writes fail. Orbax logged a
+  # traceback from each of its background threads and TensorStore's late callbacks
+  # printed more (about 500 lines, 14 tracebacks) around the one line that names the cause.
+  import os
+  import resource
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO
+
+  def limit():  # 30 KiB per file: the logs fit (they are pipes), the arrays do not.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (30 * 1024, resource.RLIM_INFINITY))
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [sys.executable, "-m", "hope_jax.train", TINY, f"--config.training.checkpoint_dir={tmp_path}",
+       "--config.training.num_steps=20", "--config.training.save_every=10"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("hope_jax.train: error: ")]
+  assert len(errors) == 1 and "Failed to save checkpoint for step 10" in errors[0]
+  assert len(proc.stderr.splitlines()) < 40

@@ -34,18 +34,43 @@ from hope_jax.checkpoint.manifest import PAYLOAD_PREFIX, canonical, load_error
 
 
 class _QuietOrbax(py_logging.Filter):
-  """Drops Orbax's own INFO chatter (dozens of lines per save) unless --v>=1; keeps warnings."""
+  """Drops Orbax's own INFO chatter (dozens of lines per save) unless --v>=1; keeps warnings.
+
+  Orbax's warnings and errors keep their first line but lose their tracebacks (unless
+  --v>=1): a failed save logged one from each of its background threads, about 500 lines
+  around the one-line "Failed to save checkpoint" that names the cause.
+  """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if "Waiting for previous save to complete" in str(record.msg):
       return False  # The manager waits on purpose (to write the manifest after the commit).
-    if record.levelno >= py_logging.WARNING or logging.get_verbosity() >= 1:
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname or (
+        record.name == "asyncio" and "orbax" in str(record.exc_info and record.exc_info[2]
+                                                    and _frames(record.exc_info[2])))
+    if logging.get_verbosity() >= 1:
       return True
-    return f"{os.sep}orbax{os.sep}" not in record.pathname
+    if record.levelno < py_logging.WARNING:
+      return not from_orbax
+    if from_orbax and (record.exc_info or "\n" in record.getMessage()):
+      record.msg, record.args = record.getMessage().splitlines()[0][:500], None
+      record.exc_info = record.exc_text = None
+    return True
 
 
-if not any(isinstance(f, _QuietOrbax) for f in logging.get_absl_logger().filters):
-  logging.get_absl_logger().addFilter(_QuietOrbax())
+def _frames(tb) -> str:
+  """The file names of a traceback's frames (to tell Orbax's asyncio leftovers)."""
+  names = []
+  while tb is not None:
+    names.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return " ".join(names)
+
+
+# asyncio's "exception was never retrieved" for Orbax's failed writes comes through its own
+# logger, which the absl logger's filters never see.
+for _logger in (logging.get_absl_logger(), py_logging.getLogger("asyncio")):
+  if not any(isinstance(f, _QuietOrbax) for f in _logger.filters):
+    _logger.addFilter(_QuietOrbax())
 
 ARRAY_ITEMS = ("params", "train")
 JSON_ITEMS = ("checksums", "loader", "manifest")
@@ -227,7 +252,7 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
     out = {name: restored[name] for name in args}
     jax.block_until_ready([out["params"], out.get("train")])
   except Exception as e:  # Orbax/TensorStore raise many types; the message names the cause.
-    _drop_sibling_read_errors()
+    gc.collect()  # The failed sibling reads, now, through the filter above.
     raise load_error(manifest_path, reason(e)) from e
   finally:
     ckptr.close()
@@ -242,33 +267,39 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
   return out
 
 
-def _drop_sibling_read_errors() -> None:
-  """Keeps the reads that failed beside the one being reported from printing tracebacks.
+def _quiet_unraisable(unraisable) -> bool:
+  """Whether an unraisable exception is one of the stale-I/O kinds `_drop_stale_io_errors` drops."""
+  value = unraisable.exc_value
+  stale_read = "_read_array_index_and_device_put" in repr(unraisable.object)
+  closed_loop = (unraisable.object is None and isinstance(value, RuntimeError)
+                 and str(value) == "Event loop is closed")
+  return stale_read or closed_loop
 
-  When one array of a payload cannot be read, Orbax's other reads fail too: their
-  coroutines are left unawaited, and TensorStore completes the reads still in flight on its
-  own threads after Orbax's event loop has closed. Each then reached `sys.unraisablehook`
-  ("Exception ignored in <coroutine ...>" with a TensorStore spec dump, or "Event loop is
-  closed"), hundreds of lines or none by timing, around the one-line error that already
-  names the cause. So after a failed read (only then) the hook drops exactly those two
-  kinds, for the rest of the process, since the late ones come at no predictable time.
+
+def _drop_stale_io_errors() -> None:
+  """Keeps the array reads and writes that fail beside the one reported from printing tracebacks.
+
+  When one array of a payload cannot be read (or written: a full disk), Orbax's other
+  array operations fail too: their coroutines are left unawaited, and TensorStore completes
+  the I/O still in flight on its own threads after Orbax's event loop has closed. Each then
+  reached `sys.unraisablehook` ("Exception ignored in <coroutine ...>" with a TensorStore
+  spec dump, or "Event loop is closed"), hundreds of lines or none by timing, around the
+  one-line error that already names the cause. The hook drops exactly those two kinds for
+  the process; installed at import, since the late ones come at no predictable time.
   """
   if getattr(sys.unraisablehook, "_hope_jax_filter", False):
-    gc.collect()
     return
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    value = unraisable.exc_value
-    stale_read = "_read_array_index_and_device_put" in repr(unraisable.object)
-    closed_loop = (unraisable.object is None and isinstance(value, RuntimeError)
-                   and str(value) == "Event loop is closed")
-    if not (stale_read or closed_loop):
+    if not _quiet_unraisable(unraisable):
       previous(unraisable)
 
   hook._hope_jax_filter = True
   sys.unraisablehook = hook
-  gc.collect()
+
+
+_drop_stale_io_errors()
 
 
 # Orbax's own pointer to the full spec: a bound-method repr of the TensorStore, hundreds of
