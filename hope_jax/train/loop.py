@@ -277,8 +277,8 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   schedule = learning_rate_schedule(t)
   float(schedule(start_step))  # Its first call compiles (~0.3 s): not in a logged rate.
   primary = distributed.is_primary()
-  writer = (MetricWriter(t.log_dir or os.path.join(t.checkpoint_dir, "logs")) if primary
-            else _NoWriter())
+  writer = (MetricWriter(t.log_dir or os.path.join(t.checkpoint_dir, "logs"),
+                         start_step=start_step) if primary else _NoWriter())
   progress = Progress(start_step, end_step, t.batch_size * d.seq_len,
                       t.progress_bar and primary)
 

@@ -22,18 +22,50 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-class MetricWriter:
-  """Appends `{"step": n, ...}` rows to `metrics.jsonl` and scalars to TensorBoard."""
+def _drop_rows_after(path: str, step: int) -> bool:
+  """Rewrites `path` without its rows of steps > `step` (atomically); True if any went."""
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      row_step = json.loads(line).get("step")
+    except (ValueError, AttributeError):  # A line cut by a crash: drop it.
+      continue
+    if not isinstance(row_step, int) or row_step <= step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if len(keep) == len(lines):
+    return False
+  tmp = f"{path}.{os.getpid()}.partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  return True
 
-  def __init__(self, log_dir: str, *, tensorboard: bool = True):
+
+class MetricWriter:
+  """Appends `{"step": n, ...}` rows to `metrics.jsonl` and scalars to TensorBoard.
+
+  `start_step`: the step the run (re)starts from. Rows after it were written by an earlier
+  process whose steps were lost (a crash after the last checkpoint): the resumed run writes
+  those steps again, so they are dropped from `metrics.jsonl` and hidden in TensorBoard
+  (`purge_step`), and every step appears once.
+  """
+
+  def __init__(self, log_dir: str, *, tensorboard: bool = True, start_step: int = 0):
     os.makedirs(log_dir, exist_ok=True)
     self.log_dir = log_dir
-    self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(log_dir, "metrics.jsonl")
+    dropped = _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"),
+                               purge_step=start_step + 1 if dropped else None)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     # NaN and inf as null: json.dumps would write NaN, which strict JSON readers reject.
