@@ -167,20 +167,19 @@ def test_a_full_disk_is_one_error_line_without_tracebacks(tmp_path):
   # traceback from each of its background threads and TensorStore's late callbacks
   # printed more (about 500 lines, 14 tracebacks) around the one line that names the cause.
   import os
-  import resource
   import subprocess
   import sys
 
   from tests.conftest import REPO
 
-  def limit():  # 30 KiB per file: the logs fit (they are pipes), the arrays do not.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (30 * 1024, resource.RLIM_INFINITY))
-
+  # 30 KiB per file (bash's ulimit, not a preexec_fn, which forks this threaded process):
+  # the logs fit (they are pipes), the arrays do not.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   proc = subprocess.run(
-      [sys.executable, "-m", "hope_jax.train", TINY, f"--config.training.checkpoint_dir={tmp_path}",
+      ["bash", "-c", 'ulimit -S -f 30 && exec "$@"', "bash", sys.executable, "-m",
+       "hope_jax.train", TINY, f"--config.training.checkpoint_dir={tmp_path}",
        "--config.training.num_steps=20", "--config.training.save_every=10"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("hope_jax.train: error: ")]
