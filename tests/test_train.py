@@ -161,3 +161,28 @@ def test_weight_decay_spares_norm_scales_and_biases(block):
   assert any(n.endswith("kernel") for n in flags)
   if block != "transformer_pp":
     assert flags["blocks/0/mixer/out_scale"] is False
+
+
+def test_a_stop_during_an_evaluation_saves_its_metrics(tmp_path, tiny_config, monkeypatch):
+  # SIGTERM while step 5 is evaluated: the loop stops after the evaluation and saves step 5,
+  # which used to lose that evaluation's metrics (keep_best could not rank it).
+  import os
+  import signal
+
+  from hope_jax import checkpoint
+  from hope_jax.train import loop
+
+  real = loop.evaluate
+
+  def evaluate_then_sigterm(*args, **kwargs):
+    out = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # The loop's handler only sets its stop flag.
+    return out
+
+  monkeypatch.setattr(loop, "evaluate", evaluate_then_sigterm)
+  out = train(_tiny(tmp_path, tiny_config, num_steps=10, eval_every=5, save_every=100,
+                    health=False))
+  assert out["interrupted"] and out["step"] == 5 and out["eval_step"] == 5
+  (entry,) = checkpoint.list_checkpoints(str(tmp_path / "ckpt"))
+  manifest = json.load(open(entry.manifest_path))
+  assert entry.step == 5 and manifest["metrics"]["eval/loss"] == out["eval"]["eval/loss"]
