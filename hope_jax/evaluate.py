@@ -87,25 +87,6 @@ def data_config(saved_data: Any, overrides: dict[str, str]):
   return config_dict.ConfigDict(data)
 
 
-def vocabulary_mismatch(restored: Any, tokenizer: Any) -> str | None:
-  """Why `tokenizer` cannot score `restored`, or None.
-
-  Checkpoints record their tokenizer's fingerprint (hope_jax.train.loop); a character
-  vocabulary counted from data that changed since gives other ids at the same size, and its
-  score would look normal.
-  """
-  from hope_jax.data.tokenizers import VOCAB_FILE
-
-  saved = (restored.loader_state or {}).get("tokenizer_fingerprint")
-  have = tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None
-  if saved is None or have is None or saved == have:
-    return None
-  kept = os.path.join(os.path.dirname(restored.manifest_path), VOCAB_FILE)
-  hint = f"; pass --data.tokenizer_path={kept}" if os.path.isfile(kept) else ""
-  return (f"the data's {tokenizer.name} vocabulary (fingerprint {have}) is not the one the "
-          f"checkpoint was trained with (fingerprint {saved}){hint}")
-
-
 def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_size: int,
                          max_windows: int | None) -> tuple[list[dict], list[str]]:
   """Scores each `CheckpointInfo`; unreadable ones become rows with an `error`."""
@@ -114,6 +95,7 @@ def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_si
   from hope_jax import checkpoint
   from hope_jax.config import ModelConfig, validate_data_config
   from hope_jax.data import load_corpus
+  from hope_jax.data.tokenizers import vocabulary_mismatch
   from hope_jax.train import evaluation
   from hope_jax.train.state import ModelDef
 
@@ -139,7 +121,8 @@ def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_si
     if data_key not in corpora:
       corpora[data_key] = load_corpus(data, model_cfg.vocab_size)
       descriptions.append(corpora[data_key].description)
-    mismatch = vocabulary_mismatch(restored, corpora[data_key].tokenizer)
+    mismatch = vocabulary_mismatch(corpora[data_key].tokenizer, restored.loader_state,
+                                   os.path.dirname(restored.manifest_path), "--data.tokenizer_path")
     if mismatch:
       row["error"] = mismatch
       continue

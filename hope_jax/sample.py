@@ -165,8 +165,8 @@ def run_tokenizer(config, tokenizer_path: str | None = None, *, run_dir: str | N
       raise ConfigError(f"cannot find the run's vocabulary: {e}; pass "
                         "--tokenizer_path=VOCAB_JSON (e.g. the data folder's vocab.json)") from None
     source = f"the vocabulary of data.data_path={data.data_path}"
-  got = tok.fingerprint() if hasattr(tok, "fingerprint") else None
-  if want is not None and got is not None and got != want:
+  got = tok.fingerprint()
+  if want is not None and got != want:
     raise ConfigError(f"{source} is not the vocabulary the run was trained with (fingerprint "
                       f"{got}, the checkpoint's {want}): its ids mean other tokens; pass "
                       "--tokenizer_path=VOCAB_JSON with the run's own")

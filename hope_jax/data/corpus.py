@@ -213,3 +213,6 @@ class _RandomTokenizer:
 
   def decode(self, ids) -> str:
     return " ".join(str(int(i)) for i in ids)
+
+  def fingerprint(self) -> str:
+    return f"random{self.vocab_size}"

@@ -22,10 +22,31 @@ VOCAB_FILE = "vocab.json"
 
 class Tokenizer(Protocol):
   vocab_size: int
+  name: str
 
   def encode(self, text: str) -> np.ndarray: ...
 
   def decode(self, ids: Iterable[int]) -> str: ...
+
+  def fingerprint(self) -> str: ...  # Names the vocabulary; checkpoints record it.
+
+
+def vocabulary_mismatch(tok: Tokenizer, loader_state: dict | None, run_dir: str,
+                        flag: str) -> str | None:
+  """Why `tok` is not the vocabulary a checkpoint recorded (`loader_state`), or None.
+
+  Checkpoints record `tokenizer_fingerprint` (hope_jax.train.loop). A character vocabulary
+  counted from data that changed since gives other ids at the same size; the message
+  points at the run's own `vocab.json` in `run_dir`, to pass as `flag`, when it is there.
+  """
+  saved = (loader_state or {}).get("tokenizer_fingerprint")
+  if saved is None or saved == tok.fingerprint():
+    return None
+  kept = os.path.join(run_dir, VOCAB_FILE)
+  hint = f"; pass {flag}={kept} to keep the run's ids" if os.path.isfile(kept) else ""
+  return (f"the data's {tok.name} vocabulary (fingerprint {tok.fingerprint()}) is not the one "
+          f"the checkpoint was trained with (fingerprint {saved}): its ids would mean other "
+          f"tokens{hint}")
 
 
 class ByteTokenizer:

@@ -30,7 +30,7 @@ from hope_jax.checkpoint import CheckpointManager
 from hope_jax.config import ConfigError, validate_run_config
 from hope_jax.data import load_corpus
 from hope_jax.data.sampler import BatchSampler, eval_batches
-from hope_jax.data.tokenizers import VOCAB_FILE
+from hope_jax.data.tokenizers import VOCAB_FILE, CharTokenizer, vocabulary_mismatch
 from hope_jax.train import distributed, host_devices
 from hope_jax.train.metrics import MetricWriter, Progress, format_duration, log_line
 from hope_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -205,8 +205,8 @@ def _check_log_dir(log_dir: str) -> None:
                       f"{e.strerror or e}") from None
 
 
-class _RunVocabulary:
-  """Ties the run's token ids to its checkpoints.
+def _run_vocabulary(corpus: Any, t: Any, loader_state: dict | None, primary: bool) -> dict:
+  """Ties the run's token ids to its checkpoints; returns what the loader state records.
 
   A character vocabulary counted from the data at start-up orders its ids by frequency, so
   the same folder after an edit (or a preprocessed folder made again) can give other ids
@@ -216,30 +216,21 @@ class _RunVocabulary:
   character vocabulary is kept as `vocab.json` in the checkpoint folder, which
   `hope_jax.sample` and `data.tokenizer_path` can use to get the run's ids back.
   """
-
-  def __init__(self, corpus: Any, t: Any, loader_state: dict | None, primary: bool):
-    tok = corpus.tokenizer
-    fingerprint = tok.fingerprint() if hasattr(tok, "fingerprint") else None
-    self.record = {} if fingerprint is None else {
-        "tokenizer": tok.name, "tokenizer_fingerprint": fingerprint}
-    self.path = os.path.join(t.checkpoint_dir, VOCAB_FILE)
-    saved = (loader_state or {}).get("tokenizer_fingerprint")
-    if fingerprint is not None and saved is not None and saved != fingerprint:
-      keep = (f"Pass --config.data.tokenizer_path={self.path} to keep the run's ids, or start "
-              if os.path.isfile(self.path) else "Start ")
-      raise ConfigError(
-          f"data: the data's {tok.name} vocabulary (fingerprint {fingerprint}) is not the one "
-          f"the checkpoint was trained with ({loader_state.get('tokenizer')}, fingerprint "
-          f"{saved}): its ids would mean other tokens. {keep}the run in another "
-          "training.checkpoint_dir")
-    if loader_state and loader_state.get("num_tokens") not in (None, len(corpus.train)):
-      logging.warning("The training split has %d tokens; the checkpoint's had %d: the data "
-                      "changed, and the batch order goes on over the new tokens",
-                      len(corpus.train), loader_state["num_tokens"])
-    if primary and hasattr(tok, "save") and not os.path.isfile(self.path):
-      tmp = f"{self.path}.{os.getpid()}.partial"
-      tok.save(tmp)
-      os.replace(tmp, self.path)
+  tok = corpus.tokenizer
+  mismatch = vocabulary_mismatch(tok, loader_state, t.checkpoint_dir,
+                                 "--config.data.tokenizer_path")
+  if mismatch:
+    raise ConfigError(f"data: {mismatch}, or start the run in another training.checkpoint_dir")
+  if loader_state and loader_state.get("num_tokens") not in (None, len(corpus.train)):
+    logging.warning("The training split has %d tokens; the checkpoint's had %d: the data "
+                    "changed, and the batch order goes on over the new tokens",
+                    len(corpus.train), loader_state["num_tokens"])
+  path = os.path.join(t.checkpoint_dir, VOCAB_FILE)
+  if primary and isinstance(tok, CharTokenizer) and not os.path.isfile(path):
+    tmp = f"{path}.{os.getpid()}.partial"
+    tok.save(tmp)
+    os.replace(tmp, path)
+  return {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint()}
 
 
 def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
@@ -258,8 +249,8 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   restored = ckpt.restore_for_training(placement.restore_target(abstract))
   # The optimizer is rebuilt from the current config, so a changed learning rate or
   # schedule takes effect from the resumed step; only its counters come from the state.
-  vocab = _RunVocabulary(corpus, t, restored[1] if restored else None,
-                         distributed.is_primary())
+  vocab_record = _run_vocabulary(corpus, t, restored[1] if restored else None,
+                                 distributed.is_primary())
   state = restored[0] if restored else placement.init_state(init_fn)
   start_step, end_step = int(state["step"]), int(t.num_steps)
   logging.info("Model: block=%s, %s parameters | %d steps to go (%d -> %d)", model_cfg.block,
@@ -326,8 +317,8 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       return
     try:
       with progress.paused():  # On the first validation window.
-        window = next(eval_batches(corpus.val, 1, d.seq_len, 1))
-        health = diagnostics.health(model_def.bind(state["params"]), window[:, :d.seq_len])
+        batch = next(eval_batches(corpus.val, 1, d.seq_len, 1))
+        health = diagnostics.health(model_def.bind(state["params"]), batch[:, :d.seq_len])
     except Exception as e:  # A diagnostic must never cost the run: warn, and stop measuring.
       check_health = False
       logging.warning("health metrics failed at step %d and are off for this run: %r", step, e)
@@ -339,7 +330,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
     # Donating `state` into the next step is safe once save() returns: Orbax then
     # holds host copies (on CPU, numpy views that make JAX skip the donation).
-    ckpt.save(step, state, {**sampler.state(step), **vocab.record}, metrics=metrics,
+    ckpt.save(step, state, {**sampler.state(step), **vocab_record}, metrics=metrics,
               force=force)
 
   t0 = time.perf_counter()
