@@ -172,11 +172,6 @@ class ModelConfig:
       raise ConfigError(
           f"model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan), got "
           f"{self.inner_scan_unroll!r}")
-    if (isinstance(self.memory_input_std, bool)
-        or not isinstance(self.memory_input_std, (int, float))
-        or not 0 < self.memory_input_std < math.inf):
-      raise ConfigError(
-          f"model.memory_input_std must be a positive number, got {self.memory_input_std!r}")
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_other",
                 "chunk_mem", "conv_width"):
       if getattr(self, key) < 1:
@@ -186,9 +181,11 @@ class ModelConfig:
         raise ConfigError(
             f"model.{key} must be an int >= 0 (0 picks the default width), got "
             f"{getattr(self, key)!r}")
-    for key in ("eta_max", "rope_theta", "cms_lr"):
-      if not 0 < getattr(self, key) < math.inf:
-        raise ConfigError(f"model.{key} must be a positive number, got {getattr(self, key)!r}")
+    for key in ("memory_input_std", "eta_max", "rope_theta", "cms_lr"):
+      value = getattr(self, key)
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not 0 < value < math.inf):
+        raise ConfigError(f"model.{key} must be a positive number, got {value!r}")
     for key in ("inner_grad_clip", "cms_grad_clip"):
       if not 0 <= getattr(self, key) < math.inf:
         raise ConfigError(

@@ -16,7 +16,6 @@ incompressible (e.g. random-float) zstd block restores silently to a wrong value
 from __future__ import annotations
 
 import functools
-import gc
 import logging as py_logging
 import os
 import re
@@ -252,7 +251,6 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
     out = {name: restored[name] for name in args}
     jax.block_until_ready([out["params"], out.get("train")])
   except Exception as e:  # Orbax/TensorStore raise many types; the message names the cause.
-    gc.collect()  # The failed sibling reads, now, through the filter above.
     raise load_error(manifest_path, reason(e)) from e
   finally:
     ckptr.close()
@@ -265,15 +263,6 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
   verify_checksums(tree, out["checksums"], require_all=exact,
                    path=manifest_path)
   return out
-
-
-def _quiet_unraisable(unraisable) -> bool:
-  """Whether an unraisable exception is one of the stale-I/O kinds `_drop_stale_io_errors` drops."""
-  value = unraisable.exc_value
-  stale_read = "_read_array_index_and_device_put" in repr(unraisable.object)
-  closed_loop = (unraisable.object is None and isinstance(value, RuntimeError)
-                 and str(value) == "Event loop is closed")
-  return stale_read or closed_loop
 
 
 def _drop_stale_io_errors() -> None:
@@ -292,7 +281,11 @@ def _drop_stale_io_errors() -> None:
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not _quiet_unraisable(unraisable):
+    value = unraisable.exc_value
+    stale_read = "_read_array_index_and_device_put" in repr(unraisable.object)
+    closed_loop = (unraisable.object is None and isinstance(value, RuntimeError)
+                   and str(value) == "Event loop is closed")
+    if not (stale_read or closed_loop):
       previous(unraisable)
 
   hook._hope_jax_filter = True
