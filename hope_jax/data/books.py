@@ -205,7 +205,7 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
   meta["books_read"], meta["books_skipped"] = len(docs), len(meta["skipped"])
 
   if not docs:
-    _write_json(os.path.join(output_dir, "metadata.json"), meta)
+    token_store.write_json(os.path.join(output_dir, "metadata.json"), meta)
     reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in meta["skipped"][:5])
     raise ConfigError(f"no usable books in {input_dir} ({len(books)} found"
                       + (f"; skipped: {reasons}" if reasons else "") + ")")
@@ -232,15 +232,8 @@ def preprocess(input_dir: str, output_dir: str, *, preserve_structure: bool = Fa
       "unknown_tokens": unknown, "num_tokens": num_tokens, "tokens_file": "tokens.bin",
       "tokens_dtype": token_store.dtype_for(tok.vocab_size).name,
       "document_separator": DOC_SEPARATOR, "seconds": round(time.perf_counter() - t0, 3)})
-  _write_json(os.path.join(output_dir, "metadata.json"), meta)
+  token_store.write_json(os.path.join(output_dir, "metadata.json"), meta)
   return meta
-
-
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".partial"
-  with open(tmp, "w", encoding="utf-8", errors=JSON_PATH_ERRORS) as f:
-    json.dump(obj, f, ensure_ascii=False, indent=2)
-  os.replace(tmp, path)
 
 
 # ------------------------------------------------------------ training corpus

@@ -49,11 +49,16 @@ def publish(tmp: str, path: str) -> None:
 
 
 def write_json(path: str, obj: dict) -> None:
-  """Writes `obj` as JSON to `path` atomically: readers see all of it or nothing."""
+  """Writes `obj` as JSON to `path` atomically: readers see all of it or nothing.
+
+  Text stays readable (no ASCII escapes), except that a file name which is not UTF-8 comes
+  from os.listdir with lone surrogates, which UTF-8 cannot write: as backslash escapes they
+  are JSON's own "\\udcXX", read back unchanged.
+  """
   tmp = temp_path(path)
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2)  # ASCII escapes: paths may hold lone surrogates.
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
+      json.dump(obj, f, ensure_ascii=False, indent=2)
     publish(tmp, path)
   finally:
     if os.path.exists(tmp):
