@@ -176,8 +176,7 @@ def health(model, tokens_BL) -> dict[str, float]:
   c = _grid(model)
   tokens_BL = np.asarray(tokens_BL, np.int32)
   tokens_BL = jnp.asarray(tokens_BL[:, :tokens_BL.shape[1] // c * c])
-  b, l = tokens_BL.shape
-  if l == 0:
+  if tokens_BL.shape[1] == 0:
     return {}
   inputs = [[] for _ in model.blocks]
   for xs, _, _, _ in _replay(model, tokens_BL, c):

@@ -283,7 +283,7 @@ class LanguageModel(nnx.Module):
     Args:
       tokens_BL: int tokens; L need not be a multiple of C_1 (the tail is padded and its
         positions carry no loss).
-      collect_deltas: also return every chunk's post-write deltas (for tests/diagnostics).
+      collect_deltas: also return every chunk's post-write deltas (for tests).
 
     Returns:
       (logits_BLV, final fast state per layer, per-chunk deltas or None).
