@@ -97,16 +97,42 @@ def test_lm_grad_outer_gradient_reaches_every_parameter():
 
 
 
-@pytest.mark.parametrize("block", ["hope_attention", pytest.param("hope", marks=needs_titans)])
-def test_fused_lm_grad_step_equals_the_two_pass_reference(block):
+FUSED_CASES = {
+    "hope_attention": dict(block="hope_attention"),
+    # C_1 = C_m with chunk-start reads: the write's pass reads the carried memories only
+    # (`SelfModTitans.splits`); two main-memory chunks per C_1 chunk, or an in-context q,
+    # take the whole piece's backward pass. (C_1 = 8 = 2 C_o: a loop of one iteration
+    # would be inlined by XLA and leave no `while` to count.)
+    "hope_split": pytest.param(dict(block="hope", chunk_mem=8, cms_chunks=(8, 16)),
+                               marks=needs_titans),
+    "hope_two_mem_chunks": pytest.param(dict(block="hope", cms_chunks=(8, 16)),
+                                        marks=needs_titans),
+    "hope_adaptive_q": pytest.param(dict(block="hope", adaptive_q=True, chunk_mem=8,
+                                         cms_chunks=(8, 16)), marks=needs_titans),
+}
+
+
+@pytest.mark.parametrize("overrides", FUSED_CASES.values(), ids=FUSED_CASES.keys())
+def test_fused_lm_grad_step_equals_the_two_pass_reference(overrides):
   # One forward per chunk serving both the loss and the write (lm_grad_fused, the fast path)
   # against a stop-gradient recomputation for the write (the reference): same loss, same
   # outer gradient, same final fast weights. L=13 pads the last chunk.
   tokens_BL = jax.random.randint(jax.random.key(7), (2, L), 0, 32)
+  cfgs = [tiny(**overrides, cms_lr=30.0, num_layers=1, lm_grad_fused=f) for f in (True, False)]
+  c1 = cfgs[0].cms_chunks[0]
+  split = overrides["block"] == "hope" and c1 == cfgs[0].chunk_mem and not cfgs[0].adaptive_q
+  model = hope_jax.build_model(cfgs[0], seed=0)
+  assert all(b.mixer.splits(c1) for b in model.blocks) == split
+  # The write's gradients alone (the decode boundary's call): split, no inner loop is left
+  # once XLA drops the unused new states; otherwise the scans run forward and backward.
+  mixers, fast = model._init_states(2, c1)
+  tok_BC = tokens_BL[:, :c1]
+  write = lambda s, d: model.chunk_grads(tok_BC, tok_BC, jnp.ones(tok_BC.shape), s, d)
+  hlo = jax.jit(write).lower(mixers, [f["delta"] for f in fast]).compile().as_text()
+  assert (hlo.count(" while(") == 0) == (split or overrides["block"] == "hope_attention"), hlo
   results = []
-  for fused in (True, False):
-    model = hope_jax.build_model(tiny(block, cms_lr=30.0, num_layers=1, lm_grad_fused=fused),
-                                 seed=0)
+  for cfg in cfgs:
+    model = hope_jax.build_model(cfg, seed=0)
 
     def loss(m):
       logits, fast, _ = m.forward_with_fast_state(tokens_BL[:, :-1])
@@ -178,7 +204,7 @@ def test_layer_scan_equals_the_layer_loop(overrides, monkeypatch):
   # deltas, with the blocks traced once instead of once per layer.
   layers = 2
   traced = []
-  for name in ("__call__", "step"):
+  for name in ("__call__", "step", "read_step", "update_step"):
     method = getattr(lm.Block, name)
     monkeypatch.setattr(lm.Block, name,
                         lambda self, *a, _m=method, **k: traced.append(1) or _m(self, *a, **k))

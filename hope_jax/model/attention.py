@@ -41,6 +41,11 @@ class Attention(nnx.Module):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "pos": jnp.zeros((), jnp.int32)}
 
+  def splits(self, length: int) -> bool:
+    """Never: a piece's own keys and values shape its outputs (see `SelfModTitans.splits`)."""
+    del length
+    return False
+
   def step(self, u_BLD, cache, aligned: bool = False):
     """Processes L new tokens against the cache (exactly as the parallel call would).
 

@@ -73,6 +73,15 @@ class Block(nnx.Module):
     y_BLD, state = self.mixer.step(self.norm_mixer(x_BLD), state, aligned=aligned)
     return self._ffn(x_BLD + y_BLD, delta), state
 
+  def read_step(self, x_BLD, state, delta=None):
+    """`step`'s output on an aligned piece where `mixer.splits` holds, and the mixer's
+    input u_BLD, from which `update_step` gives `step`'s new state."""
+    u_BLD = self.norm_mixer(x_BLD)
+    return self._ffn(x_BLD + self.mixer.read(u_BLD, state), delta), u_BLD
+
+  def update_step(self, u_BLD, state):
+    return self.mixer.update(u_BLD, state)
+
 
 def _snapshot(mixer, state):
   """What the boundary recompute needs of a mixer state; a KV cache is append-only, so its
@@ -125,6 +134,11 @@ def _zero_cotangent(x):
   if jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.zeros_like(x)
   return jnp.zeros(x.shape, jax.dtypes.float0)
+
+
+def _add_cotangents(a, b):
+  """a + b, for float0 cotangents (integer leaves) too."""
+  return a if a.dtype == jax.dtypes.float0 else a + b
 
 
 class LanguageModel(nnx.Module):
@@ -237,25 +251,56 @@ class LanguageModel(nnx.Module):
     in the unfused pair.
     """
     graphdef, params = nnx.split(self)
+    split = all(b.mixer.splits(tokens_BC.shape[1]) for b in self.blocks)
 
     def forward(p, s, d, tok):
       return nnx.merge(graphdef, p).chunk_forward(tok, s, d, aligned=True, stacked=stacked,
                                                   scan=scan)
 
+    def read(p, s, d, tok):  # Logits and each mixer's input (`Block.read_step`).
+      model = nnx.merge(graphdef, p)
+      items = (s, d) if stacked else list(zip(s, d, strict=True))
+      x_BCD, u_BCD = model._run_blocks(lambda blk, x_BCD, item: blk.read_step(x_BCD, *item),
+                                       model.embed_tokens(tok), items, stacked=stacked,
+                                       scan=scan)
+      return model.logits(x_BCD), u_BCD
+
+    def update(p, s, u):  # The new states from the mixers' inputs (`Block.update_step`).
+      model = nnx.merge(graphdef, p)
+      items = (s, u) if stacked else list(zip(s, u, strict=True))
+      return model._run_blocks(lambda blk, x, item: (x, blk.update_step(item[1], item[0])),
+                               jnp.zeros(()), items, stacked=stacked, scan=scan)[1]
+
     def with_grads(p, s, d, tok, tgt, mask):
-      (logits_BCV, new_states), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s, d)
+      if split:
+        # The piece's outputs read only the carried states, so the write's backward pass
+        # never enters the mixers' inner loops: they run in `update`, whose outputs (the
+        # new states) reach later pieces alone.
+        (logits_BCV, u), vjp_fn = jax.vjp(lambda p, s, d: read(p, s, d, tok), p, s, d)
+        new_states, vjp_update = jax.vjp(update, p, s, u)
+        ct_rest = jax.tree.map(jnp.zeros_like, u)
+      else:
+        (logits_BCV, new_states), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s,
+                                                   d)
+        vjp_update, ct_rest = None, jax.tree.map(_zero_cotangent, new_states)
       dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, tgt, mask)
       with jax.named_scope("cms_write_grads"):
-        _, _, grads = vjp_fn((dlogits, jax.tree.map(_zero_cotangent, new_states)))
-      return (logits_BCV, new_states, grads), vjp_fn
+        _, _, grads = vjp_fn((dlogits, ct_rest))
+      return (logits_BCV, new_states, grads), (vjp_fn, vjp_update)
 
     @jax.custom_vjp
     def fused(p, s, d, tok, tgt, mask):
       return with_grads(p, s, d, tok, tgt, mask)[0]
 
-    def fused_bwd(vjp_fn, cts):
+    def fused_bwd(vjp_fns, cts):
       ct_logits, ct_states, _ = cts  # The write's cotangent: dropped (first order).
-      ct_p, ct_s, _ = vjp_fn((ct_logits, ct_states))
+      vjp_fn, vjp_update = vjp_fns
+      if vjp_update is None:
+        ct_p, ct_s, _ = vjp_fn((ct_logits, ct_states))
+      else:
+        ct_p_upd, ct_s_upd, ct_u = vjp_update(ct_states)
+        ct_p, ct_s, _ = vjp_fn((ct_logits, ct_u))
+        ct_p, ct_s = jax.tree.map(_add_cotangents, (ct_p, ct_s), (ct_p_upd, ct_s_upd))
       return ct_p, ct_s, None, None, None, None  # Deltas enter straight-through.
 
     fused.defvjp(with_grads, fused_bwd)

@@ -24,7 +24,7 @@ from hope_jax.config import ModelConfig
 from hope_jax.model.layers import DTYPES, Linear, normal
 from hope_jax.ops import selfmod
 from hope_jax.ops.conv import causal_dwconv
-from hope_jax.ops.memory import l2norm
+from hope_jax.ops.memory import l2norm, mlp_apply
 
 
 def proj_memory_names(cfg: ModelConfig) -> tuple[str, ...]:
@@ -146,18 +146,20 @@ class SelfModTitans(nnx.Module):
 
   # ------------------------------------------------------------------ forward
 
-  def _forward(self, u_BLD, state, mode: str):
-    """The sublayer on L new tokens from `state`; mode "chunked" needs pos on the grid."""
+  def _forward(self, u_BLD, state, mode: str, read: bool = True):
+    """The sublayer on L new tokens from `state`; mode "chunked" needs pos on the grid.
+
+    Returns (y_BLD, new_state, generated streams); with `read=False` y is None and phase B
+    only learns (`update`).
+    """
     cfg, spec = self.cfg, self.spec
     b, l, _ = u_BLD.shape
     conv = dict(state["conv"])
     f32 = jnp.float32
     # 2.1 Input streams (static, outer level).
     x_pre = self.w_in(u_BLD) if cfg.memory_input == "proj" else u_BLD
-    q_pre = None if cfg.adaptive_q else self.w_q(u_BLD)
     if cfg.conv_position == "pre_memory":
       x_pre = self._conv("x", x_pre, conv)
-      q_pre = None if q_pre is None else self._conv("q", q_pre, conv)
     xt_BLD = jax.nn.silu(x_pre.astype(f32))
     lb_BLH = (jax.nn.log_sigmoid(self.w_beta(u_BLD).astype(f32) + self.b_beta[...][None, None, :])
               if cfg.momentum else jnp.zeros((b, l, cfg.num_heads), f32))
@@ -200,7 +202,6 @@ class SelfModTitans(nnx.Module):
         new_proj, gen = selfmod.run_phase_bh(
             spec, selfmod.phase_a_body, params_a, state["proj"], xs_a, chunk=cfg.chunk_other,
             mode=mode, boundary_L=bnd(cfg.chunk_other))
-    q_BHLD = gen["q"] if cfg.adaptive_q else None
     k_BHLD, v_BHLD = gen["k"], gen["v"]
     if cfg.conv_position == "post_memory":
       # Conv on the generated streams (choice, see docs/architecture.md). It runs over
@@ -208,29 +209,42 @@ class SelfModTitans(nnx.Module):
       flat = lambda a: a.transpose(0, 2, 1, 3).reshape(b, lp, -1)
       k_BHLD = l2norm(self._heads(self._conv("k", flat(k_BHLD), conv)))
       v_BHLD = self._heads(self._conv("v", flat(v_BHLD), conv))
-      q_src = flat(q_BHLD) if cfg.adaptive_q else padt(jax.nn.silu(q_pre.astype(f32)))
-      q_BHLD = self._heads(self._conv("q", q_src, conv))
-    elif q_BHLD is None:
-      q_BHLD = self._heads(padt(jax.nn.silu(q_pre.astype(f32))))
-    q_BHLD = l2norm(q_BHLD)
+    if cfg.adaptive_q and cfg.conv_position == "post_memory":
+      q_BHLD = l2norm(self._heads(self._conv("q", flat(gen["q"]), conv)))
+    elif cfg.adaptive_q:
+      q_BHLD = l2norm(gen["q"])
+    else:
+      q_BHLD = self._static_query(u_BLD, conv, padt)
 
-    # Phase B: the main memory.
-    xs_b = {"q": q_BHLD, "k": k_BHLD, "v": v_BHLD, "eta": gen["eta"], "la": gen["la"],
-            "lb": xs_a["lb"]}
+    # Phase B: the main memory (without "q" it only learns; see `update`).
+    xs_b = {"k": k_BHLD, "v": v_BHLD, "eta": gen["eta"], "la": gen["la"], "lb": xs_a["lb"]}
+    if read:
+      xs_b["q"] = q_BHLD
     with jax.named_scope("phase_b"):
       new_mem, out = selfmod.run_phase_bh(
           spec, selfmod.phase_b_body, {}, state["mem"], xs_b, chunk=cfg.chunk_mem, mode=mode,
           boundary_L=bnd(cfg.chunk_mem))
-
-    # 2.8 Output: per-head RMSNorm, SiLU gate, output projection.
-    o = out["o"][:, :, :l]
-    o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
-    o = o * self.out_scale[...].astype(f32)[None, :, None, :]
-    o_BLD = o.transpose(0, 2, 1, 3).reshape(b, l, cfg.hidden_size)
-    dt = DTYPES[cfg.dtype]
-    y_BLD = self.w_o(o_BLD.astype(dt) * jax.nn.silu(self.w_g(u_BLD)).astype(dt))
     new_state = {"pos": pos + l, "conv": conv, "proj": new_proj, "mem": new_mem}
-    return y_BLD.astype(u_BLD.dtype), new_state, gen
+    if not read:
+      return None, new_state, gen
+    return self._output(out["o"][:, :, :l], u_BLD), new_state, gen
+
+  def _static_query(self, u_BLD, conv, padt=lambda a: a):
+    """q = l2norm(SiLU(conv(u W_q))) per head (the conv after SiLU when post-memory)."""
+    q_pre, f32 = self.w_q(u_BLD), jnp.float32
+    if self.cfg.conv_position == "pre_memory":
+      return l2norm(self._heads(padt(jax.nn.silu(self._conv("q", q_pre, conv).astype(f32)))))
+    return l2norm(self._heads(self._conv("q", padt(jax.nn.silu(q_pre.astype(f32))), conv)))
+
+  def _output(self, o_BHLD, u_BLD):
+    """2.8 Output: per-head RMSNorm, SiLU gate, output projection."""
+    b, _, l, _ = o_BHLD.shape
+    o = o_BHLD * jax.lax.rsqrt(jnp.mean(o_BHLD * o_BHLD, axis=-1, keepdims=True) + 1e-6)
+    o = o * self.out_scale[...].astype(jnp.float32)[None, :, None, :]
+    o_BLD = o.transpose(0, 2, 1, 3).reshape(b, l, self.cfg.hidden_size)
+    dt = DTYPES[self.cfg.dtype]
+    y_BLD = self.w_o(o_BLD.astype(dt) * jax.nn.silu(self.w_g(u_BLD)).astype(dt))
+    return y_BLD.astype(u_BLD.dtype)
 
   def __call__(self, u_BLD):
     """Parallel form over the whole sequence (chunked scans; padded to the chunk grid)."""
@@ -258,6 +272,32 @@ class SelfModTitans(nnx.Module):
       return y, new_state
     run = lambda mode: (lambda st: self._forward(u_BLD, st, mode)[:2])
     return jax.lax.cond(state["pos"] % self.align == 0, run("chunked"), run("token"), state)
+
+  def splits(self, length: int) -> bool:
+    """Whether `read` and `update` may stand in for `step` on an aligned piece of `length`.
+
+    True when the piece is one main-memory chunk read at its start with a static q: its
+    outputs then depend on the carried state and q only, and everything it learns (phase A,
+    phase B's update) reaches later pieces alone. The model's in-context CMS write
+    differentiates this piece's loss only, so it can skip the inner loops' backward pass.
+    """
+    cfg = self.cfg
+    return (not cfg.adaptive_q and cfg.read_mode == "chunk_start" and length == cfg.chunk_mem
+            and length % self.align == 0)
+
+  def read(self, u_BLD, state):
+    """`step(u_BLD, state, aligned=True)[0]` on a piece where `splits` holds: one read of
+    the carried main memory per token, nothing learned."""
+    mem = state["mem"]
+    q_BHLD = self._static_query(u_BLD, dict(state["conv"]))
+    read_bh = jax.vmap(jax.vmap(mlp_apply))
+    with jax.named_scope("phase_b"):
+      o_BHLD = read_bh(mem["W1_run"][:, :, 0], mem["W2_run"][:, :, 0], q_BHLD)
+    return self._output(o_BHLD, u_BLD)
+
+  def update(self, u_BLD, state):
+    """`step(u_BLD, state, aligned=True)[1]` on a piece where `splits` holds, without reads."""
+    return self._forward(u_BLD, state, "chunked", read=False)[1]
 
   def inspect(self, u_BLD):
     """Per-token eta_BLH, alpha_BLH and the final drift |W_run - W_0| per memory (health)."""

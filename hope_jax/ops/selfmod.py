@@ -219,13 +219,16 @@ def phase_b_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
 
   xs: {"q", "k", "v": [N, Dh], "eta", "la", "lb": [N]}. Under read_mode="dual" token t
   reads M_{t-1}: the running weights on the token schedule (N = 1), the within-chunk
-  running weights (`dual_read`) on the chunked one.
+  running weights (`dual_read`) on the chunked one. Without "q" the memory only learns and
+  nothing is read (the outputs are {}).
   """
   del params
   W1, W2 = read_W[0][0], read_W[1][0]
   vhat_ND = mlp_apply(W1, W2, xs["v"]) if spec.memory_target == "self" else xs["v"]
   fac = group_factors(spec, read_W, xs["k"], vhat_ND[None], xs["eta"], xs["la"], impl)
-  if spec.read_mode == "dual" and xs["q"].shape[0] > 1:
+  if "q" not in xs:
+    o_ND = None
+  elif spec.read_mode == "dual" and xs["q"].shape[0] > 1:
     o_ND = dual_read(spec, run, xs["k"], fac, xs["eta"], xs["la"], xs["lb"], xs["q"], impl)
   elif spec.read_mode == "dual":
     o_ND = mlp_apply(run["W1"][0], run["W2"][0], xs["q"])  # One token: M_{t-1} = W_run.
@@ -233,7 +236,7 @@ def phase_b_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
     o_ND = mlp_apply(W1, W2, xs["q"])  # Chunk-start read (Eq. 90).
   run = group_update(spec, read_W, run, xs["k"], vhat_ND[None], xs["eta"], xs["la"], xs["lb"],
                      impl, factors=fac)
-  return run, {"o": o_ND}
+  return run, ({} if o_ND is None else {"o": o_ND})
 
 
 # ----------------------------------------------------------------- schedules
