@@ -12,10 +12,12 @@ Two forward paths give the same logits:
   * static CMS (or no CMS): every block runs on the whole sequence in parallel;
   * `cms_signal="lm_grad"`: a model-level `lax.scan` over chunks of C_1 tokens (spec §3.3).
     Its carry holds every layer's mixer state (`init_state`/`step`) and CMS fast state.
-    Per chunk: forward all layers from the carried state; separately, on a stop-gradient
-    copy, take the chunk's summed next-token CE (token t's target is token t+1; the last
-    position has none) and its `jax.vjp` w.r.t. the CMS deltas only; then
-    `hope_jax.ops.cms.schedule_update` writes the levels whose boundary ends this chunk.
+    Per chunk: forward all layers from the carried state, take the chunk's summed
+    next-token CE (token t's target is token t+1; the last position has none) and its
+    `jax.vjp` w.r.t. the CMS deltas only, from the same forward pass
+    (`chunk_forward_and_grads`; `lm_grad_fused=False` recomputes the chunk on a
+    stop-gradient copy instead); then `hope_jax.ops.cms.schedule_update` writes the levels
+    whose boundary ends this chunk.
 `init_cache`/`decode_step` carry the same state token by token; a CMS boundary write is
 applied when the next token (which supplies the last target) arrives, by recomputing the
 finished chunk from a snapshot of the mixer states at its start.
@@ -232,14 +234,35 @@ class LanguageModel(nnx.Module):
 
     The CE is summed over the chunk's unmasked tokens and over the batch; each sequence's
     delta only touches its own loss, so one vjp gives every per-sequence gradient. These
-    are the gradients of `chunk_forward_and_grads`, whose unused logits and states XLA
-    drops; an outer differentiation never traces through this inner backward pass.
+    are the gradients of `chunk_forward_and_grads` (without the mixers' learning where the
+    piece `splits`; elsewhere XLA drops the unused logits and states); an outer
+    differentiation never traces through this inner backward pass.
     """
     return self.chunk_forward_and_grads(tokens_BC, targets_BC, mask_BC, states, deltas,
-                                        stacked, scan)[2]
+                                        stacked, scan,
+                                        make_states=not self.splits(tokens_BC.shape[1]))[2]
+
+  def splits(self, length: int) -> bool:
+    """Whether every mixer's outputs on an aligned piece of `length` read only its carried
+    state (`SelfModTitans.splits`), so the piece's loss never depends on what it learns."""
+    return all(b.mixer.splits(length) for b in self.blocks)
+
+  def _reference_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas, stacked: bool):
+    """`chunk_grads` by `jax.grad` of the whole chunk's loss on a stop-gradient copy of the
+    model and states: the two-pass reference (`lm_grad_fused=False`)."""
+    graphdef, params = nnx.split(self)
+    params, states = jax.lax.stop_gradient((params, states))
+
+    def loss(d):
+      logits_BCV, _ = nnx.merge(graphdef, params).chunk_forward(tokens_BC, states, d,
+                                                                aligned=True, stacked=stacked)
+      return cms_ops.masked_token_ce(logits_BCV, targets_BC, mask_BC)
+
+    return jax.grad(loss)(jax.lax.stop_gradient(deltas))
 
   def chunk_forward_and_grads(self, tokens_BC, targets_BC, mask_BC, states, deltas,
-                              stacked: bool = False, scan: bool | None = None):
+                              stacked: bool = False, scan: bool | None = None,
+                              make_states: bool = True):
     """`chunk_forward` and the write gradients of one aligned piece from one forward pass.
 
     Returns (logits_BCV, new_states, grads). The inner gradient is one backward pass
@@ -248,10 +271,15 @@ class LanguageModel(nnx.Module):
     `chunk_grads` and then `chunk_forward` again). A `custom_vjp` keeps the outer
     differentiation from tracing the inner backward pass: the writes are first order (their
     cotangent is dropped) and the deltas enter the outer loss straight-through, exactly as
-    in the unfused pair.
+    in the unfused pair. With `make_states=False` (only where `splits` holds) the mixers learn
+    nothing and the states come back as None: the last chunk of a sequence, whose states
+    nobody reads.
     """
     graphdef, params = nnx.split(self)
-    split = all(b.mixer.splits(tokens_BC.shape[1]) for b in self.blocks)
+    split = self.splits(tokens_BC.shape[1])
+    if not (make_states or split):
+      raise ValueError("make_states=False needs a piece whose outputs read only the carried "
+                       "states (LanguageModel.splits)")
 
     def forward(p, s, d, tok):
       return nnx.merge(graphdef, p).chunk_forward(tok, s, d, aligned=True, stacked=stacked,
@@ -277,16 +305,19 @@ class LanguageModel(nnx.Module):
         # never enters the mixers' inner loops: they run in `update`, whose outputs (the
         # new states) reach later pieces alone.
         (logits_BCV, u), vjp_fn = jax.vjp(lambda p, s, d: read(p, s, d, tok), p, s, d)
-        new_states, vjp_update = jax.vjp(update, p, s, u)
         ct_rest = jax.tree.map(jnp.zeros_like, u)
+        if make_states:
+          states_out, vjp_update = jax.vjp(update, p, s, u)
+        else:
+          states_out, vjp_update = None, ct_rest  # (The outer pass's cotangent for u.)
       else:
-        (logits_BCV, new_states), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s,
+        (logits_BCV, states_out), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s,
                                                    d)
-        vjp_update, ct_rest = None, jax.tree.map(_zero_cotangent, new_states)
+        vjp_update, ct_rest = None, jax.tree.map(_zero_cotangent, states_out)
       dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, tgt, mask)
       with jax.named_scope("cms_write_grads"):
         _, _, grads = vjp_fn((dlogits, ct_rest))
-      return (logits_BCV, new_states, grads), (vjp_fn, vjp_update)
+      return (logits_BCV, states_out, grads), (vjp_fn, vjp_update)
 
     @jax.custom_vjp
     def fused(p, s, d, tok, tgt, mask):
@@ -297,6 +328,8 @@ class LanguageModel(nnx.Module):
       vjp_fn, vjp_update = vjp_fns
       if vjp_update is None:
         ct_p, ct_s, _ = vjp_fn((ct_logits, ct_states))
+      elif not make_states:
+        ct_p, ct_s, _ = vjp_fn((ct_logits, vjp_update))  # Zeros for u: no state was made.
       else:
         ct_p_upd, ct_s_upd, ct_u = vjp_update(ct_states)
         ct_p, ct_s, _ = vjp_fn((ct_logits, ct_u))
@@ -359,7 +392,7 @@ class LanguageModel(nnx.Module):
       else:
         # The outer (differentiable) forward, straight-through in the deltas; then the
         # inner gradient from a separate pass over the same chunk.
-        grads = self.chunk_grads(tok_BC, tgt_BC, mask_BC, states, deltas, stacked)
+        grads = self._reference_grads(tok_BC, tgt_BC, mask_BC, states, deltas, stacked)
         logits_BCV, states = self.chunk_forward(tok_BC, states,
                                                 jax.tree.map(jax.lax.stop_gradient, deltas),
                                                 aligned=True, stacked=stacked)
@@ -371,8 +404,23 @@ class LanguageModel(nnx.Module):
       # (The fused body keeps its residuals: recomputing it would redo the inner pass.)
       body = jax.checkpoint(body)
     xs = (to_chunks(toks_BL), to_chunks(tgts_BL), to_chunks(mask_BL), jnp.arange(n))
-    (_, fast), (logits_NBCV, deltas) = _grouped_scan(body, (states, fast), xs,
-                                                     self.cfg.lm_grad_remat_every)
+    every = self.cfg.lm_grad_remat_every
+    if not (self.cfg.lm_grad_fused and self.splits(c1)):
+      (_, fast), (logits_NBCV, deltas) = _grouped_scan(body, (states, fast), xs, every)
+    else:
+      # Nobody reads the mixer states after the last chunk, and its outputs read only the
+      # states before it: it runs after the scan without learning, which saves the inner
+      # loops' forward and backward passes of one chunk in n.
+      head = jax.tree.map(lambda a: a[:-1], xs)
+      (states, fast), (logits_NBCV, deltas) = _grouped_scan(body, (states, fast), head, every)
+      tok_BC, tgt_BC, mask_BC, _ = jax.tree.map(lambda a: a[-1], xs)
+      logits_BCV, _, grads = self.chunk_forward_and_grads(
+          tok_BC, tgt_BC, mask_BC, states, get_deltas(fast), stacked, make_states=False)
+      fast = self._write(fast, grads, n * c1, stacked)
+      logits_NBCV = jnp.concatenate([logits_NBCV, logits_BCV[None]])
+      if collect_deltas:
+        deltas = jax.tree.map(lambda a, d: jnp.concatenate([a, d[None]]), deltas,
+                              get_deltas(fast))
     logits_BLV = logits_NBCV.swapaxes(0, 1).reshape(b, n * c1, -1)[:, :l]
     if stacked:  # Back to the per-layer lists of the unstacked path.
       fast = _unstack(fast, len(self.blocks))
