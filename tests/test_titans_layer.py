@@ -454,3 +454,29 @@ def test_titans_lmm_language_model_trains_one_step():
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert np.isfinite(float(value))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(conv_position="post_memory"),
+                                       dict(static_projections=True, memory_target="v")],
+                         ids=["default", "post_memory", "titans_lmm"])
+def test_read_and_update_split_the_step(overrides):
+  # Where `splits` holds (one main-memory chunk read at its start, static q), `read` gives
+  # the step's outputs and `update` its new state, from a state in mid-sequence.
+  model = make(**overrides)
+  c = model.cfg.chunk_mem
+  assert model.splits(c) and not model.splits(2 * c)
+  assert not make(read_mode="dual", **overrides).splits(c)
+  if "static_projections" not in overrides:
+    assert not make(adaptive_q=True, **overrides).splits(c)
+  graphdef, params = nnx.split(model)
+
+  def run(p, u_BLD):
+    m = nnx.merge(graphdef, p)
+    _, state = m.step(u_BLD[:, :c], m.init_state(B, L), aligned=True)
+    y_BLD, new = m.step(u_BLD[:, c:2 * c], state, aligned=True)
+    split = m.read(u_BLD[:, c:2 * c], state), m.update(u_BLD[:, c:2 * c], state)
+    return state, (y_BLD, new), split
+
+  state, want, got = jax.jit(run)(params, inputs(length=2 * c))
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+  assert float(jnp.abs(got[1]["mem"]["W1_run"] - state["mem"]["W1_run"]).max()) > 1e-3
