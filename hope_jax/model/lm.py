@@ -306,10 +306,7 @@ class LanguageModel(nnx.Module):
         # new states) reach later pieces alone.
         (logits_BCV, u), vjp_fn = jax.vjp(lambda p, s, d: read(p, s, d, tok), p, s, d)
         ct_rest = jax.tree.map(jnp.zeros_like, u)
-        if make_states:
-          states_out, vjp_update = jax.vjp(update, p, s, u)
-        else:
-          states_out, vjp_update = None, ct_rest  # (The outer pass's cotangent for u.)
+        states_out, vjp_update = jax.vjp(update, p, s, u) if make_states else (None, None)
       else:
         (logits_BCV, states_out), vjp_fn = jax.vjp(lambda p, s, d: forward(p, s, d, tok), p, s,
                                                    d)
@@ -317,7 +314,7 @@ class LanguageModel(nnx.Module):
       dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, tgt, mask)
       with jax.named_scope("cms_write_grads"):
         _, _, grads = vjp_fn((dlogits, ct_rest))
-      return (logits_BCV, states_out, grads), (vjp_fn, vjp_update)
+      return (logits_BCV, states_out, grads), (vjp_fn, vjp_update, ct_rest)
 
     @jax.custom_vjp
     def fused(p, s, d, tok, tgt, mask):
@@ -325,11 +322,11 @@ class LanguageModel(nnx.Module):
 
     def fused_bwd(vjp_fns, cts):
       ct_logits, ct_states, _ = cts  # The write's cotangent: dropped (first order).
-      vjp_fn, vjp_update = vjp_fns
-      if vjp_update is None:
+      vjp_fn, vjp_update, ct_rest = vjp_fns
+      if not split:
         ct_p, ct_s, _ = vjp_fn((ct_logits, ct_states))
-      elif not make_states:
-        ct_p, ct_s, _ = vjp_fn((ct_logits, vjp_update))  # Zeros for u: no state was made.
+      elif vjp_update is None:  # No state was made: zeros for the mixers' inputs.
+        ct_p, ct_s, _ = vjp_fn((ct_logits, ct_rest))
       else:
         ct_p_upd, ct_s_upd, ct_u = vjp_update(ct_states)
         ct_p, ct_s, _ = vjp_fn((ct_logits, ct_u))
