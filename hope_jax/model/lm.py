@@ -314,7 +314,8 @@ class LanguageModel(nnx.Module):
       dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, tgt, mask)
       with jax.named_scope("cms_write_grads"):
         _, _, grads = vjp_fn((dlogits, ct_rest))
-      return (logits_BCV, states_out, grads), (vjp_fn, vjp_update, ct_rest)
+      # (Only the split keeps its zeros, which are the size of the chunk's activations.)
+      return (logits_BCV, states_out, grads), (vjp_fn, vjp_update, ct_rest if split else None)
 
     @jax.custom_vjp
     def fused(p, s, d, tok, tgt, mask):
