@@ -314,8 +314,10 @@ class LanguageModel(nnx.Module):
       dlogits = jax.grad(cms_ops.masked_token_ce)(logits_BCV, tgt, mask)
       with jax.named_scope("cms_write_grads"):
         _, _, grads = vjp_fn((dlogits, ct_rest))
-      # (Only the split keeps its zeros, which are the size of the chunk's activations.)
-      return (logits_BCV, states_out, grads), (vjp_fn, vjp_update, ct_rest if split else None)
+      # (Only a split piece that makes no state keeps its zeros, the size of the chunk's
+      # activations: the backward pass reads them there and nowhere else.)
+      keep = ct_rest if split and not make_states else None
+      return (logits_BCV, states_out, grads), (vjp_fn, vjp_update, keep)
 
     @jax.custom_vjp
     def fused(p, s, d, tok, tgt, mask):
