@@ -146,19 +146,30 @@ def test_fused_lm_grad_step_equals_the_two_pass_reference(overrides):
   assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(f1))  # Writes happened.
 
 
-@pytest.mark.parametrize("every,scan", [(2, False), (3, True)])
-def test_grouped_chunk_scan_equals_the_plain_scan(every, scan):
+GROUPED_CASES = {
+    "hope_attention-2-loop": ("hope_attention", 2, False, 16, 3.0),
+    # The split chunk (tiny hope: C_1 = C_m = 4) with the last chunk peeled after the groups.
+    # (At cms_lr=3 the chained writes amplify the two programs' rounding differences to
+    # 1e-4 in the last deltas and 2.5% in a gradient; at 0.3 they stay at 3e-7 and 2e-6.)
+    "hope-3-scan": pytest.param("hope", 3, True, 8, 0.3, marks=needs_titans),
+}
+
+
+@pytest.mark.parametrize("block,every,scan,chunks,cms_lr", GROUPED_CASES.values(),
+                         ids=GROUPED_CASES.keys())
+def test_grouped_chunk_scan_equals_the_plain_scan(block, every, scan, chunks, cms_lr):
   # lm_grad_remat_every (the chunk scan keeps its carry every R chunks and recomputes the
   # rest in the backward pass) against the plain scan: the same loss, outer gradient, final
   # fast weights (and per-chunk deltas, collected in the layer-scan case; the train step
   # collects none), with the layer loop and with the layer scan, and a compiled step that
-  # plans less memory. 64 tokens make 16 chunks of 4: R=2 makes 8 groups, R=3 five groups
-  # and a leftover chunk.
-  tokens_BL = jax.random.randint(jax.random.key(11), (2, 4 * 16 + 1), 0, 32)
+  # plans less memory. hope_attention: 16 chunks of 4, R=2 makes 8 groups. hope: its last
+  # chunk runs after the scan, so 7 chunks remain: R=3 makes two groups and a leftover chunk.
+  tokens_BL = jax.random.randint(jax.random.key(11), (2, 4 * chunks + 1), 0, 32)
   results, temps = [], []
   for r in (every, 0):
-    model = hope_jax.build_model(tiny("hope_attention", cms_lr=3.0, lm_grad_remat_every=r,
+    model = hope_jax.build_model(tiny(block, cms_lr=cms_lr, lm_grad_remat_every=r,
                                       scan_layers=scan), seed=0)
+    assert model.splits(4) == (block == "hope")
     graphdef, params = nnx.split(model)
 
     def loss(p, toks_BL, graphdef=graphdef):
@@ -175,8 +186,9 @@ def test_grouped_chunk_scan_equals_the_plain_scan(every, scan):
   (v1, a1, g1), (v2, a2, g2) = results
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
   assert jax.tree.structure(a1) == jax.tree.structure(a2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), a1, a2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+  rtol, atol = (1e-5, 1e-7) if block == "hope_attention" else (1e-4, 1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), a1, a2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), g1, g2)
   assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(a1[0]))  # Writes happened.
   assert temps[0] < temps[1], temps  # Fewer residuals kept.
 
