@@ -99,6 +99,37 @@ def test_inner_grad_clipping_bounds_each_token():
   chex.assert_trees_all_close(e / norm(e)[:, None], e0 / norm(e0)[:, None], atol=1e-5)
 
 
+@pytest.mark.parametrize("clip", [0.0, 1.0, 0.05])
+def test_inner_grads_backward_equals_the_reference(clip):
+  """The hand-written backward pass of `inner_grads` equals JAX's through the reference.
+
+  clip=1.0 clips some tokens and not others, 0.05 clips every token; one token has e = 0
+  (the safe norms of a padded token) and one sits where |delta| is far below the clip.
+  """
+  ks = jax.random.split(jax.random.PRNGKey(2), 8)
+  W1 = 0.8 * jax.random.normal(ks[0], (8, 12))
+  W2 = 1.5 * jax.random.normal(ks[1], (12, 8)) / np.sqrt(8)
+  k = _unit(jax.random.normal(ks[2], (7, 8)))
+  vhat = 2.0 * jax.random.normal(ks[3], (7, 8))
+  vhat = vhat.at[0].set(memory.mlp_apply(W1, W2, k[:1])[0])  # e = 0 at token 0.
+  args = (W1, W2, k, vhat)
+  fast = lambda *a: memory.inner_grads(*a, clip=clip)
+  ref = lambda *a: memory.inner_grads_reference(*a, clip=clip)
+  out_f, vjp_f = jax.vjp(fast, *args)
+  out_r, vjp_r = jax.vjp(ref, *args)
+  chex.assert_trees_all_close(out_f, out_r, atol=1e-6, rtol=1e-6)
+  e0, h0, d0 = memory.inner_grads_reference(*args, clip=0.0)
+  scaled = (jnp.linalg.norm(e0, axis=-1) * jnp.linalg.norm(h0, axis=-1) > clip,
+            jnp.linalg.norm(d0, axis=-1) > clip)
+  if clip == 1.0:  # Both branches of both clips are taken.
+    assert all(bool(jnp.any(s)) and not bool(jnp.all(s)) for s in scaled), scaled
+  cts = tuple(jax.random.normal(kk, o.shape) for kk, o in zip(ks[4:7], out_r, strict=True))
+  grads_f, grads_r = jax.jit(vjp_f)(cts), jax.jit(vjp_r)(cts)
+  for g_f, g_r in zip(grads_f, grads_r, strict=True):
+    assert float(jnp.max(jnp.abs(g_r))) > 1e-3  # Every input gets a gradient.
+    chex.assert_trees_all_close(g_f, g_r, atol=1e-5 * float(jnp.max(jnp.abs(g_r))), rtol=1e-4)
+
+
 @pytest.mark.parametrize("objective", ["l2", "dot"])
 @pytest.mark.parametrize("c", [1, 4])
 def test_linear_memory_matches_eq_92_93(objective, c):

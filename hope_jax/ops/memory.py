@@ -12,6 +12,7 @@ heads and batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -57,8 +58,11 @@ def _clip_scale(norm_N1, g_max: float):
   return g_max / jnp.maximum(norm_N1, g_max)
 
 
-def inner_grads(W1_DE, W2_ED, k_ND, vhat_ND, *, clip: float = 0.0):
+def inner_grads_reference(W1_DE, W2_ED, k_ND, vhat_ND, *, clip: float = 0.0):
   """Per-token gradients of 1/2 |M(k) - vhat|^2 at the given (chunk-start) weights.
+
+  The plain composition, differentiated by JAX: the reference of `inner_grads`, which has
+  the same outputs and a hand-written backward pass.
 
   `vhat` is a constant of the inner objective (its outer gradient still flows).
 
@@ -81,6 +85,78 @@ def inner_grads(W1_DE, W2_ED, k_ND, vhat_ND, *, clip: float = 0.0):
     e_ND = e_ND * _clip_scale(_safe_norm(e_ND) * _safe_norm(h_NE), clip)
     delta_NE = delta_NE * _clip_scale(_safe_norm(delta_NE), clip)
   return e_ND, h_NE, delta_NE
+
+
+def _gelu_and_derivatives(z):
+  """gelu(z), gelu'(z) and gelu''(z) from one tanh (the tanh approximation of spec §2.2)."""
+  t = jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
+  du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)  # d/dz of tanh's argument u.
+  sech2 = 1.0 - t * t
+  g0 = 0.5 * z * (1.0 + t)
+  g1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
+  # d/dz of g1 = sech2 (du + z (u''/2 - t du^2)), with u'' = 6 c a z.
+  g2 = sech2 * (du + 0.5 * z * (6.0 * _SQRT_2_OVER_PI * _GELU_C * z - 2.0 * t * du * du))
+  return g0, g1, g2
+
+
+def _inner_grads_fwd(W1_DE, W2_ED, k_ND, vhat_ND, clip):
+  z_NE = jnp.einsum("ed,nd->ne", W2_ED, k_ND)
+  h_NE, g1_NE, g2_NE = _gelu_and_derivatives(z_NE)
+  e_ND = k_ND + jnp.einsum("de,ne->nd", W1_DE, h_NE) - vhat_ND
+  a_NE = jnp.einsum("de,nd->ne", W1_DE, e_ND)
+  delta_NE = a_NE * g1_NE
+  res = (W1_DE, W2_ED, k_ND, e_ND, h_NE, a_NE, g1_NE, g2_NE)
+  if clip <= 0:
+    return (e_ND, h_NE, delta_NE), res + (None,)
+  ne_N1, nh_N1, nd_N1 = _safe_norm(e_ND), _safe_norm(h_NE), _safe_norm(delta_NE)
+  out = (e_ND * _clip_scale(ne_N1 * nh_N1, clip), h_NE,
+         delta_NE * _clip_scale(nd_N1, clip))
+  return out, res + ((delta_NE, ne_N1, nh_N1, nd_N1),)
+
+
+def _inner_grads_bwd(clip, res, cts):
+  W1_DE, W2_ED, k_ND, e_ND, h_NE, a_NE, g1_NE, g2_NE, norms = res
+  ge_ND, gh_NE, gd_NE = cts
+  if norms is not None:
+    # Through the clip scales s(p) = c / max(p, c): ds/dp = -c / p^2 where p > c, else 0.
+    delta_NE, ne_N1, nh_N1, nd_N1 = norms
+    p_N1 = ne_N1 * nh_N1
+    re_N1 = jnp.sum(ge_ND * e_ND, -1, keepdims=True) * jnp.where(p_N1 > clip,
+                                                                 -clip / (p_N1 * p_N1), 0.0)
+    rd_N1 = jnp.sum(gd_NE * delta_NE, -1, keepdims=True) * jnp.where(nd_N1 > clip,
+                                                                     -clip / (nd_N1 * nd_N1), 0.0)
+    gh_NE = gh_NE + re_N1 * ne_N1 * h_NE / nh_N1
+    ge_ND = ge_ND * _clip_scale(p_N1, clip) + re_N1 * nh_N1 * e_ND / ne_N1
+    gd_NE = gd_NE * _clip_scale(nd_N1, clip) + rd_N1 * delta_NE / nd_N1
+  ga_NE = gd_NE * g1_NE  # delta = a gelu'(z), a = W1^T e.
+  ge_ND = ge_ND + jnp.einsum("ne,de->nd", ga_NE, W1_DE)
+  gh_NE = gh_NE + jnp.einsum("nd,de->ne", ge_ND, W1_DE)  # e = k + W1 h - vhat.
+  gz_NE = gh_NE * g1_NE + gd_NE * a_NE * g2_NE
+  gW1_DE = jnp.einsum("nd,ne->de", e_ND, ga_NE) + jnp.einsum("nd,ne->de", ge_ND, h_NE)
+  gk_ND = ge_ND + jnp.einsum("ne,ed->nd", gz_NE, W2_ED)  # z = W2 k.
+  gW2_ED = jnp.einsum("ne,nd->ed", gz_NE, k_ND)
+  return gW1_DE, gW2_ED, gk_ND, -ge_ND
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _inner_grads(W1_DE, W2_ED, k_ND, vhat_ND, clip):
+  return _inner_grads_fwd(W1_DE, W2_ED, k_ND, vhat_ND, clip)[0]
+
+
+_inner_grads.defvjp(_inner_grads_fwd, _inner_grads_bwd)
+
+
+def inner_grads(W1_DE: Float[Array, "D E"], W2_ED: Float[Array, "E D"], k_ND: Float[Array, "N D"],
+                vhat_ND: Float[Array, "N D"], *, clip: float = 0.0):
+  """`inner_grads_reference` with a hand-written backward pass (the outer gradient).
+
+  The same outputs. The backward pass takes gelu and its two derivatives from the one
+  tanh the forward computed and forms the six products of the two layers' cotangents
+  directly, where JAX would differentiate `gelu_prime`'s formula op by op and add the
+  cotangents of the shared weights one use at a time. Tested equal to the reference's
+  gradient (`tests/test_titans_ops.py`).
+  """
+  return _inner_grads(W1_DE, W2_ED, k_ND, vhat_ND, float(clip))
 
 
 def linear_apply(W_DD, x_ND):
