@@ -130,6 +130,20 @@ def test_inner_grads_backward_equals_the_reference(clip):
     chex.assert_trees_all_close(g_f, g_r, atol=1e-5 * float(jnp.max(jnp.abs(g_r))), rtol=1e-4)
 
 
+def test_mlp_apply_backward_equals_the_reference():
+  """The hand-written backward pass of the memory read equals JAX's through the reference."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 4)
+  args = (0.8 * jax.random.normal(ks[0], (8, 12)), jax.random.normal(ks[1], (12, 8)),
+          jax.random.normal(ks[2], (6, 8)))
+  out_f, vjp_f = jax.vjp(memory.mlp_apply, *args)
+  out_r, vjp_r = jax.vjp(memory.mlp_apply_reference, *args)
+  chex.assert_trees_all_close(out_f, out_r, atol=1e-6, rtol=1e-6)
+  ct = jax.random.normal(ks[3], out_r.shape)
+  for g_f, g_r in zip(jax.jit(vjp_f)(ct), jax.jit(vjp_r)(ct), strict=True):
+    assert float(jnp.max(jnp.abs(g_r))) > 1e-3
+    chex.assert_trees_all_close(g_f, g_r, atol=1e-5 * float(jnp.max(jnp.abs(g_r))), rtol=1e-4)
+
+
 @pytest.mark.parametrize("objective", ["l2", "dot"])
 @pytest.mark.parametrize("c", [1, 4])
 def test_linear_memory_matches_eq_92_93(objective, c):
