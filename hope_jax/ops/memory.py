@@ -28,12 +28,21 @@ def gelu(x):
   return jax.nn.gelu(x, approximate=True)
 
 
+def _gelu_and_derivatives(z):
+  """gelu(z), gelu'(z) and gelu''(z) from one tanh (the tanh approximation of spec §2.2)."""
+  t = jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
+  du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)  # d/dz of tanh's argument u.
+  sech2 = 1.0 - t * t
+  g0 = 0.5 * z * (1.0 + t)
+  g1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
+  # d/dz of g1 = sech2 (du + z (u''/2 - t du^2)), with u'' = 6 c a z.
+  g2 = sech2 * (du + 0.5 * z * (6.0 * _SQRT_2_OVER_PI * _GELU_C * z - 2.0 * t * du * du))
+  return g0, g1, g2
+
+
 def gelu_prime(x):
   """Derivative of `gelu`, written out so the inner gradient is analytic (spec §2.4)."""
-  u = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
-  t = jnp.tanh(u)
-  du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
-  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+  return _gelu_and_derivatives(x)[1]
 
 
 def mlp_apply_reference(W1_DE: Float[Array, "D E"], W2_ED: Float[Array, "E D"],
@@ -114,18 +123,6 @@ def inner_grads_reference(W1_DE, W2_ED, k_ND, vhat_ND, *, clip: float = 0.0):
     e_ND = e_ND * _clip_scale(_safe_norm(e_ND) * _safe_norm(h_NE), clip)
     delta_NE = delta_NE * _clip_scale(_safe_norm(delta_NE), clip)
   return e_ND, h_NE, delta_NE
-
-
-def _gelu_and_derivatives(z):
-  """gelu(z), gelu'(z) and gelu''(z) from one tanh (the tanh approximation of spec §2.2)."""
-  t = jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
-  du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)  # d/dz of tanh's argument u.
-  sech2 = 1.0 - t * t
-  g0 = 0.5 * z * (1.0 + t)
-  g1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
-  # d/dz of g1 = sech2 (du + z (u''/2 - t du^2)), with u'' = 6 c a z.
-  g2 = sech2 * (du + 0.5 * z * (6.0 * _SQRT_2_OVER_PI * _GELU_C * z - 2.0 * t * du * du))
-  return g0, g1, g2
 
 
 def _inner_grads_fwd(W1_DE, W2_ED, k_ND, vhat_ND, clip):
