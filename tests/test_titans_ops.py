@@ -49,6 +49,35 @@ def test_closed_form_equals_token_scan(c, dgd, momentum, use_alpha):
     assert S_c is None and S_r is None
 
 
+@pytest.mark.parametrize("c,dgd,momentum", [(8, True, True), (8, True, False),
+                                             (8, False, True), (3, False, False),
+                                             (1, True, True)])
+def test_closed_form_backward_equals_the_plain_one(c, dgd, momentum):
+  """The hand-written backward pass of `chunk_update_closed` equals JAX's through the plain one.
+
+  T is an input of its own here (in the model it is `dgd_solve` of the keys) so that its
+  cotangent is checked too; log alpha and log beta reach the update through `decay_coeffs`.
+  """
+  W, S, K, D, eta, la, lb = _chunk_inputs(5 * c + 2 * dgd + momentum, c, momentum=momentum)
+  T = cu.dgd_solve(K, eta * jnp.exp(-la)) if dgd else None
+  args = (W, S, K, D, eta, la, lb, T)
+
+  def run(update):
+    return lambda W, S, K, D, eta, la, lb, T: update(W, S, K, D, eta, cu.decay_coeffs(la, lb), T)
+
+  out_f, vjp_f = jax.vjp(run(cu.chunk_update_closed), *args)
+  out_p, vjp_p = jax.vjp(run(cu.chunk_update_closed_plain), *args)
+  chex.assert_trees_all_close(out_f, out_p, atol=1e-6, rtol=1e-6)
+  ks = jax.random.split(jax.random.PRNGKey(c), 2)
+  cts = (jax.random.normal(ks[0], W.shape), jax.random.normal(ks[1], W.shape) if momentum else None)
+  grads_f, grads_p = jax.jit(vjp_f)(cts), jax.jit(vjp_p)(cts)
+  assert len(jax.tree.leaves(grads_p)) == 5 + 2 * momentum + dgd  # W, K, D, eta, la [S, lb] [T].
+  for g_f, g_p in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_p), strict=True):
+    scale = float(jnp.max(jnp.abs(g_p)))
+    assert scale > 1e-3 or c == 1  # Every input gets a gradient (one token: la[0] may not).
+    chex.assert_trees_all_close(g_f, g_p, atol=1e-5 * max(scale, 1.0), rtol=1e-4)
+
+
 @pytest.mark.parametrize("c,dgd,momentum,use_alpha",
                          list(itertools.product([1, 3, 8], [True, False], [True, False],
                                                 [True, False])))

@@ -11,7 +11,9 @@ t = 1..C with keys kappa_t (rows of K_CI), rank-1 gradients G_t = d_t kappa_t^T
 from cumulative sums of logs, and the DGD suffix products share one
 unit-lower-triangular solve `T` (`dgd_solve`), which depends only on
 (K, eta, alpha) and is therefore computed once for every memory that shares the
-keys. `chunk_update_reference` is the literal recurrence, its test twin.
+keys; its backward pass is written by hand, with `chunk_update_closed_plain` (the same
+forward, differentiated by JAX) as its reference. `chunk_update_reference` is the literal
+recurrence, the closed form's test twin.
 Everything here is float32 and for one matrix; callers `vmap`.
 """
 
@@ -102,8 +104,114 @@ def unit_lower_inverse(N_CC: Float[Array, "C C"]) -> Float[Array, "C C"]:
   return inv_CC
 
 
+def chunk_update_closed_plain(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=None):
+  """W_C and S_C of one chunk in closed form (spec §2.7), differentiated by JAX.
+
+  The plain composition: the reference of `chunk_update_closed`, which computes the same
+  and has a hand-written backward pass. Arguments as there.
+  """
+  return _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC)[0]
+
+
+def _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC):
+  # Gradient terms whose suffix product is the plain retention: -D^T diag(eta cbar) K.
+  coef_CC = -jnp.diag(eta_C * co.cbar_C)
+  A_CC = GT_CC = WK_OC = SK_OC = None
+  if T_CC is not None:
+    A_CC = jnp.einsum("ci,di->cd", K_CI, K_CI)
+    GT_CC = jnp.einsum("im,nm->in", A_CC * co.Gamma_CC, T_CC)
+    coef_CC = coef_CC + eta_C[:, None] * GT_CC
+  U_OC = jnp.einsum("co,cn->on", D_CO, coef_CC)
+  W_new = co.a_last * W_OI
+  if T_CC is not None:
+    # a_C W_0 (I - K^T T^T K): the chunk's DGD projection of the start weights.
+    WK_OC = co.a_last * jnp.einsum("oi,ci->oc", W_OI, K_CI)
+    if S_OI is not None:
+      SK_OC = jnp.einsum("oi,ci->oc", S_OI, K_CI)
+      WK_OC = WK_OC + SK_OC * co.gamma_C[None, :]
+    U_OC = U_OC - jnp.einsum("om,nm->on", WK_OC, T_CC)
+  res = (W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC, coef_CC, U_OC, A_CC, GT_CC, WK_OC, SK_OC)
+  if S_OI is None:
+    return (W_new + jnp.einsum("oc,ci->oi", U_OC, K_CI), None), res
+  W_new = W_new + co.c_sum * S_OI + jnp.einsum("oc,ci->oi", U_OC, K_CI)
+  S_new = co.b_last * S_OI - jnp.einsum("co,c,ci->oi", D_CO, eta_C * co.s_decay_C, K_CI)
+  return (W_new, S_new), res
+
+
+def _closed_bwd(res, cts):
+  # Every product is written with its output's axes in their natural order (JAX's transpose
+  # of a dot_general emits the transposed one and a layout copy after it).
+  W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC, coef_CC, U_OC, A_CC, GT_CC, WK_OC, SK_OC = res
+  gW_new, gS_new = cts
+  zero = lambda a: jnp.zeros_like(a)
+  g = {f: zero(v) for f, v in co._asdict().items()}
+  gU_OC = jnp.einsum("oi,ci->oc", gW_new, K_CI)
+  gK_CI = jnp.einsum("oc,oi->ci", U_OC, gW_new)
+  gW_OI = co.a_last * gW_new
+  wa_OI = gW_new  # Everything a_C multiplies W_0 by, summed: its cotangent is <wa, W_0>.
+  gS_OI = gT_CC = None
+  if S_OI is not None:
+    gS_OI = co.c_sum * gW_new + co.b_last * gS_new
+    g["c_sum"] = jnp.sum(gW_new * S_OI)
+    g["b_last"] = jnp.sum(gS_new * S_OI)
+    # S_new's gradient term -D^T diag(r) K, r = eta s_decay.
+    r_C = eta_C * co.s_decay_C
+    DgS_CI = jnp.einsum("co,oi->ci", D_CO, gS_new)
+    gK_CI = gK_CI - r_C[:, None] * DgS_CI
+    gr_C = -jnp.sum(DgS_CI * K_CI, axis=-1)
+    gD_CO = -r_C[:, None] * jnp.einsum("ci,oi->co", K_CI, gS_new)
+    g_eta_C = gr_C * co.s_decay_C
+    g["s_decay_C"] = gr_C * eta_C
+  else:
+    gD_CO = jnp.zeros_like(D_CO)
+    g_eta_C = jnp.zeros_like(eta_C)
+  if T_CC is not None:
+    # U -= WK T^T with WK = a W K^T (+ gamma * S K^T).
+    gWK_OC = -jnp.einsum("on,nm->om", gU_OC, T_CC)
+    gT_CC = -jnp.einsum("on,om->nm", gU_OC, WK_OC)
+    P_OI = jnp.einsum("om,mi->oi", gWK_OC, K_CI)
+    gW_OI = gW_OI + co.a_last * P_OI
+    wa_OI = wa_OI + P_OI
+    gK_CI = gK_CI + co.a_last * jnp.einsum("om,oi->mi", gWK_OC, W_OI)
+    if S_OI is not None:
+      g["gamma_C"] = jnp.sum(gWK_OC * SK_OC, axis=0)
+      gWKs_OC = gWK_OC * co.gamma_C[None, :]
+      gS_OI = gS_OI + jnp.einsum("om,mi->oi", gWKs_OC, K_CI)
+      gK_CI = gK_CI + jnp.einsum("om,oi->mi", gWKs_OC, S_OI)
+  g["a_last"] = jnp.sum(wa_OI * W_OI)
+  # U = D^T coef (before the DGD term above).
+  gD_CO = gD_CO + jnp.einsum("cn,on->co", coef_CC, gU_OC)
+  gcoef_CC = jnp.einsum("co,on->cn", D_CO, gU_OC)
+  gdiag_C = -jnp.diagonal(gcoef_CC)  # coef = -diag(eta cbar) + eta * (A o Gamma) T^T.
+  g_eta_C = g_eta_C + gdiag_C * co.cbar_C
+  g["cbar_C"] = gdiag_C * eta_C
+  if T_CC is not None:
+    g_eta_C = g_eta_C + jnp.sum(gcoef_CC * GT_CC, axis=-1)
+    gGT_CC = eta_C[:, None] * gcoef_CC
+    G_CC = A_CC * co.Gamma_CC
+    gG_CC = jnp.einsum("in,nm->im", gGT_CC, T_CC)
+    gT_CC = gT_CC + jnp.einsum("in,im->nm", gGT_CC, G_CC)
+    g["Gamma_CC"] = gG_CC * A_CC
+    gA_CC = gG_CC * co.Gamma_CC
+    gK_CI = gK_CI + jnp.einsum("cd,di->ci", gA_CC + gA_CC.T, K_CI)  # A = K K^T.
+  return gW_OI, gS_OI, gK_CI, gD_CO, g_eta_C, DecayCoeffs(**g), gT_CC
+
+
+@jax.custom_vjp
+def _closed(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC):
+  return _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC)[0]
+
+
+_closed.defvjp(_closed_fwd, _closed_bwd)
+
+
 def chunk_update_closed(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=None):
   """W_C and S_C of one chunk in closed form (spec §2.7).
+
+  `chunk_update_closed_plain` with a hand-written backward pass (tested equal to JAX's
+  derivative of it): each product of the backward pass comes out in the layout its users
+  read, where JAX's transposes of the forward's products leave a transposing copy after
+  most of them.
 
   Args:
     W_OI: weights at chunk start. S_OI: momentum at chunk start, or None.
@@ -112,24 +220,7 @@ def chunk_update_closed(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=Non
     co: `decay_coeffs` of the chunk.
     T_CC: `dgd_solve(K, eta / alpha)` when P_t carries the DGD factor, else None.
   """
-  # Gradient terms whose suffix product is the plain retention: -D^T diag(eta cbar) K.
-  coef_CC = -jnp.diag(eta_C * co.cbar_C)
-  if T_CC is not None:
-    A_CC = jnp.einsum("ci,di->cd", K_CI, K_CI)
-    coef_CC = coef_CC + eta_C[:, None] * jnp.einsum("im,nm->in", A_CC * co.Gamma_CC, T_CC)
-  U_OC = jnp.einsum("co,cn->on", D_CO, coef_CC)
-  W_new = co.a_last * W_OI
-  if T_CC is not None:
-    # a_C W_0 (I - K^T T^T K): the chunk's DGD projection of the start weights.
-    WK_OC = co.a_last * jnp.einsum("oi,ci->oc", W_OI, K_CI)
-    if S_OI is not None:
-      WK_OC = WK_OC + jnp.einsum("oi,ci->oc", S_OI, K_CI) * co.gamma_C[None, :]
-    U_OC = U_OC - jnp.einsum("om,nm->on", WK_OC, T_CC)
-  if S_OI is None:
-    return W_new + jnp.einsum("oc,ci->oi", U_OC, K_CI), None
-  W_new = W_new + co.c_sum * S_OI + jnp.einsum("oc,ci->oi", U_OC, K_CI)
-  S_new = co.b_last * S_OI - jnp.einsum("co,c,ci->oi", D_CO, eta_C * co.s_decay_C, K_CI)
-  return W_new, S_new
+  return _closed(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC)
 
 
 def _token_update(W, S, kappa_I, d_O, eta, log_alpha, log_beta, dgd: bool):
