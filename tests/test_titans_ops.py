@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hope_jax.ops import broadcast, memory
 from hope_jax.ops import chunk_update as cu
-from hope_jax.ops import memory
 from hope_jax.ops.conv import causal_dwconv
 
 
@@ -291,3 +291,16 @@ def test_dual_read_chunked_equals_reference_and_honours_first_order(meta_grad):
   chex.assert_trees_all_close(g_c, g_r, atol=1e-5, rtol=1e-4)
   # Keys enter only the within-chunk change, which first_order treats as a constant.
   assert (float(jnp.abs(g_c[1]).max()) == 0.0) == (meta_grad == "first_order")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 8])
+def test_broadcast_batch_backward_equals_the_reference(batch):
+  """The meta-init's batch broadcast: same values, and its pairwise-summed gradient is the sum."""
+  x = jax.random.normal(jax.random.PRNGKey(batch), (3, 4, 5))
+  g = jax.random.normal(jax.random.PRNGKey(10 + batch), (batch, 3, 4, 5))
+  out_f, vjp_f = jax.vjp(lambda a: broadcast.broadcast_batch(a, batch), x)
+  out_r, vjp_r = jax.vjp(lambda a: broadcast.broadcast_batch_reference(a, batch), x)
+  chex.assert_trees_all_equal(out_f, out_r)
+  chex.assert_trees_all_close(jax.jit(vjp_f)(g), jax.jit(vjp_r)(g), atol=1e-5, rtol=1e-6)
+  chex.assert_trees_all_close(broadcast.pairwise_sum(g), np.asarray(g, np.float64).sum(0),
+                              atol=1e-5, rtol=1e-6)

@@ -23,6 +23,7 @@ from flax import nnx
 from hope_jax.config import ModelConfig
 from hope_jax.model.layers import DTYPES, Linear, normal
 from hope_jax.ops import selfmod
+from hope_jax.ops.broadcast import broadcast_batch
 from hope_jax.ops.conv import causal_dwconv
 from hope_jax.ops.memory import l2norm, mlp_apply
 
@@ -121,8 +122,8 @@ class SelfModTitans(nnx.Module):
   def _meminit(self, w1, w2, idx, batch_size):
     w1 = jnp.asarray(w1[...], jnp.float32)[:, idx]
     w2 = jnp.asarray(w2[...], jnp.float32)[:, idx]
-    bc = lambda a: jnp.broadcast_to(a[None], (batch_size, *a.shape))
-    group = {"W1_start": bc(w1), "W2_start": bc(w2), "W1_run": bc(w1), "W2_run": bc(w2)}
+    w1, w2 = broadcast_batch(w1, batch_size), broadcast_batch(w2, batch_size)
+    group = {"W1_start": w1, "W2_start": w2, "W1_run": w1, "W2_run": w2}
     if self.cfg.momentum:
       group.update(S1_run=jnp.zeros_like(group["W1_run"]), S2_run=jnp.zeros_like(group["W2_run"]))
     return group
