@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 class DecayCoeffs(NamedTuple):
   """The scalar products of spec §2.7 for one chunk (a_t = prod alpha, b_t = prod beta)."""
@@ -140,7 +142,8 @@ def _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC):
 
 def _closed_bwd(res, cts):
   # Every product is written with its output's axes in their natural order (JAX's transpose
-  # of a dot_general emits the transposed one and a layout copy after it).
+  # of a dot_general emits the transposed one and a layout copy after it), and every sum of
+  # products as a contraction (XLA:CPU's multiply-and-reduce: see `memory.rowdot`).
   W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC, coef_CC, U_OC, A_CC, GT_CC, WK_OC, SK_OC = res
   gW_new, gS_new = cts
   zero = lambda a: jnp.zeros_like(a)
@@ -158,7 +161,7 @@ def _closed_bwd(res, cts):
     r_C = eta_C * co.s_decay_C
     DgS_CI = jnp.einsum("co,oi->ci", D_CO, gS_new)
     gK_CI = gK_CI - r_C[:, None] * DgS_CI
-    gr_C = -jnp.sum(DgS_CI * K_CI, axis=-1)
+    gr_C = -jnp.einsum("ci,ci->c", DgS_CI, K_CI, precision=_HIGHEST)
     gD_CO = -r_C[:, None] * jnp.einsum("ci,oi->co", K_CI, gS_new)
     g_eta_C = gr_C * co.s_decay_C
     g["s_decay_C"] = gr_C * eta_C
@@ -174,7 +177,7 @@ def _closed_bwd(res, cts):
     wa_OI = wa_OI + P_OI
     gK_CI = gK_CI + co.a_last * jnp.einsum("om,oi->mi", gWK_OC, W_OI)
     if S_OI is not None:
-      g["gamma_C"] = jnp.sum(gWK_OC * SK_OC, axis=0)
+      g["gamma_C"] = jnp.einsum("om,om->m", gWK_OC, SK_OC, precision=_HIGHEST)
       gWKs_OC = gWK_OC * co.gamma_C[None, :]
       gS_OI = gS_OI + jnp.einsum("om,mi->oi", gWKs_OC, K_CI)
       gK_CI = gK_CI + jnp.einsum("om,oi->mi", gWKs_OC, S_OI)
@@ -186,7 +189,7 @@ def _closed_bwd(res, cts):
   g_eta_C = g_eta_C + gdiag_C * co.cbar_C
   g["cbar_C"] = gdiag_C * eta_C
   if T_CC is not None:
-    g_eta_C = g_eta_C + jnp.sum(gcoef_CC * GT_CC, axis=-1)
+    g_eta_C = g_eta_C + jnp.einsum("in,in->i", gcoef_CC, GT_CC, precision=_HIGHEST)
     gGT_CC = eta_C[:, None] * gcoef_CC
     G_CC = A_CC * co.Gamma_CC
     gG_CC = jnp.einsum("in,nm->im", gGT_CC, T_CC)

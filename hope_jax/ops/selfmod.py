@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from hope_jax.ops import chunk_update as cu
-from hope_jax.ops.memory import gelu, inner_grads, l2norm, mlp_apply
+from hope_jax.ops.memory import gelu, inner_grads, l2norm, mlp_apply, rowdot
 
 PROJ_MEMORIES = ("k", "v", "q", "eta", "alpha")  # Canonical stacking order of P.
 
@@ -79,7 +79,7 @@ def group_factors(spec: InnerSpec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl: st
   e_MCD, h_MCE, delta_MCE = jax.vmap(grads)(W1, W2, vhat_MCD)
   if spec.dgd_precond == "per_layer":
     # W1's own input h, normalised as §4.5 assumes; the gradient e h^T is unchanged.
-    hn = jnp.sqrt(jnp.sum(h_MCE * h_MCE, axis=-1, keepdims=True) + 1e-12)
+    hn = jnp.sqrt(rowdot(h_MCE, h_MCE) + 1e-12)
     key1_MCE, d1_MCD = h_MCE / hn, e_MCD * hn
   else:
     key1_MCE, d1_MCD = h_MCE, e_MCD
