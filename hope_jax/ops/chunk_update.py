@@ -118,10 +118,11 @@ def chunk_update_closed_plain(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_
 def _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC):
   # Gradient terms whose suffix product is the plain retention: -D^T diag(eta cbar) K.
   coef_CC = -jnp.diag(eta_C * co.cbar_C)
-  A_CC = GT_CC = WK_OC = SK_OC = None
+  A_CC = G_CC = GT_CC = WK_OC = SK_OC = None
   if T_CC is not None:
     A_CC = jnp.einsum("ci,di->cd", K_CI, K_CI)
-    GT_CC = jnp.einsum("im,nm->in", A_CC * co.Gamma_CC, T_CC)
+    G_CC = A_CC * co.Gamma_CC
+    GT_CC = jnp.einsum("im,nm->in", G_CC, T_CC)
     coef_CC = coef_CC + eta_C[:, None] * GT_CC
   U_OC = jnp.einsum("co,cn->on", D_CO, coef_CC)
   W_new = co.a_last * W_OI
@@ -132,7 +133,7 @@ def _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC):
       SK_OC = jnp.einsum("oi,ci->oc", S_OI, K_CI)
       WK_OC = WK_OC + SK_OC * co.gamma_C[None, :]
     U_OC = U_OC - jnp.einsum("om,nm->on", WK_OC, T_CC)
-  res = (W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC, coef_CC, U_OC, A_CC, GT_CC, WK_OC, SK_OC)
+  res = (W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC, coef_CC, U_OC, A_CC, G_CC, GT_CC, WK_OC, SK_OC)
   if S_OI is None:
     return (W_new + jnp.einsum("oc,ci->oi", U_OC, K_CI), None), res
   W_new = W_new + co.c_sum * S_OI + jnp.einsum("oc,ci->oi", U_OC, K_CI)
@@ -144,10 +145,9 @@ def _closed_bwd(res, cts):
   # Every product is written with its output's axes in their natural order (JAX's transpose
   # of a dot_general emits the transposed one and a layout copy after it), and every sum of
   # products as a contraction (XLA:CPU's multiply-and-reduce: see `memory.rowdot`).
-  W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC, coef_CC, U_OC, A_CC, GT_CC, WK_OC, SK_OC = res
+  W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC, coef_CC, U_OC, A_CC, G_CC, GT_CC, WK_OC, SK_OC = res
   gW_new, gS_new = cts
-  zero = lambda a: jnp.zeros_like(a)
-  g = {f: zero(v) for f, v in co._asdict().items()}
+  g = {f: jnp.zeros_like(v) for f, v in co._asdict().items()}  # Unused fields stay zero.
   gU_OC = jnp.einsum("oi,ci->oc", gW_new, K_CI)
   gK_CI = jnp.einsum("oc,oi->ci", U_OC, gW_new)
   gW_OI = co.a_last * gW_new
@@ -191,7 +191,6 @@ def _closed_bwd(res, cts):
   if T_CC is not None:
     g_eta_C = g_eta_C + jnp.einsum("in,in->i", gcoef_CC, GT_CC, precision=_HIGHEST)
     gGT_CC = eta_C[:, None] * gcoef_CC
-    G_CC = A_CC * co.Gamma_CC
     gG_CC = jnp.einsum("in,nm->im", gGT_CC, T_CC)
     gT_CC = gT_CC + jnp.einsum("in,im->nm", gGT_CC, G_CC)
     g["Gamma_CC"] = gG_CC * A_CC
@@ -201,13 +200,6 @@ def _closed_bwd(res, cts):
 
 
 @jax.custom_vjp
-def _closed(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC):
-  return _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC)[0]
-
-
-_closed.defvjp(_closed_fwd, _closed_bwd)
-
-
 def chunk_update_closed(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=None):
   """W_C and S_C of one chunk in closed form (spec §2.7).
 
@@ -223,7 +215,10 @@ def chunk_update_closed(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=Non
     co: `decay_coeffs` of the chunk.
     T_CC: `dgd_solve(K, eta / alpha)` when P_t carries the DGD factor, else None.
   """
-  return _closed(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC)
+  return _closed_fwd(W_OI, S_OI, K_CI, D_CO, eta_C, co, T_CC)[0]
+
+
+chunk_update_closed.defvjp(_closed_fwd, _closed_bwd)
 
 
 def _token_update(W, S, kappa_I, d_O, eta, log_alpha, log_beta, dgd: bool):
