@@ -429,6 +429,29 @@ def test_chunked_path_compiles_once_per_shape(model, step, forward):
   assert FORWARD_TRACES.count((B, L, SMALL.hidden_size)) == 1
 
 
+def test_layers_of_one_shape_share_one_trace_of_each_phase(monkeypatch):
+  """`selfmod.run_phase_bh` is jitted, so every layer (all of one shape) reuses the first
+  layer's trace of each phase, and its linearised and transposed forms too."""
+  from hope_jax import build_model
+  from hope_jax.ops import selfmod
+
+  traced = []
+  scan = selfmod.scan_chunked
+  monkeypatch.setattr(selfmod, "scan_chunked",
+                      lambda spec, body, *a: traced.append(body.__name__) or scan(spec, body, *a))
+  counts = []
+  # (Batch 3 and these lengths are this test's own: no other test fills the cache for them.)
+  for layers, length in ((1, 24), (3, 40)):
+    traced.clear()
+    cfg = dataclasses.replace(SMALL, num_layers=layers, vocab_size=32, cms_signal="static")
+    graphdef, params = nnx.split(build_model(cfg, seed=0))
+    tokens = jnp.zeros((3, length), jnp.int32)
+    jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(tokens).sum())).trace(params)
+    counts.append(sorted(traced))
+  assert counts[0] and counts[1] == counts[0], counts
+  assert set(counts[0]) == {"phase_a_body", "phase_b_body"}, counts
+
+
 def test_titans_lmm_language_model_trains_one_step():
   """block='titans_lmm' builds SelfModTitans with static projections + SwiGLU."""
   import optax

@@ -23,6 +23,7 @@ its fast state is a dict of float32 arrays:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -294,6 +295,11 @@ def scan_tokens(spec: InnerSpec, body, params, state, xs, boundary_L):
   return _join(start, run), ys
 
 
+# Jitted for its trace cache, not for dispatch: inside a traced step it is one call that XLA
+# inlines (the same compiled program), and every later call with the same shapes (the other
+# layers, the eval step) reuses its jaxpr and the linearised, batched and transposed forms
+# JAX caches per jaxpr, where a plain function was traced and transformed again each time.
+@functools.partial(jax.jit, static_argnames=("spec", "body", "chunk", "mode"))
 def run_phase_bh(spec: InnerSpec, body, params_H, state_BH, xs_BHL, *, chunk: int,
                  mode: str, boundary_L=None):
   """Runs one phase for every batch element and head.
