@@ -446,7 +446,8 @@ def test_layers_of_one_shape_share_one_trace_of_each_phase(monkeypatch):
     cfg = dataclasses.replace(SMALL, num_layers=layers, vocab_size=32, cms_signal="static")
     graphdef, params = nnx.split(build_model(cfg, seed=0))
     tokens = jnp.zeros((3, length), jnp.int32)
-    jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(tokens).sum())).trace(params)
+    loss = lambda p, g=graphdef, t=tokens: nnx.merge(g, p)(t).sum()
+    jax.jit(jax.grad(loss)).trace(params)
     counts.append(sorted(traced))
   assert counts[0] and counts[1] == counts[0], counts
   assert set(counts[0]) == {"phase_a_body", "phase_b_body"}, counts
