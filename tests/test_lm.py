@@ -211,7 +211,7 @@ SCAN_CASES = {
 def test_layer_scan_equals_the_layer_loop(overrides, monkeypatch):
   # scan_layers (one lax.scan over stacked blocks, the fast-compiling path) against the
   # Python loop over blocks: same loss, outer gradient, final fast weights and per-chunk
-  # deltas, with the blocks traced once instead of once per layer.
+  # deltas, with the block traced once (for the loop, once per block structure).
   layers = 2
   traced = []
   for name in ("__call__", "step", "read_step", "update_step"):
@@ -237,7 +237,8 @@ def test_layer_scan_equals_the_layer_loop(overrides, monkeypatch):
     (value, aux), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     results.append((value, aux, nnx.to_pure_dict(grads)))
     traces.append(len(traced))
-  assert traces[0] > 0 and traces[1] == layers * traces[0], traces
+  # The loop's block calls share one trace too (`lm._block_call` is jitted for its cache).
+  assert traces[0] > 0 and traces[1] == traces[0], traces
   (v1, a1, g1), (v2, a2, g2) = results
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
   assert jax.tree.structure(a1) == jax.tree.structure(a2)

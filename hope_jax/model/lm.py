@@ -25,6 +25,8 @@ finished chunk from a snapshot of the mixer states at its start.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -93,6 +95,14 @@ def _snapshot(mixer, state):
 
 def _restore(mixer, current, snap):
   return {**current, "pos": snap["pos"]} if isinstance(mixer, Attention) else snap
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_call(fn, graphdef, block_vars, x_BLD, item):
+  """`fn(block, x_BLD, item)`, jitted for its trace cache: inside a traced step XLA inlines
+  the call, and the other blocks of the same structure (same `graphdef`, same shapes) reuse
+  the first one's jaxpr and its linearised and transposed forms instead of tracing again."""
+  return fn(nnx.merge(graphdef, block_vars), x_BLD, item)
 
 
 def _stack(trees):
@@ -192,8 +202,10 @@ class LanguageModel(nnx.Module):
       items = [None] * n
     if not (stacked or self._scan_layers(scan)):
       outs = []
+      traced = isinstance(x_BLD, jax.core.Tracer)  # Eagerly, each `fn` would compile anew.
       for block, item in zip(self.blocks, items, strict=True):
-        x_BLD, out = fn(block, x_BLD, item)
+        x_BLD, out = (_block_call(fn, *nnx.split(block), x_BLD, item) if traced
+                      else fn(block, x_BLD, item))
         outs.append(out)
       return x_BLD, outs
     graphdef, first = nnx.split(self.blocks[0])
