@@ -430,8 +430,9 @@ def test_chunked_path_compiles_once_per_shape(model, step, forward):
 
 
 def test_layers_of_one_shape_share_one_trace_of_each_phase(monkeypatch):
-  """`selfmod.run_phase_bh` is jitted, so every layer (all of one shape) reuses the first
-  layer's trace of each phase, and its linearised and transposed forms too."""
+  """Every layer (all of one shape) reuses the first layer's trace of each phase, and its
+  linearised and transposed forms too (the layer loop's block calls and `run_phase_bh` are
+  jitted for their trace caches); another step of the same shapes traces no phase again."""
   from hope_jax import build_model
   from hope_jax.ops import selfmod
 
@@ -451,6 +452,9 @@ def test_layers_of_one_shape_share_one_trace_of_each_phase(monkeypatch):
     counts.append(sorted(traced))
   assert counts[0] and counts[1] == counts[0], counts
   assert set(counts[0]) == {"phase_a_body", "phase_b_body"}, counts
+  traced.clear()  # The forward alone (a new function, new block calls): phases from the cache.
+  jax.jit(lambda p, g=graphdef, t=tokens: nnx.merge(g, p)(t)).trace(params)
+  assert traced == [], traced
 
 
 def test_titans_lmm_language_model_trains_one_step():
