@@ -96,8 +96,9 @@ def l2norm(x, eps: float = 1e-6):
   return x * jax.lax.rsqrt(rowdot(x, x) + eps)
 
 
-def _safe_norm(x_ND):
-  # sqrt(x.x + tiny): finite gradient at x = 0 (a padded token has e = 0 after masking).
+def safe_norm(x_ND):
+  """Row norms `[..., 1]` as sqrt(x.x + tiny): a finite gradient at x = 0 (a padded token
+  has e = 0 after masking)."""
   return jnp.sqrt(rowdot(x_ND, x_ND) + 1e-12)
 
 
@@ -130,8 +131,8 @@ def inner_grads_reference(W1_DE, W2_ED, k_ND, vhat_ND, *, clip: float = 0.0):
   # delta is built from the unclipped e: both clips bound the two layers' gradients separately.
   delta_NE = jnp.einsum("de,nd->ne", W1_DE, e_ND) * gelu_prime(z_NE)
   if clip > 0:
-    e_ND = e_ND * _clip_scale(_safe_norm(e_ND) * _safe_norm(h_NE), clip)
-    delta_NE = delta_NE * _clip_scale(_safe_norm(delta_NE), clip)
+    e_ND = e_ND * _clip_scale(safe_norm(e_ND) * safe_norm(h_NE), clip)
+    delta_NE = delta_NE * _clip_scale(safe_norm(delta_NE), clip)
   return e_ND, h_NE, delta_NE
 
 
@@ -144,7 +145,7 @@ def _inner_grads_fwd(W1_DE, W2_ED, k_ND, vhat_ND, clip):
   res = (W1_DE, W2_ED, k_ND, e_ND, h_NE, a_NE, g1_NE, g2_NE)
   if clip <= 0:
     return (e_ND, h_NE, delta_NE), res + (None,)
-  ne_N1, nh_N1, nd_N1 = _safe_norm(e_ND), _safe_norm(h_NE), _safe_norm(delta_NE)
+  ne_N1, nh_N1, nd_N1 = safe_norm(e_ND), safe_norm(h_NE), safe_norm(delta_NE)
   out = (e_ND * _clip_scale(ne_N1 * nh_N1, clip), h_NE,
          delta_NE * _clip_scale(nd_N1, clip))
   return out, res + ((delta_NE, ne_N1, nh_N1, nd_N1),)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from hope_jax.ops import chunk_update as cu
-from hope_jax.ops.memory import gelu, inner_grads, l2norm, mlp_apply, rowdot
+from hope_jax.ops.memory import gelu, inner_grads, l2norm, mlp_apply, safe_norm
 
 PROJ_MEMORIES = ("k", "v", "q", "eta", "alpha")  # Canonical stacking order of P.
 
@@ -80,7 +80,7 @@ def group_factors(spec: InnerSpec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl: st
   e_MCD, h_MCE, delta_MCE = jax.vmap(grads)(W1, W2, vhat_MCD)
   if spec.dgd_precond == "per_layer":
     # W1's own input h, normalised as §4.5 assumes; the gradient e h^T is unchanged.
-    hn = jnp.sqrt(rowdot(h_MCE, h_MCE) + 1e-12)
+    hn = safe_norm(h_MCE)
     key1_MCE, d1_MCD = h_MCE / hn, e_MCD * hn
   else:
     key1_MCE, d1_MCD = h_MCE, e_MCD
