@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -67,6 +68,17 @@ def _grid(model) -> int:
   return max(int(getattr(b.mixer, "align", 1)) for b in model.blocks)
 
 
+def _on_the_params_device(model, tree):
+  """`tree` committed to the one device that holds every parameter, if there is one.
+
+  A chunk step's outputs land where its committed parameters are, so starting from
+  uncommitted states would make the second call another program: compiled twice.
+  """
+  devices = {d for x in jax.tree.leaves(nnx.state(model)) if isinstance(x, jax.Array)
+             and x.committed for d in x.devices()}
+  return jax.device_put(tree, devices.pop()) if len(devices) == 1 else tree
+
+
 def _replay(model, tokens_BL, c: int):
   """Re-runs the model's forward chunk by chunk from its initial state; yields, for every
   chunk of `c` tokens, (each block's input, the states after the chunk, the logits, the
@@ -76,7 +88,7 @@ def _replay(model, tokens_BL, c: int):
   (next tokens; the last position has none), so the writes are the model's own.
   """
   b, l = tokens_BL.shape
-  states, fast = model._init_states(b, l)
+  states, fast = _on_the_params_device(model, model._init_states(b, l))
   targets_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, 1)))
   mask_BL = jnp.broadcast_to(jnp.arange(l)[None] < l - 1, (b, l)).astype(jnp.float32)
   for i in range(l // c):

@@ -126,6 +126,26 @@ def test_health_reduces_the_trace_of_the_whole_chunks():
   assert f"eta {got['health/layer1/eta_mean']:.3g} (max " in line and ", alpha " in line
 
 
+def test_the_replay_compiles_its_chunk_step_once_on_committed_parameters(caplog):
+  # Training holds its parameters committed to the device. The replay's outputs then land
+  # there too, so it starts from states committed there as well: from uncommitted ones, the
+  # second chunk was another program and the chunk step compiled twice per health check.
+  import logging
+
+  import jax
+
+  cfg = tiny.get_config().model
+  cfg.update(block="hope", num_layers=1, hidden_size=24)  # A size no other test compiles.
+  graphdef, state = nnx.split(hope_jax.build_model(cfg, seed=0))
+  model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    got = diagnostics.health(model, _tokens(1, 24))  # Three chunks of 8.
+  assert got["health/layer0/eta_max"] > 0
+  compiles = [r for r in caplog.records
+              if "Finished XLA compilation of jit(_chunk_step)" in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage() for r in compiles]
+
+
 def test_health_is_empty_where_it_does_not_apply():
   assert diagnostics.health(_model("transformer_pp", num_layers=1), _tokens(1, 16)) == {}
   assert diagnostics.health(_model(), _tokens(1, 7)) == {}  # Shorter than one chunk of 8.

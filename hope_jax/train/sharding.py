@@ -179,8 +179,13 @@ class Placement:
   def init_state(self, init_fn: Callable[[], Any]) -> Any:
     """A fresh state, created directly in its shards (never whole on one device)."""
     if self.single:
+      # Committed to the device, as a restored state is (the checkpoint store reads into
+      # `SingleDeviceSharding(jax.devices()[0])`): an uncommitted state lowers to another
+      # program, so a resumed run compiled every step anew, even from a persistent
+      # compilation cache that held the fresh run's.
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       with threefry_gpu_kernel():  # Traced and compiled inside: that is when it counts.
-        return jax.jit(init_fn)()
+        return jax.jit(init_fn, out_shardings=device)()
     return jax.jit(init_fn, out_shardings=self.shardings(jax.eval_shape(init_fn)))()
 
   def replicated(self) -> NamedSharding:
