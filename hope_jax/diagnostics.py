@@ -68,15 +68,17 @@ def _grid(model) -> int:
   return max(int(getattr(b.mixer, "align", 1)) for b in model.blocks)
 
 
-def _on_the_params_device(model, tree):
-  """`tree` committed to the one device that holds every parameter, if there is one.
+def _like_the_params(model, tree):
+  """`tree` placed as every parameter is, where they share one replicated placement.
 
   A chunk step's outputs land where its committed parameters are, so starting from
   uncommitted states would make the second call another program: compiled twice.
   """
-  devices = {d for x in jax.tree.leaves(nnx.state(model)) if isinstance(x, jax.Array)
-             and x.committed for d in x.devices()}
-  return jax.device_put(tree, devices.pop()) if len(devices) == 1 else tree
+  placements = {x.sharding for x in jax.tree.leaves(nnx.state(model))
+                if isinstance(x, jax.Array) and x.committed}
+  if len(placements) == 1 and (sharding := placements.pop()).is_fully_replicated:
+    return jax.device_put(tree, sharding)
+  return tree
 
 
 def _replay(model, tokens_BL, c: int):
@@ -88,7 +90,7 @@ def _replay(model, tokens_BL, c: int):
   (next tokens; the last position has none), so the writes are the model's own.
   """
   b, l = tokens_BL.shape
-  states, fast = _on_the_params_device(model, model._init_states(b, l))
+  states, fast = _like_the_params(model, model._init_states(b, l))
   targets_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, 1)))
   mask_BL = jnp.broadcast_to(jnp.arange(l)[None] < l - 1, (b, l)).astype(jnp.float32)
   for i in range(l // c):
