@@ -146,6 +146,41 @@ def test_the_replay_compiles_its_chunk_step_once_on_committed_parameters(caplog)
   assert len(compiles) == 1, [r.getMessage() for r in compiles]
 
 
+_MESH_REPLAY = """
+import logging, jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+import hope_jax
+from experiments import tiny
+from hope_jax import diagnostics
+cfg = tiny.get_config().model
+cfg.update(block="hope", num_layers=1, hidden_size=24)
+graphdef, state = nnx.split(hope_jax.build_model(cfg, seed=0))
+mesh = jax.make_mesh((2, 1), ("data", "fsdp"))
+model = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
+compiles = []
+class Count(logging.Handler):
+  def emit(self, record):
+    if "Finished XLA compilation of jit(_chunk_step)" in record.getMessage():
+      compiles.append(record)
+logging.getLogger("jax").addHandler(Count())
+with jax.log_compiles(True):
+  got = diagnostics.health(model, np.zeros((1, 24), np.int32))
+print("eta_max", got["health/layer0/eta_max"], "compiles", len(compiles))
+"""
+
+
+def test_the_replay_compiles_its_chunk_step_once_on_a_replicated_mesh():
+  # The default CPU run: two host devices, parameters replicated over the data axis.
+  from tests.conftest import run_cli
+
+  proc = run_cli(["-c", _MESH_REPLAY], env={"JAX_NUM_CPU_DEVICES": "2"}, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  words = proc.stdout.split()
+  assert float(words[words.index("eta_max") + 1]) > 0
+  assert words[words.index("compiles") + 1] == "1", proc.stdout
+
+
 def test_health_is_empty_where_it_does_not_apply():
   assert diagnostics.health(_model("transformer_pp", num_layers=1), _tokens(1, 16)) == {}
   assert diagnostics.health(_model(), _tokens(1, 7)) == {}  # Shorter than one chunk of 8.
