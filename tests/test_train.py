@@ -219,3 +219,34 @@ def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config):
   evaluate = placement.jit_eval_step(make_eval_step(model_def), abstract["params"])
   assert (evaluate.lower(fresh["params"], batch).as_text()
           == evaluate.lower(restored["params"], batch).as_text())
+
+
+def test_steps_of_one_config_share_one_trace_of_the_model(monkeypatch, tiny_config):
+  # `ModelDef.apply` is a jitted call keyed by the config: the eval step and the train step
+  # of a second `train()` in the same process (a new ModelDef, optimizer and step function)
+  # reuse the first trace of the model instead of tracing it again.
+  from hope_jax.config import validate_run_config
+  from hope_jax.model import LanguageModel
+  from hope_jax.train.optimizer import make_optimizer
+  from hope_jax.train.state import ModelDef, make_init_fn
+  from hope_jax.train.step import make_eval_step, make_train_step
+
+  tiny_config.model.hidden_size = 40  # A size no other test traces.
+  model_cfg = validate_run_config(tiny_config)
+  traced = []
+  call = LanguageModel.__call__
+  monkeypatch.setattr(LanguageModel, "__call__", lambda self, *a: traced.append(1) or call(self, *a))
+  batch = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+  for seed in (0, 1):
+    model_def = ModelDef(model_cfg, seed=seed)
+    tx = make_optimizer(tiny_config.training, model_def.abstract_params(), model_cfg)
+    abstract = jax.eval_shape(make_init_fn(model_def, tx, seed))
+    jax.jit(make_train_step(model_def, tx)).trace(abstract, batch)
+    jax.jit(make_eval_step(model_def)).trace(abstract["params"], batch)
+  assert len(traced) == 1
+  assert ModelDef(model_cfg, seed=0) == ModelDef(model_cfg, seed=1)
+  tiny_config.model.hidden_size = 48
+  other = ModelDef(validate_run_config(tiny_config))
+  assert other != ModelDef(model_cfg)
+  jax.jit(make_eval_step(other)).trace(other.abstract_params(), batch)
+  assert len(traced) == 2  # Another config is another trace.

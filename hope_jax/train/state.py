@@ -8,6 +8,7 @@ overhead of carrying `nnx.State`; the pure dict is also what checkpoints store.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -42,7 +43,23 @@ class ModelDef:
     return nnx.merge(self.graphdef, state)
 
   def apply(self, params: dict, tokens_BL) -> jax.Array:
-    return self.bind(params)(tokens_BL)
+    return _apply(self, params, tokens_BL)
+
+  # Equal configs build the same graph (the seed only draws the initial values), so every
+  # ModelDef of one config shares `_apply`'s traces.
+  def __eq__(self, other) -> bool:
+    return isinstance(other, ModelDef) and other.cfg == self.cfg
+
+  def __hash__(self) -> int:
+    return hash(self.cfg)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model_def: ModelDef, params: dict, tokens_BL) -> jax.Array:
+  """The forward pass, jitted for its trace cache: inside a traced step XLA inlines it, and
+  the eval step and any later step of the same config and shapes (a second `train()` in a
+  notebook) reuse its jaxpr and the linearised and transposed forms JAX keeps per jaxpr."""
+  return model_def.bind(params)(tokens_BL)
 
 
 def init_train_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int) -> dict:
