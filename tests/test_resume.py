@@ -56,14 +56,20 @@ def straight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-  """6 steps, the process ends, a new process resumes to 12 (the same command otherwise)."""
+  """6 steps, the process ends, a new process resumes to 12 (the same command otherwise).
+
+  Also returns what the resume added to the persistent compilation cache.
+  """
   d = tmp_path_factory.mktemp("resumed")
   _train(d, 6)
-  return d, _train(d, 12)
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  before = set(os.listdir(cache))
+  proc = _train(d, 12)
+  return d, proc, sorted(set(os.listdir(cache)) - before)
 
 
 def test_resume_in_a_new_process_is_bit_exact(straight, resumed):
-  (ref_dir, ref), (d, proc) = straight, resumed
+  (ref_dir, ref), (d, proc, _) = straight, resumed
   assert "Resumed from step 6" in proc.stderr and "6 step(s) remain" in proc.stderr
   got = ck.restore_latest(str(d), with_opt_state=True)
   assert got.step == ref.step == 12
@@ -71,6 +77,14 @@ def test_resume_in_a_new_process_is_bit_exact(straight, resumed):
   assert _same(jax.random.key_data(got.rng), jax.random.key_data(ref.rng))
   assert _losses(d) == _losses(ref_dir)  # Every per-step loss, bit for bit.
   assert [e.step for e in ck.list_checkpoints(str(d))] == [4, 6, 8, 12]
+
+
+def test_a_resume_compiles_nothing_a_persistent_cache_holds(resumed):
+  # The module's subprocesses share a persistent compilation cache, so the resumed process
+  # finds the first process's programs there: a restored state lowers the train and eval
+  # steps as a fresh one does. Before the single-device init committed its state, the resume
+  # added jit_train_step, jit_eval_step and one more entry.
+  assert resumed[2] == [], resumed[2]
 
 
 def test_changed_learning_rate_takes_effect_on_resume(tmp_path, straight, resumed):
