@@ -85,6 +85,8 @@ def test_a_resume_compiles_nothing_a_persistent_cache_holds(resumed):
   # steps as a fresh one does. Before the single-device init committed its state, the resume
   # added jit_train_step, jit_eval_step and one more entry.
   assert resumed[2] == [], resumed[2]
+  assert "First step done in" in resumed[1].stderr
+  assert "JAX_COMPILATION_CACHE_DIR" not in resumed[1].stderr  # The hint: only without one.
 
 
 def test_changed_learning_rate_takes_effect_on_resume(tmp_path, straight, resumed):

@@ -188,7 +188,7 @@ def test_a_stop_during_an_evaluation_saves_its_metrics(tmp_path, tiny_config, mo
   assert entry.step == 5 and manifest["metrics"]["eval/loss"] == out["eval"]["eval/loss"]
 
 
-def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config):
+def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config, caplog):
   # A restored state is committed to the device (the checkpoint store reads into a
   # SingleDeviceSharding); a fresh one used to be uncommitted, which lowers to another
   # program: every resumed run compiled its steps anew, even from a persistent compilation
@@ -219,6 +219,15 @@ def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config):
   evaluate = placement.jit_eval_step(make_eval_step(model_def), abstract["params"])
   assert (evaluate.lower(fresh["params"], batch).as_text()
           == evaluate.lower(restored["params"], batch).as_text())
+  # Without a persistent cache (none in this process), the resume says how to skip compiling.
+  import logging
+
+  cfg.training.num_steps = 3
+  with caplog.at_level(logging.INFO):
+    train(cfg)
+  assert ("First step done in" in caplog.text and "a resume reads the compiled steps from "
+          "JAX's persistent compilation cache when JAX_COMPILATION_CACHE_DIR is set"
+          in caplog.text), caplog.text[-2000:]
 
 
 def test_steps_of_one_config_share_one_trace_of_the_model(monkeypatch, tiny_config):

@@ -287,8 +287,11 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
     first = step == start_step + 1
     if first:  # The rate from here on leaves the compile out, this step's log line included.
       progress.restart(step)
-      logging.info("First step done in %s (compiling the train step included)",
-                   format_duration(time.perf_counter() - t0))
+      logging.info("First step done in %s (compiling the train step included)%s",
+                   format_duration(time.perf_counter() - t0),
+                   "" if start_step == 0 or jax.config.jax_compilation_cache_dir else
+                   "; a resume reads the compiled steps from JAX's persistent compilation "
+                   "cache when JAX_COMPILATION_CACHE_DIR is set (docs/checkpoints.md)")
     if step % t.log_every == 0 or step == end_step:
       # The first step of a process has no rate: its time is the compile's.
       tok_s, eta = (None, None) if first else progress.rate(step)
