@@ -16,8 +16,9 @@ that the model code never needs to know about meshes:
 The compiler (jit with explicit in/out shardings) inserts all communication:
 all-gathers of parameters, reduce-scatters of gradients, the all-reduce of the loss.
 
-With one device and one process (`Placement.single`) nothing here is used: the
-train step is the plain `jax.jit(step, donate_argnums=0)` it always was.
+With one device and one process (`Placement.single`) no mesh is made: the state is
+committed to that device (fresh or restored alike) and the train step is the plain
+`jax.jit(step, donate_argnums=0)` it always was.
 """
 
 from __future__ import annotations
@@ -158,6 +159,10 @@ class Placement:
     self.batch_size = batch_size
     self.single = len(devices) == 1 and jax.process_count() == 1
     self.mesh = None if self.single else make_mesh(self.data, self.fsdp, devices)
+    # One device: a fresh and a restored state are both committed to it. An uncommitted
+    # fresh state lowers the steps to other programs than a restored one, so a resumed run
+    # compiled every step anew, even from a persistent compilation cache that held them.
+    self.device = jax.sharding.SingleDeviceSharding(devices[0]) if self.single else None
 
   def describe(self) -> str:
     if self.single:
@@ -168,24 +173,19 @@ class Placement:
   # --------------------------------------------------------------- state
 
   def shardings(self, abstract_state: Any) -> Any:
+    if self.single:
+      return jax.tree.map(lambda _: self.device, abstract_state)
     return state_shardings(abstract_state, self.mesh, self.min_size)
 
   def restore_target(self, abstract_state: Any) -> Any:
     """The abstract state with this run's shardings (Orbax restores into them)."""
-    if self.single:
-      return abstract_state  # The checkpoint store adds the single-device sharding.
     return with_shardings(abstract_state, self.shardings(abstract_state))
 
   def init_state(self, init_fn: Callable[[], Any]) -> Any:
     """A fresh state, created directly in its shards (never whole on one device)."""
     if self.single:
-      # Committed to the device, as a restored state is (the checkpoint store reads into
-      # `SingleDeviceSharding(jax.devices()[0])`): an uncommitted state lowers to another
-      # program, so a resumed run compiled every step anew, even from a persistent
-      # compilation cache that held the fresh run's.
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       with threefry_gpu_kernel():  # Traced and compiled inside: that is when it counts.
-        return jax.jit(init_fn, out_shardings=device)()
+        return jax.jit(init_fn, out_shardings=self.device)()
     return jax.jit(init_fn, out_shardings=self.shardings(jax.eval_shape(init_fn)))()
 
   def replicated(self) -> NamedSharding:
