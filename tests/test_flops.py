@@ -93,6 +93,40 @@ def test_train_mfu_benchmark_runs_data_parallel_on_host_devices(tmp_path):
   assert row["tokens_per_s"] > 0
 
 
+def test_xla_options_benchmark_compares_variants_in_one_process(tmp_path):
+  # No YNNPACK fusions changes the compiled program; a bad enum value is that row's error.
+  out = tmp_path / "options.json"
+  cmd = [sys.executable, "benchmarks/xla_options.py", "--model=transformer_pp",
+         "--set=hidden_size=32", "--set=num_layers=1", "--set=num_heads=2", "--length=32",
+         "--batch=2", "--calls=3", "--option=xla_cpu_experimental_ynn_fusion_type=",
+         "--option=xla_cpu_experimental_xnn_graph_fusion_mode=NOT_A_MODE", f"--json={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  base, no_ynn, bad = json.loads(out.read_text())["rows"]
+  assert base["options"] == {} and "same_hlo" not in base
+  assert no_ynn["options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert no_ynn["same_hlo"] is False
+  assert no_ynn["first_loss"] == pytest.approx(base["first_loss"], rel=1e-5)
+  assert abs(base["first_loss"] - math.log(256)) < 0.3  # A fresh model, near uniform.
+  for row in (base, no_ynn):
+    assert len(row["step_s"]) == 3 and row["median_step_s"] > 0
+    assert 0 <= row["faster_than_baseline"] <= 3
+  assert base["faster_than_baseline"] == 0  # Never faster than itself.
+  assert "xla_cpu_experimental_xnn_graph_fusion_mode" in bad["error"]
+  assert "NOT_A_MODE" in bad["error"] and "step_s" not in bad
+  assert "| baseline | – |" in proc.stdout
+  assert "| xla_cpu_experimental_xnn_graph_fusion_mode=NOT_A_MODE | failed:" in proc.stdout
+
+
+def test_xla_options_parse_typed_values_and_name_a_bad_item():
+  from benchmarks.xla_options import parse_option
+
+  assert parse_option("a=true,b=false,c=32,d=FAST,e=") == {
+      "a": True, "b": False, "c": 32, "d": "FAST", "e": ""}
+  with pytest.raises(ValueError, match="'novalue'"):
+    parse_option("a=1,novalue")
+
+
 def test_titans_flops_split_by_phase():
   hope = ModelConfig(block="hope", hidden_size=64, num_heads=2)
   lmm = ModelConfig(block="titans_lmm", hidden_size=64, num_heads=2)
