@@ -6,6 +6,12 @@ from tests.conftest import run_cli
 
 TINY = "--config=experiments/tiny.py"
 
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(xla_compile_cache):
+  """Every run of this module shares one XLA compilation cache: most compile the tiny step."""
+
+
 CASES = [
     ([TINY, "--config.training.num_stepz=3"],
      "unknown config key 'training.num_stepz' (did you mean 'training.num_steps'?)"),

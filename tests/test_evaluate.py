@@ -15,6 +15,11 @@ from hope_jax.train.state import ModelDef
 from tests.conftest import run_cli
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(xla_compile_cache):
+  """The CLI runs of this module share one XLA compilation cache: most score one checkpoint."""
+
+
 def _task_config(cfg):
   d = cfg.data
   d.data_type, d.seq_len, d.mqar_pairs = "mqar", 24, 4
