@@ -14,8 +14,8 @@ other came out faster second in 4 of 4 pairs even when both compiled the same pr
 (docs/performance.md, "XLA:CPU options"). Here the train step (`make_train_step`, jitted
 as the train loop does) is lowered once and compiled once per variant, the first with no
 options, the rest with `Lowered.compile(compiler_options=...)`. Then each round calls every
-variant once, rotating their order from round to round so each takes every place equally
-often.
+variant once, rotating their order from round to round (with --calls a multiple of the
+number of variants, each takes every place equally often).
 
 Per variant it reports:
 - the compile time;
@@ -85,7 +85,7 @@ def measure(model: str, overrides: dict, length: int, batch: int, devices: int, 
   batch_data = jax.device_put(placement.put_batch(lambda a, z: tokens[a:z], tokens.shape))
   lowered = step.lower(state, batch_data)
 
-  rows, live = [], []  # live: (row, compiled, its own copy of the state; the step donates it)
+  rows, live = [], []  # live: [row, compiled, its own state (the step donates it)]
   for options in [{}, *variants]:
     row = {"options": options}
     rows.append(row)
