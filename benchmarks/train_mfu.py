@@ -103,6 +103,33 @@ def train_setup(cfg):
   return model_def, tx, init_train_state(model_def, tx, 0)
 
 
+def placed_train_step(cfg, batch: int, length: int, devices: int = 1, n_batches: int = 1):
+  """(state, step, batches) as the train loop places them on the first `devices` devices.
+
+  A fresh state (`train_setup`), sharded over a data-parallel mesh when `devices` > 1; the
+  train step jitted with the state donated (`Placement.jit_train_step`); and `n_batches`
+  batches of random tokens `[batch, length + 1]` (a fixed seed), placed as the loop's are.
+  """
+  import jax
+  import numpy as np
+
+  from hope_jax.train.sharding import Placement
+  from hope_jax.train.step import make_train_step
+
+  model_def, tx, state = train_setup(cfg)
+  placement = Placement({"data": devices, "fsdp": 1}, batch, jax.devices()[:devices])
+  abstract = jax.eval_shape(lambda: state)
+  if not placement.single:
+    state = jax.device_put(state, placement.shardings(abstract))
+  step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
+  rng = np.random.default_rng(0)
+  rows = [rng.integers(0, cfg.vocab_size, (batch, length + 1), np.int32)
+          for _ in range(n_batches)]
+  batches = [jax.device_put(placement.put_batch(lambda a, z, r=r: r[a:z], r.shape))
+             for r in rows]
+  return state, step, batches
+
+
 def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
             peak_sizes: tuple[int, ...] = (1024,), devices: int = 1) -> dict:
   """Runs in the child: peak, compile, warm-up, then `steps` timed train steps.
@@ -113,13 +140,10 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   """
   sys.path.insert(0, REPO)
   import jax
-  import numpy as np
 
   from benchmarks.peak import matmul_peak
   from hope_jax import flops
-  from hope_jax.train.sharding import Placement
   from hope_jax.train.state import param_count
-  from hope_jax.train.step import make_train_step
 
   t0 = time.perf_counter()
   log = lambda what: print(f"[{model} L={length} B={batch}] {time.perf_counter() - t0:7.1f} s "
@@ -130,18 +154,9 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   peak = peak16 if cfg.dtype == "bfloat16" else peak32
   log(f"peak f32 {peak32 / 1e9:.0f}, bf16 {peak16 / 1e9:.0f} GFLOP/s")
 
-  model_def, tx, state = train_setup(cfg)
+  state, step, batches = placed_train_step(cfg, batch, length, devices, n_batches=2)
   n_params = param_count(state["params"])
-  log(f"initialised {n_params:,} parameters")
-  placement = Placement({"data": devices, "fsdp": 1}, batch, jax.devices()[:devices])
-  abstract = jax.eval_shape(lambda: state)
-  if not placement.single:
-    state = jax.device_put(state, placement.shardings(abstract))
-  step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
-  rng = np.random.default_rng(0)
-  rows = [rng.integers(0, cfg.vocab_size, (batch, length + 1), np.int32) for _ in range(2)]
-  batches = [jax.device_put(placement.put_batch(lambda a, z, r=r: r[a:z], r.shape))
-             for r in rows]
+  log(f"initialised and placed {n_params:,} parameters")
 
   start = time.perf_counter()
   lowered = step.lower(state, batches[0])

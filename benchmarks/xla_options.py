@@ -40,49 +40,31 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.train_mfu import MODELS, _parse_set, model_config, train_setup  # noqa: E402
+from benchmarks.train_mfu import MODELS, _parse_set, model_config, placed_train_step  # noqa: E402
 
 
 def parse_option(text: str) -> dict:
-  """`name=value[,name=value...]` as compiler options (true/false and integers typed).
+  """`name=value[,name=value...]` as compiler options, typed as `--set` values are.
 
   Raises:
     ValueError: an item without `=` or with an empty name.
   """
-  out = {}
-  for item in text.split(","):
-    name, sep, value = item.partition("=")
+  items = text.split(",")
+  for item in items:
+    name, sep, _ = item.partition("=")
     if not sep or not name.strip():
       raise ValueError(f"--option={text!r}: each item must be name=value, got {item!r}")
-    if value in ("true", "false"):
-      out[name.strip()] = value == "true"
-    else:
-      try:
-        out[name.strip()] = int(value)
-      except ValueError:
-        out[name.strip()] = value
-  return out
+  return _parse_set(items)
 
 
 def measure(model: str, overrides: dict, length: int, batch: int, devices: int, calls: int,
             variants: list[dict]) -> list[dict]:
   """The rows: the baseline (no options) first, then one per entry of `variants`."""
   import jax
-  import numpy as np
 
   jax.config.update("jax_num_cpu_devices", devices)  # Host devices; other platforms ignore it.
-  from hope_jax.train.sharding import Placement
-  from hope_jax.train.step import make_train_step
-
-  cfg = model_config(model, overrides)
-  model_def, tx, state = train_setup(cfg)
-  placement = Placement({"data": devices, "fsdp": 1}, batch, jax.devices()[:devices])
-  abstract = jax.eval_shape(lambda: state)
-  if not placement.single:
-    state = jax.device_put(state, placement.shardings(abstract))
-  step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
-  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length + 1), np.int32)
-  batch_data = jax.device_put(placement.put_batch(lambda a, z: tokens[a:z], tokens.shape))
+  state, step, (batch_data,) = placed_train_step(model_config(model, overrides), batch, length,
+                                                 devices)
   lowered = step.lower(state, batch_data)
 
   rows, live = [], []  # live: [row, compiled, its own state (the step donates it)]
