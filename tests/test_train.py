@@ -1,6 +1,7 @@
 """The training loop learns, is deterministic, and the LM is causal."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -220,8 +221,6 @@ def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config, c
   assert (evaluate.lower(fresh["params"], batch).as_text()
           == evaluate.lower(restored["params"], batch).as_text())
   # Without a persistent cache (none in this process), the resume says how to skip compiling.
-  import logging
-
   cfg.training.num_steps = 3
   with caplog.at_level(logging.INFO):
     train(cfg)
