@@ -146,11 +146,14 @@ def test_fused_lm_grad_step_equals_the_two_pass_reference(overrides):
   assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(f1))  # Writes happened.
 
 
+# cms_lr=0.3: at 3 the chained CMS writes are chaotic. Scaling hope_attention's parameters by
+# 1 + 1e-7 moves its final fast weights by 110% and its gradient by 120% there (at 0.3: 6e-6
+# and 1.3e-5), so two programs agree at 3 only where they round bit for bit alike, which
+# XLA:CPU's loop emitters (tests/conftest.py) do not. For hope at 3 the two programs differed
+# by 1e-4 in the last deltas and 2.5% in a gradient, at 0.3 by 3e-7 and 2e-6.
 GROUPED_CASES = {
-    "hope_attention-2-loop": ("hope_attention", 2, False, 16, 3.0),
+    "hope_attention-2-loop": ("hope_attention", 2, False, 16, 0.3),
     # The split chunk (tiny hope: C_1 = C_m = 4) with the last chunk peeled after the groups.
-    # (At cms_lr=3 the chained writes amplify the two programs' rounding differences to
-    # 1e-4 in the last deltas and 2.5% in a gradient; at 0.3 they stay at 3e-7 and 2e-6.)
     "hope-3-scan": pytest.param("hope", 3, True, 8, 0.3, marks=needs_titans),
 }
 
@@ -186,9 +189,8 @@ def test_grouped_chunk_scan_equals_the_plain_scan(block, every, scan, chunks, cm
   (v1, a1, g1), (v2, a2, g2) = results
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
   assert jax.tree.structure(a1) == jax.tree.structure(a2)
-  rtol, atol = (1e-5, 1e-7) if block == "hope_attention" else (1e-4, 1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), a1, a2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), g1, g2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), a1, a2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
   assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(a1[0]))  # Writes happened.
   assert temps[0] < temps[1], temps  # Fewer residuals kept.
 
