@@ -1,8 +1,6 @@
 """The whole LM: causality with lm_grad CMS (spec §7 test 4), batch independence (test 10),
 trainability, experiment files and Table 6 ablation switches (test 8)."""
 
-import glob
-import importlib.util
 import os
 
 import jax
@@ -14,8 +12,8 @@ from flax import nnx
 import hope_jax
 from hope_jax.config import ModelConfig
 from hope_jax.model import lm
-from tests.conftest import REPO
-from tests.lm_helpers import HAS_TITANS, needs_titans, tiny
+from tests.lm_helpers import needs_titans, tiny
+from tests.test_experiments import FILES, load
 
 L = 13
 FORWARD = nnx.jit(lambda m, t: m(t))  # Shared so equal model structures compile once.
@@ -255,31 +253,7 @@ def test_layer_scan_equals_the_layer_loop(overrides, monkeypatch):
 
 # ------------------------------------------------------------- experiment files
 
-FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(
-    os.path.join(REPO, "experiments", "**", "*.py"), recursive=True)
-    if not p.endswith("__init__.py"))
-
-
-def _load(path):
-  spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3],
-                                                os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-@pytest.mark.parametrize("path", FILES)
-def test_experiment_model_shapes(path):
-  cfg = _load(path)
-  model_cfg = ModelConfig.from_config(cfg.model)
-  if model_cfg.block in ("hope", "titans_lmm") and not HAS_TITANS:
-    pytest.skip("hope_jax.model.titans (SelfModTitans, issue 3) is not on this branch")
-  model = nnx.eval_shape(lambda: hope_jax.build_model(model_cfg))
-  tokens = jax.ShapeDtypeStruct((2, cfg.data.seq_len), jnp.int32)
-  out = nnx.eval_shape(lambda m, t: m(t), model, tokens)
-  assert out.shape == (2, cfg.data.seq_len, model_cfg.vocab_size)
-
-
+# (That every experiment file builds its model's shapes is tests/test_experiments.py's.)
 ABLATIONS = sorted(p for p in FILES if "/ablations/" in p)
 
 
@@ -301,8 +275,8 @@ def test_every_table6_row_has_an_ablation_file():
 @needs_titans
 @pytest.mark.parametrize("path", ABLATIONS)
 def test_ablation_changes_the_computation(path):
-  base = _shrunk(_load("experiments/hope.py").model.to_dict())
-  ablated = _shrunk(_load(path).model.to_dict())
+  base = _shrunk(load("experiments/hope.py").get_config().model.to_dict())
+  ablated = _shrunk(load(path).get_config().model.to_dict())
   diff = {k for k, v in ablated.to_dict().items() if base.to_dict()[k] != v}
   assert diff, f"{path} overrides nothing"
   tokens = jax.random.randint(jax.random.key(7), (1, 24), 0, base.vocab_size)
