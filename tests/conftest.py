@@ -10,10 +10,10 @@ import pytest
 # TEST_ENV), and a flag named there wins. Subprocesses and xdist workers inherit the result.
 # - Skip the expensive LLVM passes (about half the compile time).
 # - XLA:CPU's loop emitters instead of its MLIR fusion emitters: the same programs compile in
-#   ~40% less time, and the default test run took 11 minutes instead of 15-17
-#   (docs/performance.md#test-time). Newer XLA has dropped this flag (jaxlib 0.12 does not
-#   know it), and an unknown XLA_FLAGS entry aborts the process, so a probe process must
-#   accept it first.
+#   ~40% less time, and a clean-clone .ci/run took 10:39 instead of 15-16 minutes
+#   (docs/performance.md#test-time). Tests only: at full optimisation it compiles slower.
+#   Newer XLA has dropped this flag (jaxlib 0.12 does not know it), and an unknown XLA_FLAGS
+#   entry aborts the process, so a probe process must accept it first.
 _XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 _PROBED_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 
