@@ -7,9 +7,8 @@ from tests.conftest import run_cli
 TINY = "--config=experiments/tiny.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(xla_compile_cache):
-  """Every run of this module shares one XLA compilation cache: most compile the tiny step."""
+# Every run of this module shares one XLA compilation cache: most compile the tiny step.
+pytestmark = pytest.mark.usefixtures("xla_compile_cache")
 
 
 CASES = [

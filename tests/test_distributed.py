@@ -61,9 +61,8 @@ def assert_losses_close(got: dict, want: dict, steps) -> None:
   np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(xla_compile_cache):
-  """Every subprocess of this module shares one XLA compilation cache."""
+# Every subprocess of this module shares one XLA compilation cache.
+pytestmark = pytest.mark.usefixtures("xla_compile_cache")
 
 
 @pytest.fixture(scope="module")

@@ -147,9 +147,8 @@ def logged_lr(workdir, directory: str, step: int) -> float:
               if r["step"] == step and "train/learning_rate" in r)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(xla_compile_cache):
-  """All runs share one XLA compilation cache: most compile the same step."""
+# All runs share one XLA compilation cache: most compile the same step.
+pytestmark = pytest.mark.usefixtures("xla_compile_cache")
 
 
 @pytest.fixture

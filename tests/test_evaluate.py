@@ -14,10 +14,8 @@ from hope_jax.train import evaluation
 from hope_jax.train.state import ModelDef
 from tests.conftest import run_cli
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(xla_compile_cache):
-  """The CLI runs of this module share one XLA compilation cache: most score one checkpoint."""
+# The CLI runs of this module share one XLA compilation cache: most score one checkpoint.
+pytestmark = pytest.mark.usefixtures("xla_compile_cache")
 
 
 def _task_config(cfg):

@@ -23,9 +23,8 @@ COMMON = ["-m", "hope_jax.train", "--config=experiments/tiny.py",
           "--config.training.log_every=1", "--config.training.save_every=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(xla_compile_cache):
-  """Every subprocess of this module shares one XLA compilation cache."""
+# Every subprocess of this module shares one XLA compilation cache.
+pytestmark = pytest.mark.usefixtures("xla_compile_cache")
 
 
 
