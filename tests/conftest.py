@@ -19,7 +19,7 @@ _PROBED_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 
 
 def _xla_accepts(flag):
-  """Whether a process with `flag` in XLA_FLAGS starts XLA's CPU client (about 2 s)."""
+  """Whether a process with `flag` in XLA_FLAGS starts XLA's CPU client (about 1 s)."""
   import subprocess
 
   env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
