@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -227,6 +228,63 @@ def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config, c
   assert ("First step done in" in caplog.text and "a resume reads the compiled steps from "
           "JAX's persistent compilation cache when JAX_COMPILATION_CACHE_DIR is set"
           in caplog.text), caplog.text[-2000:]
+
+
+def _metrics(checkpoint_dir, key):
+  with open(os.path.join(checkpoint_dir, "logs", "metrics.jsonl")) as f:
+    return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def test_a_later_run_of_the_same_program_reuses_its_compiled_steps(tmp_path, tiny_config,
+                                                                     caplog):
+  # A notebook's resume, or a second run of the same settings, trains the same program: it
+  # takes the first run's jitted steps instead of lowering and compiling them again. A
+  # changed optimizer setting is another program. (The constant schedule leaves num_steps
+  # out of the step; a cosine decays to it.)
+  from hope_jax.train import programs
+
+  programs.clear()  # Another test in this process may have compiled these steps.
+  cfg = _tiny(tmp_path, tiny_config, num_steps=2, save_every=2, eval_every=2, health=False,
+              lr_schedule="constant", warmup_steps=0)
+
+  def run(checkpoint_dir, num_steps, **training):
+    cfg.training.update(checkpoint_dir=str(checkpoint_dir), num_steps=num_steps, **training)
+    caplog.clear()
+    with caplog.at_level(logging.INFO), jax.log_compiles(True):
+      out = train(cfg)
+    return out, caplog.text
+
+  first, log = run(tmp_path / "a", 2)
+  assert "Compiling jit(train_step)" in log and "earlier run in this process" not in log
+  resumed, log = run(tmp_path / "a", 4)
+  assert "Resumed from step 2" in log, log[-2000:]
+  assert "Compiling jit(train_step)" not in log and "Compiling jit(eval_step)" not in log
+  assert ("Train and eval steps: those of an earlier run in this process" in log
+          and "the train step compiled by an earlier run in this process" in log)
+  straight, _ = run(tmp_path / "b", 4)  # Reused as well: the losses of an unbroken run.
+  assert dict(straight["losses"]) == {**dict(first["losses"]), **dict(resumed["losses"])}
+  lr = cfg.training.learning_rate
+  faster, log = run(tmp_path / "a", 6, learning_rate=lr * 10)
+  assert "Compiling jit(train_step)" in log and "earlier run in this process" not in log
+  assert _metrics(tmp_path / "a", "train/learning_rate")[6] == pytest.approx(lr * 10)
+
+
+def test_the_step_key_names_every_field_the_optimizer_reads(tiny_config):
+  from hope_jax.config import validate_run_config
+  from hope_jax.train.programs import optimizer_with_key
+  from hope_jax.train.state import ModelDef
+
+  model_def = ModelDef(validate_run_config(tiny_config))
+  t = tiny_config.training
+  cosine = dict(optimizer_with_key(t, model_def)[1])
+  assert {"learning_rate", "warmup_steps", "num_steps", "min_lr_ratio", "grad_clip", "b1",
+          "b2", "weight_decay"} <= set(cosine), cosine
+  assert "checkpoint_dir" not in cosine and "seed" not in cosine
+  t.lr_schedule = "constant"
+  constant = dict(optimizer_with_key(t, model_def)[1])
+  assert "num_steps" not in constant and "learning_rate" in constant
+  t.b2 = 0.9
+  assert dict(optimizer_with_key(t, model_def)[1])["b2"] == "0.9"
 
 
 def test_steps_of_one_config_share_one_trace_of_the_model(monkeypatch, tiny_config):

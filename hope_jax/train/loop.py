@@ -31,12 +31,12 @@ from hope_jax.config import ConfigError, validate_run_config
 from hope_jax.data import load_corpus
 from hope_jax.data.sampler import BatchSampler, eval_batches
 from hope_jax.data.tokenizers import VOCAB_FILE, CharTokenizer, vocabulary_mismatch
-from hope_jax.train import distributed, host_devices
+from hope_jax.train import distributed, host_devices, programs
 from hope_jax.train.metrics import MetricWriter, Progress, format_duration, log_line
-from hope_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hope_jax.train.optimizer import learning_rate_schedule
 from hope_jax.train.sharding import Placement, sharded_fraction
 from hope_jax.train.state import ModelDef, make_init_fn, param_count
-from hope_jax.train.step import LN2, make_eval_step, make_train_step
+from hope_jax.train.step import LN2
 
 BITS_UNIT = {"byte": "bits/byte", "char": "bits/char"}
 
@@ -241,8 +241,9 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                len(corpus.train), len(corpus.val))
 
   model_def = ModelDef(model_cfg, seed=t.seed)
-  tx = make_optimizer(t, model_def.abstract_params(), model_cfg)
-  init_fn = make_init_fn(model_def, tx, t.seed)
+  # A later run of the same program in this process reuses the compiled steps.
+  steps = programs.steps(model_def, t, placement)
+  init_fn = make_init_fn(model_def, steps.tx, t.seed)
   abstract = jax.eval_shape(init_fn)
   # The restore target carries this run's shardings, so a checkpoint saved on another
   # device count or mesh is read straight into the current layout.
@@ -262,8 +263,10 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
                  placement.describe(), split, total)
 
   sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed, aligned=corpus.aligned)
-  train_step = placement.jit_train_step(make_train_step(model_def, tx), abstract)
-  eval_step = placement.jit_eval_step(make_eval_step(model_def), abstract["params"])
+  train_step, eval_step = steps.train, steps.eval
+  if steps.reused:
+    logging.info("Train and eval steps: those of an earlier run in this process (the same "
+                 "model, optimizer settings and devices), compiled once")
   batch_shape = (int(t.batch_size), d.seq_len + 1)
   schedule = learning_rate_schedule(t)
   float(schedule(start_step))  # Its first call compiles (~0.3 s): not in a logged rate.
@@ -287,9 +290,10 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
     first = step == start_step + 1
     if first:  # The rate from here on leaves the compile out, this step's log line included.
       progress.restart(step)
-      logging.info("First step done in %s (compiling the train step included)%s",
-                   format_duration(time.perf_counter() - t0),
-                   "" if start_step == 0 or jax.config.jax_compilation_cache_dir else
+      logging.info("First step done in %s (%s)%s", format_duration(time.perf_counter() - t0),
+                   "the train step compiled by an earlier run in this process" if steps.reused
+                   else "compiling the train step included",
+                   "" if start_step == 0 or steps.reused or jax.config.jax_compilation_cache_dir else
                    "; a resume reads the compiled steps from JAX's persistent compilation "
                    "cache when JAX_COMPILATION_CACHE_DIR is set (docs/checkpoints.md)")
     if step % t.log_every == 0 or step == end_step:

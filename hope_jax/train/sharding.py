@@ -163,6 +163,12 @@ class Placement:
     # fresh state lowers the steps to other programs than a restored one, so a resumed run
     # compiled every step anew, even from a persistent compilation cache that held them.
     self.device = jax.sharding.SingleDeviceSharding(devices[0]) if self.single else None
+    self._devices = tuple(devices)
+
+  def key(self) -> tuple:
+    """Equal for placements that lay the same state out on the same devices."""
+    return (self.single, self.data, self.fsdp, self.min_size, jax.process_count(),
+            tuple((d.platform, d.id) for d in self._devices))
 
   def describe(self) -> str:
     if self.single:

@@ -1,0 +1,94 @@
+"""The jitted train and eval steps of a run, kept for later runs of the same program.
+
+A `train()` builds its optimizer and step functions anew, and `jax.jit` caches compiled
+programs per function object, so a second `train()` in the same process (a notebook's
+resume, a rerun with more steps) used to lower and compile every step again: half a minute
+for a small `hope` on a 2-core CPU, without a persistent compilation cache. `steps()`
+returns the jitted functions of an earlier run when the new one would trace the same
+program: the same model config, the same values of every `training` field the optimizer
+reads, and the same devices and mesh.
+
+The optimizer's fields are not listed by hand: `steps()` builds the optimizer through a
+view of the `training` section that records every field it reads, and those fields with
+their values are the key. A field the optimizer starts reading later is in the key by
+construction, so a changed value can never reuse a step compiled with the old one.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, NamedTuple
+
+import jax
+import optax
+
+from hope_jax.train.optimizer import make_optimizer
+from hope_jax.train.sharding import Placement
+from hope_jax.train.state import ModelDef, make_init_fn
+from hope_jax.train.step import make_eval_step, make_train_step
+
+# Compiled steps hold their executables; a sweep in a notebook keeps only the latest few.
+MAX_KEPT = 4
+_KEPT: collections.OrderedDict = collections.OrderedDict()
+
+
+class Steps(NamedTuple):
+  """What `steps()` returns."""
+
+  tx: optax.GradientTransformation
+  train: Callable  # (state, batch) -> (state, metrics), the state donated.
+  eval: Callable  # (params, batch) -> loss.
+  reused: bool  # True: compiled (or traced) by an earlier run of this process.
+
+
+class _Reads:
+  """`training` as the optimizer sees it, recording each field it reads."""
+
+  def __init__(self, section: Any):
+    self._section = section
+    self.read: dict[str, Any] = {}
+
+  def __getattr__(self, name: str) -> Any:
+    value = getattr(self._section, name)
+    self.read[name] = value
+    return value
+
+  def __getitem__(self, name: str) -> Any:
+    return self.__getattr__(name)
+
+  def get(self, name: str, default: Any = None) -> Any:
+    value = self._section.get(name, default)
+    self.read[name] = value
+    return value
+
+
+def optimizer_with_key(t: Any, model_def: ModelDef) -> tuple[optax.GradientTransformation, tuple]:
+  """The run's optimizer and the fields of `t` it was built from, as a hashable key."""
+  reads = _Reads(t)
+  tx = make_optimizer(reads, model_def.abstract_params(), model_def.cfg)
+  return tx, tuple(sorted((k, repr(v)) for k, v in reads.read.items()))
+
+
+def steps(model_def: ModelDef, t: Any, placement: Placement) -> Steps:
+  """The jitted train and eval steps for this model, `training` section and placement.
+
+  Reuses those of an earlier call with the same program (module docstring), else jits new
+  ones and keeps them (the latest `MAX_KEPT`).
+  """
+  tx, optimizer_key = optimizer_with_key(t, model_def)
+  key = (model_def, optimizer_key, placement.key())
+  if key in _KEPT:
+    _KEPT.move_to_end(key)
+    return _KEPT[key]._replace(reused=True)
+  abstract = jax.eval_shape(make_init_fn(model_def, tx, 0))  # Shapes only: no seed in them.
+  made = Steps(tx, placement.jit_train_step(make_train_step(model_def, tx), abstract),
+               placement.jit_eval_step(make_eval_step(model_def), abstract["params"]), False)
+  _KEPT[key] = made
+  while len(_KEPT) > MAX_KEPT:
+    _KEPT.popitem(last=False)
+  return made
+
+
+def clear() -> None:
+  """Forgets every kept step (their compiled programs are freed with them)."""
+  _KEPT.clear()
