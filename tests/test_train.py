@@ -196,11 +196,13 @@ def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config, c
   # program: every resumed run compiled its steps anew, even from a persistent compilation
   # cache that held the fresh run's (the quickstart notebook's resume: 29 s -> 5 s).
   from hope_jax.checkpoint.manager import CheckpointManager
+  from hope_jax.train import programs
   from hope_jax.train.optimizer import make_optimizer
   from hope_jax.train.sharding import Placement
   from hope_jax.train.state import make_init_fn
   from hope_jax.train.step import make_eval_step, make_train_step
 
+  programs.clear()  # Both runs compile: no earlier test's steps (the cosine keeps num_steps).
   cfg = _tiny(tmp_path, tiny_config, num_steps=2, save_every=2, eval_every=2, health=False)
   cfg.model.block = "transformer_pp"
   model_def = train(cfg)["model_def"]

@@ -154,7 +154,9 @@ def train(config: Any) -> dict[str, Any]:
   `elapsed_s`, the final `state` and the `model_def`.
 
   On a CPU the first call may set JAX's CPU device count for the whole process
-  (`training.cpu_devices`, hope_jax/train/host_devices.py).
+  (`training.cpu_devices`, hope_jax/train/host_devices.py). A later call in the same process
+  with the same model config, optimizer settings and devices (a notebook's resume) reuses
+  the compiled train and eval steps (hope_jax/train/programs.py).
 
   Raises:
     ConfigError: bad configuration or data, before anything is compiled.
