@@ -266,9 +266,32 @@ def test_a_later_run_of_the_same_program_reuses_its_compiled_steps(tmp_path, tin
   straight, _ = run(tmp_path / "b", 4)  # Reused as well: the losses of an unbroken run.
   assert dict(straight["losses"]) == {**dict(first["losses"]), **dict(resumed["losses"])}
   lr = cfg.training.learning_rate
+  same_rate, _ = run(tmp_path / "b", 6)  # From the same step-4 state as "a", at the old rate.
   faster, log = run(tmp_path / "a", 6, learning_rate=lr * 10)
   assert "Compiling jit(train_step)" in log and "earlier run in this process" not in log
   assert _metrics(tmp_path / "a", "train/learning_rate")[6] == pytest.approx(lr * 10)
+  # The step itself took the new rate: step 6's loss is the first after a step-5 update.
+  assert dict(faster["losses"])[5] == dict(same_rate["losses"])[5]
+  assert dict(faster["losses"])[6] != dict(same_rate["losses"])[6]
+  programs.clear()  # Leaves no steps behind for the next test in this process.
+
+
+def test_the_step_key_holds_the_mesh_rules_and_refuses_late_reads(monkeypatch, tiny_config):
+  from hope_jax.config import validate_run_config
+  from hope_jax.train import programs, sharding
+  from hope_jax.train.state import ModelDef
+
+  placement = sharding.Placement({"data": 1, "fsdp": 1}, 2, jax.devices()[:1])
+  before = placement.key()
+  monkeypatch.setattr(sharding, "OVERRIDES", [(r"embed$", sharding.P("fsdp", None))])
+  assert placement.key() != before  # Other partition rules are another program.
+  # An optimizer that read `training` lazily (after it was built) would escape the key.
+  monkeypatch.setattr(programs, "make_optimizer", lambda t, *args: (lambda: t.b1))
+  lazy, key = programs.optimizer_with_key(tiny_config.training,
+                                          ModelDef(validate_run_config(tiny_config)))
+  assert key == ()
+  with pytest.raises(RuntimeError, match="training.b1 was read after the optimizer was built"):
+    lazy()
 
 
 def test_the_step_key_names_every_field_the_optimizer_reads(tiny_config):

@@ -245,8 +245,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   model_def = ModelDef(model_cfg, seed=t.seed)
   # A later run of the same program in this process reuses the compiled steps.
   steps = programs.steps(model_def, t, placement)
-  init_fn = make_init_fn(model_def, steps.tx, t.seed)
-  abstract = jax.eval_shape(init_fn)
+  init_fn, abstract = make_init_fn(model_def, steps.tx, t.seed), steps.abstract
   # The restore target carries this run's shardings, so a checkpoint saved on another
   # device count or mesh is read straight into the current layout.
   restored = ckpt.restore_for_training(placement.restore_target(abstract))

@@ -10,8 +10,10 @@ reads, and the same devices and mesh.
 
 The optimizer's fields are not listed by hand: `steps()` builds the optimizer through a
 view of the `training` section that records every field it reads, and those fields with
-their values are the key. A field the optimizer starts reading later is in the key by
-construction, so a changed value can never reuse a step compiled with the old one.
+their values are the key. A field the optimizer starts reading is in the key by
+construction, so a changed value can never reuse a step compiled with the old one. The view
+refuses reads once the optimizer is built (a schedule reading `training` lazily would
+escape the key) and any access other than attributes and `get`.
 """
 
 from __future__ import annotations
@@ -36,36 +38,39 @@ class Steps(NamedTuple):
   """What `steps()` returns."""
 
   tx: optax.GradientTransformation
+  abstract: Any  # The train state's shapes and dtypes (`jax.eval_shape` of its init).
   train: Callable  # (state, batch) -> (state, metrics), the state donated.
   eval: Callable  # (params, batch) -> loss.
   reused: bool  # True: compiled (or traced) by an earlier run of this process.
 
 
 class _Reads:
-  """`training` as the optimizer sees it, recording each field it reads."""
+  """`training` as the optimizer sees it, recording each field it reads until `done`."""
 
   def __init__(self, section: Any):
     self._section = section
     self.read: dict[str, Any] = {}
+    self.done = False
+
+  def _record(self, name: str, value: Any) -> Any:
+    if self.done:
+      raise RuntimeError(f"training.{name} was read after the optimizer was built, so the "
+                         "kept steps' key (hope_jax/train/programs.py) cannot hold it")
+    self.read[name] = value
+    return value
 
   def __getattr__(self, name: str) -> Any:
-    value = getattr(self._section, name)
-    self.read[name] = value
-    return value
-
-  def __getitem__(self, name: str) -> Any:
-    return self.__getattr__(name)
+    return self._record(name, getattr(self._section, name))
 
   def get(self, name: str, default: Any = None) -> Any:
-    value = self._section.get(name, default)
-    self.read[name] = value
-    return value
+    return self._record(name, self._section.get(name, default))
 
 
 def optimizer_with_key(t: Any, model_def: ModelDef) -> tuple[optax.GradientTransformation, tuple]:
   """The run's optimizer and the fields of `t` it was built from, as a hashable key."""
   reads = _Reads(t)
   tx = make_optimizer(reads, model_def.abstract_params(), model_def.cfg)
+  reads.done = True
   return tx, tuple(sorted((k, repr(v)) for k, v in reads.read.items()))
 
 
@@ -81,7 +86,7 @@ def steps(model_def: ModelDef, t: Any, placement: Placement) -> Steps:
     _KEPT.move_to_end(key)
     return _KEPT[key]._replace(reused=True)
   abstract = jax.eval_shape(make_init_fn(model_def, tx, 0))  # Shapes only: no seed in them.
-  made = Steps(tx, placement.jit_train_step(make_train_step(model_def, tx), abstract),
+  made = Steps(tx, abstract, placement.jit_train_step(make_train_step(model_def, tx), abstract),
                placement.jit_eval_step(make_eval_step(model_def), abstract["params"]), False)
   _KEPT[key] = made
   while len(_KEPT) > MAX_KEPT:

@@ -167,8 +167,8 @@ class Placement:
 
   def key(self) -> tuple:
     """Equal for placements that lay the same state out on the same devices."""
-    return (self.single, self.data, self.fsdp, self.min_size, jax.process_count(),
-            tuple((d.platform, d.id) for d in self._devices))
+    return (self.single, self.data, self.fsdp, self.min_size, tuple(OVERRIDES),
+            jax.process_count(), tuple((d.platform, d.id) for d in self._devices))
 
   def describe(self) -> str:
     if self.single:
