@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 
@@ -64,6 +65,30 @@ def matmul_peak(dtype="float32", sizes=(1024, 2048), min_seconds: float = 1.0) -
           "by_size": {str(n): v for n, v in by_size.items()}}
 
 
+# Instruction-set features that set a CPU's matmul peak: the development machine has been an
+# Intel CPU with AVX-512 and AMX on some days and an AMD one with only AVX2 on others, and
+# the float32 peak (and every MFU against it) differs by about 2x between them.
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> str:
+  """The host CPU's model name and matmul-relevant ISA features, e.g. 'AMD EPYC (avx2)'."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+          model = value.strip()
+        elif key.strip() == "flags":  # After the model name; the first core says it all.
+          flags = set(value.split())
+          break
+  except OSError:  # Not Linux: the model only.
+    pass
+  features = [f for f in _CPU_FEATURES if f in flags]
+  return f"{model} ({', '.join(features)})" if features else model
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--sizes", default="512,1024,2048,4096")
@@ -73,7 +98,7 @@ def main() -> None:
   args = ap.parse_args()
   sizes = tuple(int(s) for s in args.sizes.split(","))
   rows = [matmul_peak(d, sizes, args.min_seconds) for d in args.dtypes.split(",")]
-  print(f"Device: {jax.devices()[0]} ({os.cpu_count()} cores)\n")
+  print(f"Device: {jax.devices()[0]} ({os.cpu_count()} cores, {cpu_description()})\n")
   print("| dtype | " + " | ".join(f"n={n}" for n in sizes) + " | peak |")
   print("|---" * (len(sizes) + 2) + "|")
   for r in rows:

@@ -62,6 +62,9 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
     assert r["tokens_per_s"] > 0 and 0 < r["mfu_f32"] < 1
     assert r["mfu"] == r["mfu_f32"] and r["peak_dtype"] == "float32"
     assert r["peak_f32"] > 1e8  # At least 0.1 GFLOP/s: the peak was really measured.
+    # Read before and after the timed steps; the MFU is against the higher reading.
+    assert len(r["peak_f32_readings"]) == 2 and r["peak_f32"] == max(r["peak_f32_readings"])
+    assert r["cpu"], r
     # The loss before any update: a freshly initialised model is near uniform over 256 bytes.
     assert abs(r["first_loss"] - math.log(256)) < 0.3, r["first_loss"]
     assert math.isfinite(r["first_grad_norm"]) and r["first_grad_norm"] > 0
