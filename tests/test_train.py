@@ -4,6 +4,7 @@ import json
 import logging
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,9 +262,11 @@ def test_a_later_run_of_the_same_program_reuses_its_compiled_steps(tmp_path, tin
   resumed, log = run(tmp_path / "a", 4)
   assert "Resumed from step 2" in log, log[-2000:]
   assert "Compiling jit(train_step)" not in log and "Compiling jit(eval_step)" not in log
-  assert ("Train and eval steps: those of an earlier run in this process" in log
+  assert ("Init, train and eval steps: those of an earlier run in this process" in log
           and "the train step compiled by an earlier run in this process" in log)
-  straight, _ = run(tmp_path / "b", 4)  # Reused as well: the losses of an unbroken run.
+  # A fresh run compiles no init either, and gets the losses of an unbroken run.
+  straight, log = run(tmp_path / "b", 4)
+  assert "Compiling jit(" not in log, log[-2000:]
   assert dict(straight["losses"]) == {**dict(first["losses"]), **dict(resumed["losses"])}
   lr = cfg.training.learning_rate
   same_rate, _ = run(tmp_path / "b", 6)  # From the same step-4 state as "a", at the old rate.
@@ -274,6 +277,33 @@ def test_a_later_run_of_the_same_program_reuses_its_compiled_steps(tmp_path, tin
   assert dict(faster["losses"])[5] == dict(same_rate["losses"])[5]
   assert dict(faster["losses"])[6] != dict(same_rate["losses"])[6]
   programs.clear()  # Leaves no steps behind for the next test in this process.
+
+
+def test_the_kept_init_draws_each_seeds_own_state(tiny_config, caplog):
+  # The kept init takes the seed as traced keys: one compiled program, and for each seed the
+  # state that seed's own jitted init (its keys as constants) creates.
+  from hope_jax.config import validate_run_config
+  from hope_jax.train import programs
+  from hope_jax.train.sharding import Placement
+  from hope_jax.train.state import ModelDef, make_init_fn, seed_keys
+
+  programs.clear()
+  model_def = ModelDef(validate_run_config(tiny_config))
+  placement = Placement({"data": 1, "fsdp": 1}, 2, jax.devices()[:1])
+  steps = programs.steps(model_def, tiny_config.training, placement)
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    states = {seed: steps.init(*seed_keys(seed)) for seed in (0, 7)}
+  # The two seeds share one program.
+  assert caplog.text.count("Compiling jit(init_from_keys)") == 1, caplog.text[-2000:]
+  plain = lambda state: jax.tree.map(
+      lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+      else a, state)
+  for seed, state in states.items():
+    own = placement.init_state(make_init_fn(model_def, steps.tx, seed))
+    chex.assert_trees_all_equal(plain(state), plain(own))
+  embed = lambda state: next(iter(jax.tree.leaves(state["params"])))
+  assert not np.array_equal(embed(states[0]), embed(states[7]))
+  programs.clear()
 
 
 def test_the_step_key_holds_the_mesh_rules_and_refuses_late_reads(monkeypatch, tiny_config):

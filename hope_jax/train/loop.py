@@ -35,7 +35,7 @@ from hope_jax.train import distributed, host_devices, programs
 from hope_jax.train.metrics import MetricWriter, Progress, format_duration, log_line
 from hope_jax.train.optimizer import learning_rate_schedule
 from hope_jax.train.sharding import Placement, sharded_fraction
-from hope_jax.train.state import ModelDef, make_init_fn, param_count
+from hope_jax.train.state import ModelDef, param_count, seed_keys
 from hope_jax.train.step import LN2
 
 BITS_UNIT = {"byte": "bits/byte", "char": "bits/char"}
@@ -155,8 +155,9 @@ def train(config: Any) -> dict[str, Any]:
 
   On a CPU the first call may set JAX's CPU device count for the whole process
   (`training.cpu_devices`, hope_jax/train/host_devices.py). A later call in the same process
-  with the same model config, optimizer settings and devices (a notebook's resume) reuses
-  the compiled train and eval steps (hope_jax/train/programs.py).
+  with the same model config, optimizer settings and devices (a notebook's resume, a rerun
+  with another seed) reuses the compiled init, train and eval steps
+  (hope_jax/train/programs.py).
 
   Raises:
     ConfigError: bad configuration or data, before anything is compiled.
@@ -245,7 +246,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   model_def = ModelDef(model_cfg, seed=t.seed)
   # A later run of the same program in this process reuses the compiled steps.
   steps = programs.steps(model_def, t, placement)
-  init_fn, abstract = make_init_fn(model_def, steps.tx, t.seed), steps.abstract
+  abstract = steps.abstract
   # The restore target carries this run's shardings, so a checkpoint saved on another
   # device count or mesh is read straight into the current layout.
   restored = ckpt.restore_for_training(placement.restore_target(abstract))
@@ -253,7 +254,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   # schedule takes effect from the resumed step; only its counters come from the state.
   vocab_record = _run_vocabulary(corpus, t, restored[1] if restored else None,
                                  distributed.is_primary())
-  state = restored[0] if restored else placement.init_state(init_fn)
+  state = restored[0] if restored else steps.init(*seed_keys(t.seed))
   start_step, end_step = int(state["step"]), int(t.num_steps)
   logging.info("Model: block=%s, %s parameters | %d steps to go (%d -> %d)", model_cfg.block,
                f"{param_count(state['params']):,}", max(end_step - start_step, 0), start_step,
@@ -266,8 +267,8 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   sampler = BatchSampler(corpus.train, t.batch_size, d.seq_len, t.seed, aligned=corpus.aligned)
   train_step, eval_step = steps.train, steps.eval
   if steps.reused:
-    logging.info("Train and eval steps: those of an earlier run in this process (the same "
-                 "model, optimizer settings and devices), compiled once")
+    logging.info("Init, train and eval steps: those of an earlier run in this process (the "
+                 "same model, optimizer settings and devices), compiled once")
   batch_shape = (int(t.batch_size), d.seq_len + 1)
   schedule = learning_rate_schedule(t)
   float(schedule(start_step))  # Its first call compiles (~0.3 s): not in a logged rate.

@@ -1,12 +1,13 @@
-"""The jitted train and eval steps of a run, kept for later runs of the same program.
+"""The jitted init, train and eval steps of a run, kept for later runs of the same program.
 
 A `train()` builds its optimizer and step functions anew, and `jax.jit` caches compiled
 programs per function object, so a second `train()` in the same process (a notebook's
-resume, a rerun with more steps) used to lower and compile every step again: half a minute
-for a small `hope` on a 2-core CPU, without a persistent compilation cache. `steps()`
-returns the jitted functions of an earlier run when the new one would trace the same
-program: the same model config, the same values of every `training` field the optimizer
-reads, and the same devices and mesh.
+resume, a rerun with more steps or another seed) used to lower and compile every step
+again: half a minute for a small `hope` on a 2-core CPU, without a persistent compilation
+cache, and the init ~9 s more for a fresh run. `steps()` returns the jitted functions of an
+earlier run when the new one would trace the same program: the same model config, the same
+values of every `training` field the optimizer reads, and the same devices and mesh. The
+seed is not in the key: the init takes it as traced keys (`state.init_from_keys`).
 
 The optimizer's fields are not listed by hand: `steps()` builds the optimizer through a
 view of the `training` section that records every field it reads, and those fields with
@@ -19,6 +20,7 @@ escape the key) and any access other than attributes and `get`.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -26,7 +28,7 @@ import optax
 
 from hope_jax.train.optimizer import make_optimizer
 from hope_jax.train.sharding import Placement
-from hope_jax.train.state import ModelDef, make_init_fn
+from hope_jax.train.state import ModelDef, init_from_keys, make_init_fn
 from hope_jax.train.step import make_eval_step, make_train_step
 
 # Compiled steps hold their executables; a sweep in a notebook keeps only the latest few.
@@ -39,6 +41,7 @@ class Steps(NamedTuple):
 
   tx: optax.GradientTransformation
   abstract: Any  # The train state's shapes and dtypes (`jax.eval_shape` of its init).
+  init: Callable  # (*state.seed_keys(seed)) -> a fresh state in the placement's layout.
   train: Callable  # (state, batch) -> (state, metrics), the state donated.
   eval: Callable  # (params, batch) -> loss.
   reused: bool  # True: compiled (or traced) by an earlier run of this process.
@@ -75,7 +78,7 @@ def optimizer_with_key(t: Any, model_def: ModelDef) -> tuple[optax.GradientTrans
 
 
 def steps(model_def: ModelDef, t: Any, placement: Placement) -> Steps:
-  """The jitted train and eval steps for this model, `training` section and placement.
+  """The jitted init, train and eval steps for this model, `training` section and placement.
 
   Reuses those of an earlier call with the same program (module docstring), else jits new
   ones and keeps them (the latest `MAX_KEPT`).
@@ -86,7 +89,9 @@ def steps(model_def: ModelDef, t: Any, placement: Placement) -> Steps:
     _KEPT.move_to_end(key)
     return _KEPT[key]._replace(reused=True)
   abstract = jax.eval_shape(make_init_fn(model_def, tx, 0))  # Shapes only: no seed in them.
-  made = Steps(tx, abstract, placement.jit_train_step(make_train_step(model_def, tx), abstract),
+  init = placement.jit_init(functools.partial(init_from_keys, model_def, tx), abstract)
+  made = Steps(tx, abstract, init,
+               placement.jit_train_step(make_train_step(model_def, tx), abstract),
                placement.jit_eval_step(make_eval_step(model_def), abstract["params"]), False)
   _KEPT[key] = made
   while len(_KEPT) > MAX_KEPT:

@@ -189,10 +189,23 @@ class Placement:
 
   def init_state(self, init_fn: Callable[[], Any]) -> Any:
     """A fresh state, created directly in its shards (never whole on one device)."""
-    if self.single:
+    return self.jit_init(init_fn, None if self.single else jax.eval_shape(init_fn))()
+
+  def jit_init(self, init_fn: Callable[..., Any], abstract_state: Any) -> Callable[..., Any]:
+    """`init_fn(*args) -> state` jitted to create the state directly in its shards.
+
+    `abstract_state` (its shapes) lays out the shards; one device needs none. Its arguments (the seed's keys, `hope_jax.train.state.init_from_keys`) are traced, so
+    one compiled init serves every seed.
+    """
+    if not self.single:
+      return jax.jit(init_fn, out_shardings=self.shardings(abstract_state))
+    init = jax.jit(init_fn, out_shardings=self.device)
+
+    def call(*args):
       with threefry_gpu_kernel():  # Traced and compiled inside: that is when it counts.
-        return jax.jit(init_fn, out_shardings=self.device)()
-    return jax.jit(init_fn, out_shardings=self.shardings(jax.eval_shape(init_fn)))()
+        return init(*args)
+
+    return call
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
@@ -268,7 +281,7 @@ def threefry_gpu_kernel():
   took over 45 s to compile a 4-layer D=1024 `hope` init that way (over 120 s at 12
   layers) against 6.2 s (18.6 s) with the kernel, for the same numbers (the parameters'
   checksum matches the CPU's jitted init; `benchmarks/init_time.py`, docs/performance.md).
-  The option does nothing on other backends. `Placement.init_state` uses it on one device
+  The option does nothing on other backends. `Placement.jit_init` uses it on one device
   only: on a mesh, XLA would have to run such an opaque kernel whole on every device and
   then slice its output, which has not been measured here.
   """

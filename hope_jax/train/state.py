@@ -29,7 +29,8 @@ class ModelDef:
     self.graphdef, self._template = nnx.split(abstract)
     self.seed = seed
 
-  def init_params(self, seed: int | None = None) -> dict:
+  def init_params(self, seed: int | jax.Array | None = None) -> dict:
+    """Fresh parameters from `seed`: an int, a PRNG key (traced or not), or None (`self.seed`)."""
     model = LanguageModel(self.cfg, rngs=nnx.Rngs(self.seed if seed is None else seed))
     return nnx.to_pure_dict(nnx.split(model)[1])
 
@@ -62,11 +63,23 @@ def _apply(model_def: ModelDef, params: dict, tokens_BL) -> jax.Array:
   return model_def.bind(params)(tokens_BL)
 
 
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """The PRNG keys of a run's fresh state: its parameters' and its `rng` entry's."""
+  return jax.random.key(seed), jax.random.key(seed + 1)
+
+
+def init_from_keys(model_def: ModelDef, tx: optax.GradientTransformation, params_key: jax.Array,
+                   rng_key: jax.Array) -> dict:
+  """A fresh state from `seed_keys`. Jitted with the keys as arguments, one program serves
+  every seed (the train loop keeps it: hope_jax/train/programs.py)."""
+  params = model_def.init_params(params_key)
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "rng": rng_key}
+
+
 def init_train_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int) -> dict:
   """A fresh state; jit it (or eval_shape it for an abstract restore target)."""
-  params = model_def.init_params(seed)
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.key(seed + 1)}
+  return init_from_keys(model_def, tx, *seed_keys(seed))
 
 
 def make_init_fn(model_def: ModelDef, tx, seed: int) -> Callable[[], dict]:
