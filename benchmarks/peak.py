@@ -65,9 +65,9 @@ def matmul_peak(dtype="float32", sizes=(1024, 2048), min_seconds: float = 1.0) -
           "by_size": {str(n): v for n, v in by_size.items()}}
 
 
-# Instruction-set features that set a CPU's matmul peak: the development machine has been an
-# Intel CPU with AVX-512 and AMX on some days and an AMD one with only AVX2 on others, and
-# the float32 peak (and every MFU against it) differs by about 2x between them.
+# Instruction-set features that set a CPU's matmul peak: the development machine has had bf16
+# matrix units on some days and only AVX2 (an AMD EPYC) on others, and the float32 peak (and
+# every MFU against it) differed by about 2x between them.
 _CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
