@@ -238,15 +238,22 @@ def _metrics(checkpoint_dir, key):
     return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
+@pytest.fixture
+def kept_steps_cleared():
+  """No kept steps before or after the test, also when it fails (hope_jax/train/programs.py)."""
+  from hope_jax.train import programs
+
+  programs.clear()  # Another test in this process may have compiled these steps.
+  yield programs
+  programs.clear()  # Leaves none behind for the next test in this process.
+
+
 def test_a_later_run_of_the_same_program_reuses_its_compiled_steps(tmp_path, tiny_config,
-                                                                     caplog):
+                                                                     caplog, kept_steps_cleared):
   # A notebook's resume, or a second run of the same settings, trains the same program: it
   # takes the first run's jitted steps instead of lowering and compiling them again. A
   # changed optimizer setting is another program. (The constant schedule leaves num_steps
   # out of the step; a cosine decays to it.)
-  from hope_jax.train import programs
-
-  programs.clear()  # Another test in this process may have compiled these steps.
   cfg = _tiny(tmp_path, tiny_config, num_steps=2, save_every=2, eval_every=2, health=False,
               lr_schedule="constant", warmup_steps=0)
 
@@ -276,34 +283,43 @@ def test_a_later_run_of_the_same_program_reuses_its_compiled_steps(tmp_path, tin
   # The step itself took the new rate: step 6's loss is the first after a step-5 update.
   assert dict(faster["losses"])[5] == dict(same_rate["losses"])[5]
   assert dict(faster["losses"])[6] != dict(same_rate["losses"])[6]
-  programs.clear()  # Leaves no steps behind for the next test in this process.
 
 
-def test_the_kept_init_draws_each_seeds_own_state(tiny_config, caplog):
-  # The kept init takes the seed as traced keys: one compiled program, and for each seed the
-  # state that seed's own jitted init (its keys as constants) creates.
+def test_the_kept_init_draws_each_seeds_own_state(tiny_config, caplog, monkeypatch,
+                                                  kept_steps_cleared):
+  # The kept init takes the seed as traced keys: one compiled program for every seed, and for
+  # each the parameters the model draws from that int seed and the rng key seed + 1, as the
+  # init closed over its seed did. On one device it is traced with the threefry kernel option.
   from hope_jax.config import validate_run_config
-  from hope_jax.train import programs
   from hope_jax.train.sharding import Placement
-  from hope_jax.train.state import ModelDef, make_init_fn, seed_keys
+  from hope_jax.train.state import ModelDef, init_from_keys, seed_keys
 
-  programs.clear()
+  programs = kept_steps_cleared
+  option = "jax_threefry_gpu_kernel_lowering"
+  seen = []
+
+  def init_from_keys_seen(*args):
+    seen.append(getattr(jax.config, option))
+    return init_from_keys(*args)
+
+  monkeypatch.setattr(programs, "init_from_keys", init_from_keys_seen)
   model_def = ModelDef(validate_run_config(tiny_config))
   placement = Placement({"data": 1, "fsdp": 1}, 2, jax.devices()[:1])
   steps = programs.steps(model_def, tiny_config.training, placement)
+  before = getattr(jax.config, option)
   with caplog.at_level(logging.WARNING), jax.log_compiles(True):
     states = {seed: steps.init(*seed_keys(seed)) for seed in (0, 7)}
-  # The two seeds share one program.
-  assert caplog.text.count("Compiling jit(init_from_keys)") == 1, caplog.text[-2000:]
-  plain = lambda state: jax.tree.map(
-      lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-      else a, state)
+  # The two seeds share one program, traced with the option on, which is then restored.
+  assert caplog.text.count("Compiling jit(init_from_keys_seen)") == 1, caplog.text[-2000:]
+  assert seen == [True] and getattr(jax.config, option) == before
   for seed, state in states.items():
-    own = placement.init_state(make_init_fn(model_def, steps.tx, seed))
-    chex.assert_trees_all_equal(plain(state), plain(own))
+    chex.assert_trees_all_equal(state["params"],
+                                jax.jit(lambda s=seed: model_def.init_params(s))())
+    np.testing.assert_array_equal(jax.random.key_data(state["rng"]),
+                                  jax.random.key_data(jax.random.key(seed + 1)))
+    assert int(state["step"]) == 0
   embed = lambda state: next(iter(jax.tree.leaves(state["params"])))
   assert not np.array_equal(embed(states[0]), embed(states[7]))
-  programs.clear()
 
 
 def test_the_step_key_holds_the_mesh_rules_and_refuses_late_reads(monkeypatch, tiny_config):

@@ -268,7 +268,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   train_step, eval_step = steps.train, steps.eval
   if steps.reused:
     logging.info("Init, train and eval steps: those of an earlier run in this process (the "
-                 "same model, optimizer settings and devices), compiled once")
+                 "same model, optimizer settings and devices), each compiled on its first use")
   batch_shape = (int(t.batch_size), d.seq_len + 1)
   schedule = learning_rate_schedule(t)
   float(schedule(start_step))  # Its first call compiles (~0.3 s): not in a logged rate.

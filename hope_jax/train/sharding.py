@@ -194,8 +194,9 @@ class Placement:
   def jit_init(self, init_fn: Callable[..., Any], abstract_state: Any) -> Callable[..., Any]:
     """`init_fn(*args) -> state` jitted to create the state directly in its shards.
 
-    `abstract_state` (its shapes) lays out the shards; one device needs none. Its arguments (the seed's keys, `hope_jax.train.state.init_from_keys`) are traced, so
-    one compiled init serves every seed.
+    `abstract_state` (its shapes) lays out the shards; one device needs none. Its
+    arguments (the seed's keys, `hope_jax.train.state.init_from_keys`) are traced, so one
+    compiled init serves every seed.
     """
     if not self.single:
       return jax.jit(init_fn, out_shardings=self.shardings(abstract_state))
