@@ -16,7 +16,7 @@ train step (`hope_jax.train.step.make_train_step` with the AdamW chain of
 `make_optimizer`, jitted with the state donated, as the train loop does) on random
 tokens. In that same process, before and after the timed steps, it measures the dense
 matmul peak (`benchmarks/peak.py`), so MFU is stated against this machine under this load;
-the higher of the two readings is the denominator (a reading taken while a shared host was
+the higher of the compute dtype's two readings is the denominator (a reading taken while a shared host was
 slow would overstate the MFU), and the row names the CPU model and its matmul ISA features:
 
   MFU = tokens/s x FLOPs per token / peak,  FLOPs per token from `hope_jax.flops`
@@ -151,10 +151,10 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   log = lambda what: print(f"[{model} L={length} B={batch}] {time.perf_counter() - t0:7.1f} s "
                            f"{what}", file=sys.stderr, flush=True)
   cfg = model_config(model, overrides)
-  read_peaks = lambda: tuple(matmul_peak(d, sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
-                             for d in ("float32", "bfloat16"))
-  peaks = [read_peaks()]
-  log(f"peak f32 {peaks[0][0] / 1e9:.0f}, bf16 {peaks[0][1] / 1e9:.0f} GFLOP/s")
+  read_peak = lambda dtype: matmul_peak(dtype, sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
+  readings = {d: [read_peak(d)] for d in ("float32", "bfloat16")}
+  log(f"peak f32 {readings['float32'][0] / 1e9:.0f}, bf16 {readings['bfloat16'][0] / 1e9:.0f} "
+      "GFLOP/s")
 
   state, step, batches = placed_train_step(cfg, batch, length, devices, n_batches=2)
   n_params = param_count(state["params"])
@@ -189,11 +189,11 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   secs = time.perf_counter() - start
   recompiles = len(compiles) - warm_compiles
   # The machine's speed moves from minute to minute (a shared host): a peak read while it
-  # was slow would overstate the MFU, so the peak is read again after the timed steps and
-  # the higher reading is the denominator.
-  peaks.append(read_peaks())
-  log(f"peak again f32 {peaks[1][0] / 1e9:.0f}, bf16 {peaks[1][1] / 1e9:.0f} GFLOP/s")
-  peak32, peak16 = (max(p[i] for p in peaks) for i in (0, 1))
+  # was slow would overstate the MFU, so the compute dtype's peak, the MFU's denominator,
+  # is read again after the timed steps and the higher reading counts.
+  readings[cfg.dtype].append(read_peak(cfg.dtype))
+  log(f"peak again {cfg.dtype} {readings[cfg.dtype][1] / 1e9:.0f} GFLOP/s")
+  peak32, peak16 = max(readings["float32"]), max(readings["bfloat16"])
   peak = peak16 if cfg.dtype == "bfloat16" else peak32
 
   tok_s = steps * batch * length / secs
@@ -202,7 +202,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
           "step_s": secs / steps, "tokens_per_s": tok_s,
           "flops_per_token": f.train, "flops_per_token_with_cms_writes": f.train_with_cms_writes,
           "peak_f32": peak32, "peak_bf16": peak16,
-          "peak_f32_readings": [p[0] for p in peaks], "peak_bf16_readings": [p[1] for p in peaks],
+          "peak_f32_readings": readings["float32"], "peak_bf16_readings": readings["bfloat16"],
           "cpu": cpu_description(),
           "peak_dtype": cfg.dtype, "mfu": tok_s * f.train / peak,
           "mfu_with_cms_writes": tok_s * f.train_with_cms_writes / peak,

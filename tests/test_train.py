@@ -191,19 +191,29 @@ def test_a_stop_during_an_evaluation_saves_its_metrics(tmp_path, tiny_config, mo
   assert entry.step == 5 and manifest["metrics"]["eval/loss"] == out["eval"]["eval/loss"]
 
 
-def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config, caplog):
+@pytest.fixture
+def kept_steps_cleared():
+  """No kept steps before or after the test, also when it fails (hope_jax/train/programs.py)."""
+  from hope_jax.train import programs
+
+  programs.clear()  # Another test in this process may have compiled these steps.
+  yield programs
+  programs.clear()  # Leaves none behind for the next test in this process.
+
+
+def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config, caplog,
+                                                        kept_steps_cleared):
   # A restored state is committed to the device (the checkpoint store reads into a
   # SingleDeviceSharding); a fresh one used to be uncommitted, which lowers to another
   # program: every resumed run compiled its steps anew, even from a persistent compilation
   # cache that held the fresh run's (the quickstart notebook's resume: 29 s -> 5 s).
   from hope_jax.checkpoint.manager import CheckpointManager
-  from hope_jax.train import programs
   from hope_jax.train.optimizer import make_optimizer
   from hope_jax.train.sharding import Placement
   from hope_jax.train.state import make_init_fn
   from hope_jax.train.step import make_eval_step, make_train_step
 
-  programs.clear()  # Both runs compile: no earlier test's steps (the cosine keeps num_steps).
+  # Both runs compile: the fixture leaves no earlier test's steps (the cosine keeps num_steps).
   cfg = _tiny(tmp_path, tiny_config, num_steps=2, save_every=2, eval_every=2, health=False)
   cfg.model.block = "transformer_pp"
   model_def = train(cfg)["model_def"]
@@ -236,16 +246,6 @@ def test_a_resumed_run_lowers_the_fresh_runs_train_step(tmp_path, tiny_config, c
 def _metrics(checkpoint_dir, key):
   with open(os.path.join(checkpoint_dir, "logs", "metrics.jsonl")) as f:
     return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
-
-
-@pytest.fixture
-def kept_steps_cleared():
-  """No kept steps before or after the test, also when it fails (hope_jax/train/programs.py)."""
-  from hope_jax.train import programs
-
-  programs.clear()  # Another test in this process may have compiled these steps.
-  yield programs
-  programs.clear()  # Leaves none behind for the next test in this process.
 
 
 def test_a_later_run_of_the_same_program_reuses_its_compiled_steps(tmp_path, tiny_config,
