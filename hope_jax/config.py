@@ -25,6 +25,13 @@ def _is_count(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+# Model settings that choose how a step is computed, not what it computes: each alternative is
+# tested equal to the default (equivalence tests), none changes the parameters' or the
+# optimizer state's structure. They may change across a resume (docs/checkpoints.md), e.g. to
+# trade memory for time on another machine. `scan_layers` is not one: it stacks the parameters.
+SCHEDULE_KEYS = ("impl", "remat", "inner_scan_unroll", "lm_grad_fused", "lm_grad_remat_every")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a HOPE-family language model (see docs/configuration.md).

@@ -72,7 +72,9 @@ def render() -> str:
       "# Configuration\n",
       "Every key of `experiments/base.py` with its default there and its meaning. Override any "
       "of them on the command line, e.g. `--config.training.num_steps=50`. This page is generated "
-      "by `python -m hope_jax.configdoc > docs/configuration.md` (a test checks it is current).\n",
+      "by `python -m hope_jax.configdoc > docs/configuration.md` (a test checks it is current). "
+      "Model keys may not change when a run resumes, except the schedule settings marked so "
+      "(how the step is computed, not what).\n",
   ]
   for section in ("model", "training", "data"):
     parts.append(f"\n## `{section}`\n\n| key | default | meaning |\n| --- | --- | --- |")
@@ -80,6 +82,8 @@ def render() -> str:
       full = f"{section}.{key}"
       default = json.dumps(list(value) if isinstance(value, tuple) else value)
       meaning = docs.get(full, "").replace("|", "\\|")
+      if section == "model" and key in config_module.SCHEDULE_KEYS:
+        meaning += " May change on resume (docs/checkpoints.md)."
       parts.append(f"| `{full}` | `{default}` | {meaning} |")
   extra = sorted(set(cfg) - {"model", "training", "data"})
   for section in extra:

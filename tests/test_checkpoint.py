@@ -132,6 +132,30 @@ def test_model_config_mismatch_names_every_key(tmp_path):
   mgr.close()
 
 
+def test_schedule_keys_may_change_on_resume(tmp_path, absl_log):
+  # How the step is computed (remat, unrolling, the reference paths) is not the model: a run
+  # may resume with other values, which are logged; a model key beside them still refuses.
+  _save(tmp_path, [5])
+  path = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  cfg = _config(tmp_path)
+  cfg.model.remat, cfg.model.inner_scan_unroll = False, 0
+  assert ck.restore(path, cfg).step == 5
+  line = [m for _, m in absl_log if m.startswith("Model schedule settings differ")]
+  assert len(line) == 1
+  assert "model.inner_scan_unroll: checkpoint=1 current=0" in line[0]
+  assert "model.remat: checkpoint=true current=false" in line[0]
+  cfg.training.resume_from = path  # The train loop's path too.
+  mgr = CheckpointManager(cfg)
+  state, _, _ = mgr.restore_for_training(jax.eval_shape(lambda: _state(5)))
+  assert int(state["step"]) == 5
+  mgr.close()
+  cfg.model.num_layers = 3
+  with pytest.raises(ck.ConfigMismatchError) as err:
+    ck.restore(path, cfg)
+  assert "model.num_layers: checkpoint=" in str(err.value)
+  assert "remat" not in str(err.value) and "unroll" not in str(err.value)
+
+
 def test_restore_takes_the_model_section_or_a_model_config(tmp_path):
   # What build_model takes: the run config, its model section (as ConfigDict or dict) or a
   # ModelConfig. A model section alone used to report every key as different, a ModelConfig

@@ -17,7 +17,9 @@ import os
 import re
 from typing import Any, Mapping
 
-from hope_jax.config import ConfigError, ModelConfig
+from absl import logging
+
+from hope_jax.config import SCHEDULE_KEYS, ConfigError, ModelConfig
 
 FORMAT = "hope_jax.checkpoint/1"
 REQUIRED = ("step", "timestamp", "model_file", "config")
@@ -110,11 +112,17 @@ def _model_section(config: Any) -> Any:
   return {}
 
 
-def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:
+def check_model_config(saved_config: Mapping[str, Any], current_config: Any,
+                       path: str) -> list[tuple[str, Any, Any]]:
   """Raises CheckpointError naming every `model.*` key whose value differs.
 
   A key the checkpoint lacks (written before the key existed) matches when the current value
   is the key's default: new model keys are added with defaults that keep the old behaviour.
+  The schedule keys (`hope_jax.config.SCHEDULE_KEYS`: how the step is computed, not what) may
+  differ: they are logged and returned.
+
+  Returns:
+    The differing schedule keys as `(key, saved, current)`.
   """
   saved = canonical(saved_config.get("model", {}))
   current = canonical(_model_section(current_config))
@@ -123,13 +131,19 @@ def check_model_config(saved_config: Mapping[str, Any], current_config: Any, pat
     if key not in saved and key in defaults and value == defaults[key]:
       saved[key] = value
   diff = config_diff(saved, current, "model.")
+  schedule = [d for d in diff if d[0].removeprefix("model.") in SCHEDULE_KEYS]
+  diff = [d for d in diff if d not in schedule]
+  describe = lambda ds: "; ".join(f"{k}: checkpoint={json.dumps(a)} current={json.dumps(b)}"
+                                  for k, a, b in ds)
   if diff:
-    keys = "; ".join(f"{k}: checkpoint={json.dumps(a)} current={json.dumps(b)}"
-                     for k, a, b in diff)
     raise ConfigMismatchError(
-        f"Checkpoint model config doesn't match current config ({path}): {keys}. Model "
-        "settings cannot change on resume: use the checkpoint's model settings, or start a new "
-        "run in a new training.checkpoint_dir.")
+        f"Checkpoint model config doesn't match current config ({path}): {describe(diff)}. "
+        "Model settings cannot change on resume: use the checkpoint's model settings, or start "
+        "a new run in a new training.checkpoint_dir.")
+  if schedule:
+    logging.info("Model schedule settings differ from the checkpoint's (they change how the "
+                 "step is computed, not the model, so the run resumes): %s", describe(schedule))
+  return schedule
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
