@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import hope_jax  # noqa: E402
+from benchmarks.peak import cpu_description  # noqa: E402
 from benchmarks.train_mfu import COMMON, MODELS, measure  # noqa: E402
 from hope_jax.config import ModelConfig  # noqa: E402
 
@@ -87,14 +87,14 @@ def main() -> None:
       row[f"gen{n}_tokens_per_s"], row[f"gen{n}_cache_bytes"] = generation(cfg, n)
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
-  meta = {"device": str(jax.devices()[0]), "cpu": platform.processor() or platform.machine(),
+  meta = {"device": str(jax.devices()[0]), "cpu": cpu_description(),
           "cores": os.cpu_count(), "D": 256, "layers": 4, "heads": 4, "L": args.seq,
           "B": args.batch, "train_steps_timed": args.steps, "dtype": "float32"}
   with open(args.json, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=2)
   cols = ["train_tokens_per_s"] * (not args.skip_train) + [
       c for n in gens for c in (f"gen{n}_tokens_per_s", f"gen{n}_cache_bytes")]
-  print(f"Device: {meta['device']} ({meta['cores']} cores), float32\n")
+  print(f"Device: {meta['device']} ({meta['cores']} cores, {meta['cpu']}), float32\n")
   print("| model | " + " | ".join(cols) + " |")
   print("|---" * (len(cols) + 1) + "|")
   for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -36,9 +37,11 @@ class Attention(nnx.Module):
 
   # Recurrent interface shared by every mixer: `init_state` and `step`.
   def init_state(self, batch_size: int, max_len: int, dtype=jnp.float32):
-    """A preallocated KV cache of `max_len` positions."""
-    shape = (batch_size, max_len, self.num_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+    """A preallocated KV cache of `max_len` positions, batch and heads merged (N = B * H):
+    keys `[N, Dh, S]`, values `[N, S, Dh]` (the layout `ops.attention.cached_attention` reads).
+    """
+    n, dh = batch_size * self.num_heads, self.head_dim
+    return {"k": jnp.zeros((n, dh, max_len), dtype), "v": jnp.zeros((n, max_len, dh), dtype),
             "pos": jnp.zeros((), jnp.int32)}
 
   def splits(self, length: int) -> bool:
@@ -52,13 +55,15 @@ class Attention(nnx.Module):
     `aligned` is accepted for interface parity with the Titans mixer; any position works.
     """
     del aligned
-    import jax
-
     pos = cache["pos"]
-    q, k, v = self._qkv(u_BLD, pos + jnp.arange(u_BLD.shape[1]))
-    k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, 1)
-    new_pos = pos + u_BLD.shape[1]
-    y = attn_ops.causal_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+    b, length, _ = u_BLD.shape
+    q, k, v = self._qkv(u_BLD, pos + jnp.arange(length))
+    n, dh = b * self.num_heads, self.head_dim
+    k_NDL = k.transpose(0, 2, 3, 1).reshape(n, dh, length)
+    v_NLD = v.swapaxes(1, 2).reshape(n, length, dh)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NDL.astype(cache["k"].dtype), pos, 2)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NLD.astype(cache["v"].dtype), pos, 1)
+    new_pos = pos + length
+    y = attn_ops.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
                                   q_offset=pos, kv_len=new_pos)
     return self.o(y.reshape(u_BLD.shape)), {"k": k_cache, "v": v_cache, "pos": new_pos}

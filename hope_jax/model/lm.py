@@ -471,10 +471,13 @@ class LanguageModel(nnx.Module):
         grads = self.chunk_grads(c["buf"], tgt_BC, jnp.ones(tgt_BC.shape, jnp.float32),
                                  starts, [f["delta"] for f in c["fast"]], scan=False)
         snap = [_snapshot(b.mixer, m) for b, m in zip(self.blocks, c["mixer"], strict=True)]
-        return {**c, "fast": self._write(c["fast"], grads, pos), "snap": snap}
+        return self._write(c["fast"], grads, pos), snap
 
       at_boundary = (pos > 0) & (jnp.mod(pos, c1) == 0)
-      cache = jax.lax.cond(at_boundary, boundary, lambda c: c, cache)
+      # Only what the write changes leaves the cond: KV caches passed through it were copied
+      # on every token (XLA gives a conditional's outputs their own buffers).
+      fast, snap = jax.lax.cond(at_boundary, boundary, lambda c: (c["fast"], c["snap"]), cache)
+      cache = {**cache, "fast": fast, "snap": snap}
       buf = jax.lax.dynamic_update_slice(cache["buf"], tokens_B[:, None].astype(jnp.int32),
                                          (0, jnp.mod(pos, c1)))
       cache = {**cache, "buf": buf}

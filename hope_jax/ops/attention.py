@@ -42,3 +42,36 @@ def causal_attention(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
   logits_BHLS = jnp.where(mask_LS[None, None], logits_BHLS, -1e30)
   probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHD.dtype)
   return jnp.einsum("bhls,bshd->blhd", probs_BHLS, v_BSHD)
+
+
+
+
+def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
+                     kv_len: int | Array) -> Float[Array, "B L H D"]:
+  """`causal_attention` against a KV cache laid out for decoding.
+
+  The cache merges the batch and head axes (N = B * H) and holds keys channel-major,
+  `[N, D, S]`, and values `[N, S, D]`: the operands of the two products as they stand, so no
+  token transposes the cache. The merged axis keeps a size-1 batch from being a size-1
+  leading axis, which stopped XLA:CPU from updating the loop-carried cache in place (it
+  copied every cache twice per token; docs/performance.md). `causal_attention` over the
+  same cache as `[B, S, H, D]` is the reference (tested equal).
+
+  Args:
+    q_BLHD: queries at absolute positions q_offset .. q_offset + L - 1.
+    k_cache_NDS, v_cache_NSD: the cache, positions 0 .. S - 1 (N = B * H, batch-major);
+      positions >= kv_len are masked.
+    q_offset: absolute position of the first query.
+    kv_len: number of valid cached positions.
+  """
+  b, length, h, d = q_BLHD.shape
+  q_NLD = q_BLHD.swapaxes(1, 2).reshape(b * h, length, d)
+  logits_NLS = jnp.einsum("nld,nds->nls", q_NLD, k_cache_NDS,
+                          preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+  qpos_L = q_offset + jnp.arange(length)
+  kpos_S = jnp.arange(k_cache_NDS.shape[-1])
+  mask_LS = (kpos_S[None, :] <= qpos_L[:, None]) & (kpos_S[None, :] < kv_len)
+  logits_NLS = jnp.where(mask_LS[None], logits_NLS, -1e30)
+  probs_NLS = jax.nn.softmax(logits_NLS, axis=-1).astype(v_cache_NSD.dtype)
+  y_NLD = jnp.einsum("nls,nsd->nld", probs_NLS, v_cache_NSD)
+  return y_NLD.reshape(b, h, length, d).swapaxes(1, 2)
