@@ -2,10 +2,11 @@
 
 Run:
   python benchmarks/lm_throughput.py [--steps=3] [--gen=1024,16384] [--models=hope,hope_static,...]
-      [--json=benchmarks/lm_throughput.json]
+      [--set=key=value ...] [--json=benchmarks/lm_throughput.json]
 
 Training: tokens/s of the real train step (`benchmarks/train_mfu.py:measure`, which also
-reports MFU) at D=256, 4 layers, H=4, L=512, B=8 (float32), after one warm-up step.
+reports MFU) at D=256, 4 layers, H=4, L=512, B=8 (float32; `--set` overrides model keys),
+after one warm-up step.
 Generation: greedy `decode_step` for N tokens at batch 1 as one jitted `lax.scan` (compile
 excluded), and the bytes held by the recurrent cache (what a sequence keeps between
 tokens). Prints a markdown table and writes JSON.
@@ -27,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 import hope_jax  # noqa: E402
 from benchmarks.peak import cpu_description  # noqa: E402
-from benchmarks.train_mfu import COMMON, MODELS, measure  # noqa: E402
+from benchmarks.train_mfu import MODELS, _parse_set, measure, model_config  # noqa: E402
 from hope_jax.config import ModelConfig  # noqa: E402
 
 
@@ -70,26 +71,30 @@ def main() -> None:
   ap.add_argument("--gen", default="1024,16384")
   ap.add_argument("--models", default=",".join(MODELS))
   ap.add_argument("--skip_train", action="store_true")
+  ap.add_argument("--set", action="append", default=[],
+                  help="model override key=value (JSON values), e.g. --set=num_layers=1")
   ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "lm_throughput.json"))
   args = ap.parse_args()
+  overrides = _parse_set(args.set)
   gens = [int(g) for g in args.gen.split(",") if g]
   rows = []
   for name in args.models.split(","):
-    cfg = ModelConfig(**COMMON, **MODELS[name])
-    cfg.validate()
+    cfg = model_config(name, overrides)
     row = {"model": name, "block": cfg.block,
            "cms_signal": cfg.cms_signal if cfg.block in ("hope", "hope_attention") else None}
     if not args.skip_train:
       # The real train step, as benchmarks/train_mfu.py times it (same model presets).
-      row["train_tokens_per_s"] = measure(name, args.seq, args.batch, args.steps, {})[
+      row["train_tokens_per_s"] = measure(name, args.seq, args.batch, args.steps, overrides)[
           "tokens_per_s"]
     for n in gens:
       row[f"gen{n}_tokens_per_s"], row[f"gen{n}_cache_bytes"] = generation(cfg, n)
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
-  meta = {"device": str(jax.devices()[0]), "cpu": cpu_description(),
-          "cores": os.cpu_count(), "D": 256, "layers": 4, "heads": 4, "L": args.seq,
-          "B": args.batch, "train_steps_timed": args.steps, "dtype": "float32"}
+  cfg = model_config(args.models.split(",")[0], overrides)
+  meta = {"device": str(jax.devices()[0]), "cpu": cpu_description(), "cores": os.cpu_count(),
+          "D": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads, "L": args.seq,
+          "B": args.batch, "train_steps_timed": args.steps, "dtype": "float32",
+          "overrides": overrides}
   with open(args.json, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=2)
   cols = ["train_tokens_per_s"] * (not args.skip_train) + [

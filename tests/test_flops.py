@@ -168,3 +168,23 @@ def test_inner_products_benchmark_bounds_the_mfu(tmp_path):
   expected = 1 / (share["A"] / eff["A"] + share["B"] / eff["B"] + 1 - share["A"] - share["B"])
   assert res["mfu_bound"] == pytest.approx(expected) and 0 < res["mfu_bound"]
   assert "Upper bound on a `hope` train step's MFU" in proc.stdout
+
+
+def test_generation_benchmark_reports_flat_and_growing_caches(tmp_path):
+  # The generation target of issue 7: a Titans cache holds the same bytes after more tokens,
+  # an attention block's KV cache grows with them.
+  out = tmp_path / "gen.json"
+  cmd = [sys.executable, "benchmarks/lm_throughput.py", "--skip_train", "--gen=8,24",
+         "--models=titans_lmm,transformer_pp", "--set=hidden_size=32", "--set=num_layers=1",
+         "--set=num_heads=2", "--set=chunk_other=4", "--set=chunk_mem=8", f"--json={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  data = json.loads(out.read_text())
+  assert data["meta"]["D"] == 32 and data["meta"]["layers"] == 1 and data["meta"]["cpu"]
+  titans, tpp = data["rows"]
+  for r in (titans, tpp):
+    assert r["gen8_tokens_per_s"] > 0 and r["gen24_tokens_per_s"] > 0, r
+  assert titans["gen8_cache_bytes"] == titans["gen24_cache_bytes"]
+  # K and V of 1 layer, 32 channels, float32, for the 16 more positions (+1 for the prompt).
+  assert tpp["gen24_cache_bytes"] - tpp["gen8_cache_bytes"] == 2 * 32 * 4 * 16
+  assert "| titans_lmm |" in proc.stdout and "| transformer_pp |" in proc.stdout
