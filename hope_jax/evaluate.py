@@ -17,6 +17,7 @@ overrides them, e.g. to test a passkey model at another depth. With
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -87,20 +88,33 @@ def data_config(saved_data: Any, overrides: dict[str, str]):
   return config_dict.ConfigDict(data)
 
 
+@functools.lru_cache(maxsize=4)
+def _score_program(model_cfg: Any) -> tuple[Any, Any]:
+  """(model_def, jitted score step) of a model config, kept across calls in one process.
+
+  A notebook that scores the checkpoints of a run again (or a later run's of the same model)
+  then reuses the compiled program instead of tracing and compiling it anew.
+  """
+  import jax
+
+  from hope_jax.train import evaluation
+  from hope_jax.train.state import ModelDef
+
+  model_def = ModelDef(model_cfg)
+  return model_def, jax.jit(evaluation.make_score_step(model_def))
+
+
 def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_size: int,
                          max_windows: int | None) -> tuple[list[dict], list[str]]:
   """Scores each `CheckpointInfo`; unreadable ones become rows with an `error`."""
-  import jax
 
   from hope_jax import checkpoint
   from hope_jax.config import ModelConfig, validate_data_config
   from hope_jax.data import load_corpus
   from hope_jax.data.tokenizers import vocabulary_mismatch
   from hope_jax.train import evaluation
-  from hope_jax.train.state import ModelDef
 
   corpora: dict[str, Any] = {}
-  models: dict[str, Any] = {}
   rows, descriptions = [], []
   for entry in entries:
     row = {"step": entry.step, "timestamp": entry.timestamp,
@@ -126,11 +140,7 @@ def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_si
     if mismatch:
       row["error"] = mismatch
       continue
-    model_key = json.dumps(model_cfg.to_dict(), sort_keys=True, default=str)
-    if model_key not in models:
-      model_def = ModelDef(model_cfg)
-      models[model_key] = (model_def, jax.jit(evaluation.make_score_step(model_def)))
-    model_def, step_fn = models[model_key]
+    model_def, step_fn = _score_program(model_cfg)
     t0 = time.perf_counter()
     row["metrics"] = evaluation.score(model_def, restored.params, corpora[data_key],
                                       int(data.seq_len), batch_size, max_windows, step_fn)

@@ -176,3 +176,26 @@ def test_export_cli_reproduces_checkpoint_logits(three_checkpoints, tmp_path):
   missing = run_cli(["-m", "hope_jax.export", f"--checkpoint_dir={tmp_path}/none",
                      f"--output={path}"])
   assert missing.returncode == 2 and "Failed to load checkpoint" in missing.stderr
+
+
+def test_scoring_again_in_one_process_compiles_nothing(three_checkpoints, caplog):
+  # A notebook scoring a run's checkpoints twice reuses the compiled score step.
+  import logging
+
+  from hope_jax import checkpoint
+  from hope_jax.evaluate import _score_program, evaluate_checkpoints
+
+  directory, losses, _ = three_checkpoints
+  entries = checkpoint.list_checkpoints(directory)
+  _score_program.cache_clear()  # Not compiled by another test in this worker.
+  scores = []
+  for _ in range(2):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+      rows, _ = evaluate_checkpoints(entries, {}, batch_size=4, max_windows=None)
+    scores.append({r["step"]: r["metrics"]["eval/loss"] for r in rows})
+    if len(scores) == 1:
+      assert "Compiling jit(" in caplog.text  # The check below can see a compile.
+  assert "Compiling jit(" not in caplog.text, caplog.text[-2000:]
+  assert scores[0] == scores[1] == pytest.approx(losses, rel=1e-4)
+  assert _score_program.cache_info().currsize == 1
