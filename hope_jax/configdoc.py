@@ -83,7 +83,7 @@ def render() -> str:
       default = json.dumps(list(value) if isinstance(value, tuple) else value)
       meaning = docs.get(full, "").replace("|", "\\|")
       if section == "model" and key in config_module.SCHEDULE_KEYS:
-        meaning += " May change on resume (docs/checkpoints.md)."
+        meaning = meaning.rstrip(".") + ". May change on resume (docs/checkpoints.md)."
       parts.append(f"| `{full}` | `{default}` | {meaning} |")
   extra = sorted(set(cfg) - {"model", "training", "data"})
   for section in extra:

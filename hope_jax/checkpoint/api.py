@@ -56,7 +56,8 @@ def restore(manifest_path: str, config: Any = None, *, with_opt_state: bool = Fa
   Args:
     manifest_path: `.../checkpoint_step_<N>_ts_<T>.json`.
     config: when given (a full config or ConfigDict with a `model` section), the
-      checkpoint's model settings must equal its `model` section.
+      checkpoint's model settings must equal its `model` section, except the schedule
+      settings (`hope_jax.config.SCHEDULE_KEYS`), which are logged when they differ.
     with_opt_state: also read the optimizer state and RNG.
     abstract_state: the train state's structure (ShapeDtypeStructs) to restore into,
       which gives optax's exact types back; implies `with_opt_state`.

@@ -114,7 +114,7 @@ def _model_section(config: Any) -> Any:
 
 def check_model_config(saved_config: Mapping[str, Any], current_config: Any,
                        path: str) -> list[tuple[str, Any, Any]]:
-  """Raises CheckpointError naming every `model.*` key whose value differs.
+  """Raises CheckpointError naming every `model.*` key whose value differs (but schedule keys).
 
   A key the checkpoint lacks (written before the key existed) matches when the current value
   is the key's default: new model keys are added with defaults that keep the old behaviour.

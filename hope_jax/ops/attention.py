@@ -44,8 +44,6 @@ def causal_attention(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
   return jnp.einsum("bhls,bshd->blhd", probs_BHLS, v_BSHD)
 
 
-
-
 def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
                      kv_len: int | Array) -> Float[Array, "B L H D"]:
   """`causal_attention` against a KV cache laid out for decoding.
