@@ -476,7 +476,13 @@ class LanguageModel(nnx.Module):
       at_boundary = (pos > 0) & (jnp.mod(pos, c1) == 0)
       # Only what the write changes leaves the cond: KV caches passed through it were copied
       # on every token (XLA gives a conditional's outputs their own buffers).
-      fast, snap = jax.lax.cond(at_boundary, boundary, lambda c: (c["fast"], c["snap"]), cache)
+      # The token also leaves the cond (through a barrier XLA cannot forward out of it), so
+      # that everything after it, the first layer's KV-cache update included, waits for the
+      # cond: otherwise that update could run beside the cond, which reads the cache, and XLA
+      # copied the first layer's cache twice per token to allow it.
+      fast, snap, tokens_B = jax.lax.cond(
+          at_boundary, lambda c: (*boundary(c), jax.lax.optimization_barrier(tokens_B)),
+          lambda c: (c["fast"], c["snap"], jax.lax.optimization_barrier(tokens_B)), cache)
       cache = {**cache, "fast": fast, "snap": snap}
       buf = jax.lax.dynamic_update_slice(cache["buf"], tokens_B[:, None].astype(jnp.int32),
                                          (0, jnp.mod(pos, c1)))
