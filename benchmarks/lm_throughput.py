@@ -90,7 +90,7 @@ def main() -> None:
       row[f"gen{n}_tokens_per_s"], row[f"gen{n}_cache_bytes"] = generation(cfg, n)
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
-  cfg = model_config(args.models.split(",")[0], overrides)
+  # The sizes of the last row's config: COMMON and the overrides, shared by every row.
   meta = {"device": str(jax.devices()[0]), "cpu": cpu_description(), "cores": os.cpu_count(),
           "D": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads, "L": args.seq,
           "B": args.batch, "train_steps_timed": args.steps, "dtype": "float32",

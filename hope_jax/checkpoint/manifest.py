@@ -112,17 +112,13 @@ def _model_section(config: Any) -> Any:
   return {}
 
 
-def check_model_config(saved_config: Mapping[str, Any], current_config: Any,
-                       path: str) -> list[tuple[str, Any, Any]]:
+def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:
   """Raises CheckpointError naming every `model.*` key whose value differs (but schedule keys).
 
   A key the checkpoint lacks (written before the key existed) matches when the current value
   is the key's default: new model keys are added with defaults that keep the old behaviour.
   The schedule keys (`hope_jax.config.SCHEDULE_KEYS`: how the step is computed, not what) may
-  differ: they are logged and returned.
-
-  Returns:
-    The differing schedule keys as `(key, saved, current)`.
+  differ: they are logged.
   """
   saved = canonical(saved_config.get("model", {}))
   current = canonical(_model_section(current_config))
@@ -143,7 +139,6 @@ def check_model_config(saved_config: Mapping[str, Any], current_config: Any,
   if schedule:
     logging.info("Model schedule settings differ from the checkpoint's (they change how the "
                  "step is computed, not the model, so the run resumes): %s", describe(schedule))
-  return schedule
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
