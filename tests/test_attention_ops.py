@@ -53,3 +53,24 @@ def test_cached_attention_equals_the_plain_form(length, offset):
   chex.assert_trees_all_close(g_fast, g_plain, atol=1e-5)
   # Positions past kv_len get no gradient.
   np.testing.assert_array_equal(np.asarray(g_fast[1])[:, :, kv_len:], 0.0)
+
+
+def test_a_float32_cache_of_bfloat16_values_gives_the_bfloat16_attention():
+  # A bfloat16 model decodes against a float32 cache (its values held exactly): the queries
+  # go up to float32 and the weights are rounded to bfloat16, as the bfloat16 form rounds them.
+  keys = jax.random.split(jax.random.key(2), 3)
+  q_BLHD = jax.random.normal(keys[0], (B, 1, H, D), jnp.bfloat16)
+  k_NDS = jax.random.normal(keys[1], (B * H, D, S), jnp.bfloat16)
+  v_NSD = jax.random.normal(keys[2], (B * H, S, D), jnp.bfloat16)
+  kw = dict(q_offset=11, kv_len=12)
+  plain = causal_attention(q_BLHD, _as_bshd(k_NDS, False), _as_bshd(v_NSD, True), **kw)
+  wide = cached_attention(q_BLHD.astype(jnp.float32), k_NDS.astype(jnp.float32),
+                          v_NSD.astype(jnp.float32), probs_dtype=jnp.bfloat16, **kw)
+  assert wide.dtype == jnp.float32
+  # Float32 sums of the same products, rounded once: within one bfloat16 step of the plain form.
+  np.testing.assert_allclose(np.asarray(wide.astype(jnp.bfloat16), np.float32),
+                             np.asarray(plain, np.float32), rtol=2 ** -7, atol=1e-3)
+  # Without the rounding of the weights the result is the float32 attention, not that one.
+  unrounded = cached_attention(q_BLHD.astype(jnp.float32), k_NDS.astype(jnp.float32),
+                               v_NSD.astype(jnp.float32), **kw)
+  assert not np.array_equal(np.asarray(unrounded), np.asarray(wide))

@@ -64,6 +64,12 @@ class Attention(nnx.Module):
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NDL.astype(cache["k"].dtype), pos, 2)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NLD.astype(cache["v"].dtype), pos, 1)
     new_pos = pos + length
-    y = attn_ops.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                  q_offset=pos, kv_len=new_pos)
-    return self.o(y.reshape(u_BLD.shape)), {"k": k_cache, "v": v_cache, "pos": new_pos}
+    # The products run in the cache's dtype (float32; a bfloat16 model's keys and values are
+    # held exactly): casting the few queries up instead of the whole cache down saves a pass
+    # over every layer's cache per token, and XLA:CPU, which computes bfloat16 arithmetic in
+    # float32, would otherwise widen the cache back for its update (docs/performance.md).
+    dt = k_cache.dtype
+    y = attn_ops.cached_attention(q.astype(dt), k_cache, v_cache, q_offset=pos, kv_len=new_pos,
+                                  probs_dtype=q.dtype)
+    return (self.o(y.astype(q.dtype).reshape(u_BLD.shape)),
+            {"k": k_cache, "v": v_cache, "pos": new_pos})

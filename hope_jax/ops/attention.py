@@ -45,7 +45,7 @@ def causal_attention(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
 
 
 def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
-                     kv_len: int | Array) -> Float[Array, "B L H D"]:
+                     kv_len: int | Array, probs_dtype=None) -> Float[Array, "B L H D"]:
   """`causal_attention` against a KV cache laid out for decoding.
 
   The cache merges the batch and head axes (N = B * H) and holds keys channel-major,
@@ -61,6 +61,9 @@ def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
       positions >= kv_len are masked.
     q_offset: absolute position of the first query.
     kv_len: number of valid cached positions.
+    probs_dtype: the attention weights are rounded to it before the value product (default:
+      the values' dtype). A bfloat16 model reading a float32 cache passes bfloat16, so the
+      weights are what `causal_attention` on its bfloat16 values would use.
   """
   b, length, h, d = q_BLHD.shape
   q_NLD = q_BLHD.swapaxes(1, 2).reshape(b * h, length, d)
@@ -70,6 +73,7 @@ def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
   kpos_S = jnp.arange(k_cache_NDS.shape[-1])
   mask_LS = (kpos_S[None, :] <= qpos_L[:, None]) & (kpos_S[None, :] < kv_len)
   logits_NLS = jnp.where(mask_LS[None], logits_NLS, -1e30)
-  probs_NLS = jax.nn.softmax(logits_NLS, axis=-1).astype(v_cache_NSD.dtype)
+  probs_NLS = jax.nn.softmax(logits_NLS, axis=-1)
+  probs_NLS = probs_NLS.astype(probs_dtype or v_cache_NSD.dtype).astype(v_cache_NSD.dtype)
   y_NLD = jnp.einsum("nls,nsd->nld", probs_NLS, v_cache_NSD)
   return y_NLD.reshape(b, h, length, d).swapaxes(1, 2)
