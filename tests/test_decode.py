@@ -15,7 +15,7 @@ from tests.lm_helpers import needs_titans, tiny
 L = 13  # Not a multiple of any chunk size (4, 8) used below.
 
 
-BF16_ATOL = 5e-3  # Logits of size ~1: bfloat16 layers summed in other orders (1.7e-3 seen).
+BF16_ATOL = 5e-3  # Logits of size ~0.8: bfloat16 layers summed in other orders (1.7e-3 seen).
 STEP = nnx.jit(lambda m, t, c: m.decode_step(t, c))  # Shared: equal structures compile once.
 
 
@@ -42,7 +42,9 @@ CASES = {
     "hope_dual": pytest.param(dict(block="hope", cms_lr=30.0, num_layers=1, read_mode="dual"),
                               marks=needs_titans),
     "titans_lmm": pytest.param(dict(block="titans_lmm"), marks=needs_titans),
-    # bfloat16 projections and a float32 KV cache (the two paths round alike, summed apart).
+    # bfloat16 projections, a float32 KV cache. transformer_pp: the parallel path attends
+    # without the cache (same rounding, other summation order); hope_attention with lm_grad
+    # attends through the cached step on both paths.
     "transformer_pp_bf16": dict(block="transformer_pp", dtype="bfloat16"),
     "hope_attention_lm_grad_bf16": dict(cms_lr=30.0, dtype="bfloat16"),
 }
@@ -57,7 +59,7 @@ def test_streaming_equals_parallel(overrides):
   # (The layer scan reassociates sums, and chained writes amplify that: an H100 at 'highest'
   # precision gave 1.4e-5 on 2 of 832 logits in that case.)
   atol = 3e-5 if overrides.get("scan_layers") else 1e-5
-  if overrides.get("dtype") == "bfloat16":
+  if overrides.get("dtype") == "bfloat16" and overrides.get("block") == "transformer_pp":
     atol = BF16_ATOL
   np.testing.assert_allclose(streamed_BLV, parallel_BLV, atol=atol, rtol=0)
 

@@ -36,12 +36,14 @@ class Attention(nnx.Module):
     return self.o(y_BLHK.reshape(u_BLD.shape))
 
   # Recurrent interface shared by every mixer: `init_state` and `step`.
-  def init_state(self, batch_size: int, max_len: int, dtype=jnp.float32):
-    """A preallocated KV cache of `max_len` positions, batch and heads merged (N = B * H):
-    keys `[N, Dh, S]`, values `[N, S, Dh]` (the layout `ops.attention.cached_attention` reads).
+  def init_state(self, batch_size: int, max_len: int):
+    """A preallocated float32 KV cache of `max_len` positions, batch and heads merged
+    (N = B * H): keys `[N, Dh, S]`, values `[N, S, Dh]` (the layout
+    `ops.attention.cached_attention` reads). Float32 whatever the model's dtype: a bfloat16
+    model's keys and values are held exactly.
     """
-    n, dh = batch_size * self.num_heads, self.head_dim
-    return {"k": jnp.zeros((n, dh, max_len), dtype), "v": jnp.zeros((n, max_len, dh), dtype),
+    n, dh, f32 = batch_size * self.num_heads, self.head_dim, jnp.float32
+    return {"k": jnp.zeros((n, dh, max_len), f32), "v": jnp.zeros((n, max_len, dh), f32),
             "pos": jnp.zeros((), jnp.int32)}
 
   def splits(self, length: int) -> bool:
@@ -64,12 +66,9 @@ class Attention(nnx.Module):
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NDL.astype(cache["k"].dtype), pos, 2)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NLD.astype(cache["v"].dtype), pos, 1)
     new_pos = pos + length
-    # The products run in the cache's dtype (float32; a bfloat16 model's keys and values are
-    # held exactly): casting the few queries up instead of the whole cache down saves a pass
-    # over every layer's cache per token, and XLA:CPU, which computes bfloat16 arithmetic in
-    # float32, would otherwise widen the cache back for its update (docs/performance.md).
-    dt = k_cache.dtype
-    y = attn_ops.cached_attention(q.astype(dt), k_cache, v_cache, q_offset=pos, kv_len=new_pos,
-                                  probs_dtype=q.dtype)
-    return (self.o(y.astype(q.dtype).reshape(u_BLD.shape)),
+    # The products run in float32: casting the few queries up, not the whole cache down,
+    # saves a pass over every layer's cache per token (docs/performance.md, generation).
+    y_BLHK = attn_ops.cached_attention(q.astype(k_cache.dtype), k_cache, v_cache, q_offset=pos,
+                                       kv_len=new_pos, probs_dtype=q.dtype)
+    return (self.o(y_BLHK.astype(q.dtype).reshape(u_BLD.shape)),
             {"k": k_cache, "v": v_cache, "pos": new_pos})

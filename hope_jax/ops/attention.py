@@ -45,7 +45,8 @@ def causal_attention(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
 
 
 def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
-                     kv_len: int | Array, probs_dtype=None) -> Float[Array, "B L H D"]:
+                     kv_len: int | Array,
+                     probs_dtype: jnp.dtype | None = None) -> Float[Array, "B L H D"]:
   """`causal_attention` against a KV cache laid out for decoding.
 
   The cache merges the batch and head axes (N = B * H) and holds keys channel-major,
@@ -74,6 +75,8 @@ def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
   mask_LS = (kpos_S[None, :] <= qpos_L[:, None]) & (kpos_S[None, :] < kv_len)
   logits_NLS = jnp.where(mask_LS[None], logits_NLS, -1e30)
   probs_NLS = jax.nn.softmax(logits_NLS, axis=-1)
-  probs_NLS = probs_NLS.astype(probs_dtype or v_cache_NSD.dtype).astype(v_cache_NSD.dtype)
+  if probs_dtype is not None:
+    probs_NLS = probs_NLS.astype(probs_dtype)
+  probs_NLS = probs_NLS.astype(v_cache_NSD.dtype)
   y_NLD = jnp.einsum("nls,nsd->nld", probs_NLS, v_cache_NSD)
   return y_NLD.reshape(b, h, length, d).swapaxes(1, 2)
