@@ -25,6 +25,9 @@ slow would overstate the MFU), and the row names the CPU model and its matmul IS
 
 Also per row: compile time of the step (lower + compile), and the number of backend
 compiles seen while the timed steps ran (0 proves that steps never recompile).
+The rows run as `python -m hope_jax.train` does: with glibc's huge-page tunable where the
+training CLI restarts itself with it (`hope_jax.train.hugepages`; `HOPE_JAX_HUGE_PAGES=0`
+turns it off for both); each row records whether it was on (`huge_pages`).
 At length L the batch is max(1, tokens_per_step // L), so every length sees about the
 same tokens per step. Prints a markdown table and writes JSON.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import sys
 import time
@@ -42,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.child import emit, run_row  # noqa: E402
+from hope_jax.train import hugepages  # noqa: E402
 
 COMMON = dict(hidden_size=256, num_layers=4, num_heads=4, vocab_size=256)
 MODELS = {  # The spec's default config per block (hope-spec.md §9), at the size above.
@@ -203,7 +208,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
           "flops_per_token": f.train, "flops_per_token_with_cms_writes": f.train_with_cms_writes,
           "peak_f32": peak32, "peak_bf16": peak16,
           "peak_f32_readings": readings["float32"], "peak_bf16_readings": readings["bfloat16"],
-          "cpu": cpu_description(),
+          "cpu": cpu_description(), "huge_pages": hugepages.active(),
           "peak_dtype": cfg.dtype, "mfu": tok_s * f.train / peak,
           "mfu_with_cms_writes": tok_s * f.train_with_cms_writes / peak,
           "mfu_f32": tok_s * f.train / peak32,
@@ -256,6 +261,10 @@ def main() -> None:
              ] + [f"--set={s}" for s in args.set]
       # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
       env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
+      tunables = hugepages.tunables_to_set(env, platform.system(), platform.libc_ver(),
+                                           hugepages.thp_mode())
+      if tunables:  # What the training CLI restarts itself with.
+        env["GLIBC_TUNABLES"] = tunables
       row = run_row(cmd, args.timeout, env)
       if "error" in row:
         row = {"model": model, "L": length, "B": batch, **row}
@@ -267,7 +276,9 @@ def main() -> None:
 
   devices = sorted({r["device"] for r in rows if "device" in r})
   cpus = sorted({r["cpu"] for r in rows if "cpu" in r})
+  huge = sorted({str(r["huge_pages"]) for r in rows if "huge_pages" in r})
   print(f"\n{os.cpu_count()} cores ({'; '.join(cpus) or '?'}), device {', '.join(devices) or '?'}"
+        f", huge pages {'/'.join(huge) or '?'}"
         f", {args.dtype} outer matmuls; MFU against the higher of two {args.dtype} matmul peak "
         "readings in each row's process, before and after its timed steps\n")
   head = ["model", "L", "B", "params", "step (s)", "tokens/s", "MFLOP/token",

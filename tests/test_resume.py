@@ -175,3 +175,17 @@ def ck_config(d):
   from tests.ckpt_worker import config
 
   return config(str(d))
+
+
+def test_the_training_cli_runs_with_huge_pages_where_they_help(resumed):
+  # `python -m hope_jax.train` restarts itself with glibc's huge-page tunable where the
+  # kernel gives huge pages only on request (hope_jax/train/hugepages.py).
+  import platform
+
+  from hope_jax.train import hugepages
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  expected = hugepages.tunables_to_set(env, platform.system(), platform.libc_ver(),
+                                       hugepages.thp_mode()) is not None
+  assert ("glibc.malloc.hugetlb=1: XLA's buffers on transparent huge pages"
+          in resumed[1].stderr) == expected

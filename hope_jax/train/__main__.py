@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from hope_jax import cli
+from hope_jax.train import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/*.py).", lock_config=True)
@@ -23,5 +24,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_huge_pages()  # Before JAX starts: glibc reads it at process start.
   flags.FLAGS.unparse_flags()
   cli.run(main, prog="hope_jax.train")

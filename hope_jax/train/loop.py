@@ -31,7 +31,7 @@ from hope_jax.config import ConfigError, validate_run_config
 from hope_jax.data import load_corpus
 from hope_jax.data.sampler import BatchSampler, eval_batches
 from hope_jax.data.tokenizers import VOCAB_FILE, CharTokenizer, vocabulary_mismatch
-from hope_jax.train import distributed, host_devices, programs
+from hope_jax.train import distributed, host_devices, hugepages, programs
 from hope_jax.train.metrics import MetricWriter, Progress, format_duration, log_line
 from hope_jax.train.optimizer import learning_rate_schedule
 from hope_jax.train.sharding import Placement, sharded_fraction
@@ -192,6 +192,10 @@ def train(config: Any) -> dict[str, Any]:
   if cpu_devices and cpu_devices > 1:  # Logged after every input check.
     logging.info("CPU split into %d XLA device(s) (training.cpu_devices=%s)", cpu_devices,
                  host_devices.requested(t))
+  if jax.default_backend() == "cpu" and hugepages.active():
+    logging.info("glibc.malloc.hugetlb=1: XLA's buffers on transparent huge pages "
+                 "(the training CLI restarts with it; %s=0 turns that off)",
+                 hugepages.OFF_SWITCH)
   try:
     return _train(config, model_cfg, corpus, ckpt, placement)
   finally:
