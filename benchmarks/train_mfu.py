@@ -262,7 +262,8 @@ def main() -> None:
       # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
       env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
       tunables = hugepages.tunables_to_set(env, platform.system(), platform.libc_ver(),
-                                           hugepages.thp_mode())
+                                           hugepages.thp_mode(),
+                                           hugepages.accelerator_installed())
       if tunables:  # What the training CLI restarts itself with.
         env["GLIBC_TUNABLES"] = tunables
       row = run_row(cmd, args.timeout, env)

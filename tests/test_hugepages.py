@@ -11,6 +11,8 @@ from hope_jax.train import hugepages
 from tests.conftest import REPO
 
 LINUX = ("Linux", ("glibc", "2.36"))
+GLIBC_OK = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and tuple(
+    int(p) for p in (platform.libc_ver()[1] or "0.0").split(".")[:2]) >= (2, 35)
 
 
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
@@ -38,35 +40,84 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     ({}, "Linux", ("glibc", "2.31"), "madvise", None),
     ({}, "Linux", ("", ""), "madvise", None),
     ({}, "Darwin", ("", ""), "madvise", None),
+    # Restarted once already (whatever dropped the tunable on the way): not again.
+    ({"_HOPE_JAX_HUGE_PAGES_RESTARTED": "1"}, *LINUX, "madvise", None),
+    # Training on a GPU or TPU: no restart, unless JAX_PLATFORMS puts the CPU first.
+    ({"JAX_PLATFORMS": "cuda"}, *LINUX, "madvise", None),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, *LINUX, "madvise", None),
+    ({"JAX_PLATFORMS": "cpu"}, *LINUX, "madvise", "glibc.malloc.hugetlb=1"),
 ])
 def test_tunables_to_set(env, system, libc, mode, expected):
   assert hugepages.tunables_to_set(env, system, libc, mode) == expected
 
 
-WOULD_RESTART = hugepages.tunables_to_set(
-    {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, platform.system(),
-    platform.libc_ver(), hugepages.thp_mode()) is not None
+def test_an_installed_accelerator_plugin_means_no_restart_unless_the_cpu_is_asked_for():
+  assert hugepages.tunables_to_set({}, *LINUX, "madvise", accelerator=True) is None
+  assert hugepages.tunables_to_set({"JAX_PLATFORMS": "cpu"}, *LINUX, "madvise",
+                                   accelerator=True) == "glibc.malloc.hugetlb=1"
 
-SCRIPT = """
+
+@pytest.mark.parametrize("argv,module", [
+    (["python", "-m", "hope_jax.train", "--config=x"], "hope_jax.train"),
+    (["python", "-mhope_jax.train"], "hope_jax.train"),
+    (["python", "-u", "-X", "importtime", "-W", "ignore", "-m", "hope_jax.train"],
+     "hope_jax.train"),
+    (["python", "-m", "pdb", "-m", "hope_jax.train"], "pdb"),
+    (["python", "script.py", "-m", "hope_jax.train"], None),
+    (["python", "-c", "code", "-m", "hope_jax.train"], None),
+    (["python"], None),
+])
+def test_module_run_is_the_interpreters_own_module(argv, module):
+  assert hugepages.module_run(argv) == module
+
+
+LOADER = "/lib64/ld-linux-x86-64.so.2"
+
+
+@pytest.mark.skipif(not os.path.exists(LOADER) or not GLIBC_OK,
+                    reason="needs glibc >= 2.35's x86-64 loader")
+def test_glibc_accepts_the_tunable():
+  # The loader lists the tunables it read: a misspelt one would be ignored silently.
+  out = subprocess.run([LOADER, "--list-tunables"], capture_output=True, text=True, check=True,
+                       env={"GLIBC_TUNABLES": hugepages.TUNABLE}).stdout
+  assert "glibc.malloc.hugetlb: 0x1 " in out
+
+
+# A stand-in for `python -m hope_jax.train`: the kernel's mode and the plugins are fixed, so
+# the restart itself is exercised on any Linux with glibc >= 2.35.
+MODULE = """
 import os, sys
 print("before", os.getpid(), flush=True)
 from hope_jax.train import hugepages
-hugepages.restart_with_huge_pages()
+hugepages.thp_mode = lambda *a: "madvise"
+hugepages.accelerator_installed = lambda: False
+hugepages.restart_with_huge_pages(module="fake_train")
 print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), hugepages.active(), sys.argv[1:])
 """
 
 
-@pytest.mark.skipif(not WOULD_RESTART, reason="this machine's kernel or libc gains nothing")
-def test_the_restart_reruns_the_same_command_in_the_same_process():
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "HOPE_JAX_HUGE_PAGES")}
-  env["PYTHONPATH"] = REPO
-  out = subprocess.run([sys.executable, "-c", SCRIPT, "--flag=1"], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+@pytest.mark.skipif(not GLIBC_OK, reason="needs Linux with glibc >= 2.35")
+def test_the_restart_reruns_the_same_command_in_the_same_process(tmp_path):
+  (tmp_path / "fake_train.py").write_text(MODULE)
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", hugepages.OFF_SWITCH, hugepages.RESTARTED)}
+  env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
+  env["JAX_PLATFORMS"] = "cpu"
+
+  def run(*args):
+    return subprocess.run([sys.executable, *args, "-m", "fake_train", "--flag=1"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=True).stdout.splitlines()
+
+  out = run()
   pids = [l.split()[1] for l in out if l.startswith("before")]
   assert len(pids) == 2 and pids[0] == pids[1]  # Ran twice, as one process (execve).
   assert out[2] == f"after {pids[0]} glibc.malloc.hugetlb=1 True ['--flag=1']"
+  # Interpreter options are kept.
+  assert run("-X", "utf8")[-1].endswith("True ['--flag=1']")
   # Turned off: one run, no tunable.
-  env["HOPE_JAX_HUGE_PAGES"] = "0"
-  out = subprocess.run([sys.executable, "-c", SCRIPT, "--flag=1"], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+  env[hugepages.OFF_SWITCH] = "0"
+  out = run()
   assert out[0].startswith("before") and out[1].startswith("after") and "None False" in out[1]
+
+

@@ -1,30 +1,36 @@
 """Transparent huge pages for XLA:CPU's buffers: the training CLI restarts itself with them.
 
-XLA:CPU allocates every execution's temporaries afresh (1.5 GiB per device for the `hope`
+XLA:CPU allocates every execution's temporaries afresh (1.54 GiB per device for the `hope`
 step at D=256, 4 layers, L=512, B=8) through glibc's `malloc`, which maps allocations that
 large anew each time. Where the kernel gives transparent huge pages only to memory that asks
 for them (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`, the usual default),
 each step then faults in every 4 KiB page of those buffers again: 0.8 million page faults
 and about a sixth of the step's CPU time as system time on a 2-core machine. glibc's tunable
-`glibc.malloc.hugetlb=1` (glibc >= 2.35) makes `malloc` ask for huge pages, and the same
-step ran 1.25x faster (docs/performance.md, "Huge pages").
+`glibc.malloc.hugetlb=1` (glibc >= 2.35) makes `malloc` ask for huge pages; the same step
+ran 1.09-1.25x faster (docs/performance.md, "Huge pages").
 
 glibc reads its tunables once, when a process starts, so `python -m hope_jax.train` restarts
-itself (`os.execve`, the same process id, before JAX runs anything) with the tunable added to
-`GLIBC_TUNABLES`. `HOPE_JAX_HUGE_PAGES=0` turns that off. Notebooks and the Python API run
-in a process that already started: set the variable before starting Python or Jupyter,
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
+itself (`os.execve`: the same process id and command line, before JAX starts) with the
+tunable added to `GLIBC_TUNABLES`, when training will run on the CPU: not when `JAX_PLATFORMS`
+names no `cpu`, nor, without it, when a GPU or TPU plugin of JAX is installed.
+`HOPE_JAX_HUGE_PAGES=0` turns the restart off. Processes that training starts inherit the
+variable. Notebooks and the Python API run in a process that has already started: set
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before starting Python or Jupyter.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OFF_SWITCH = "HOPE_JAX_HUGE_PAGES"
+RESTARTED = "_HOPE_JAX_HUGE_PAGES_RESTARTED"  # One restart at most, whatever drops the tunable.
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin", "libtpu")
 
 
 def thp_mode(path: str = THP_MODE_FILE) -> str | None:
@@ -40,8 +46,13 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
   return None
 
 
+def accelerator_installed() -> bool:
+  """Whether a GPU or TPU plugin of JAX is installed (looked up, not imported)."""
+  return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+
+
 def tunables_to_set(env: dict[str, str], system: str, libc: tuple[str, str],
-                    mode: str | None) -> str | None:
+                    mode: str | None, accelerator: bool = False) -> str | None:
   """The `GLIBC_TUNABLES` value to restart with, or None when a restart would not help.
 
   Args:
@@ -49,8 +60,12 @@ def tunables_to_set(env: dict[str, str], system: str, libc: tuple[str, str],
     system: `platform.system()`.
     libc: `platform.libc_ver()`, e.g. `("glibc", "2.36")`.
     mode: `thp_mode()`.
+    accelerator: `accelerator_installed()`; JAX then trains on it unless `JAX_PLATFORMS`
+      puts the CPU first.
   """
-  if env.get(OFF_SWITCH, "1") == "0" or system != "Linux" or libc[0] != "glibc":
+  if env.get(OFF_SWITCH, "1") == "0" or env.get(RESTARTED):
+    return None
+  if system != "Linux" or libc[0] != "glibc":
     return None
   try:
     version = tuple(int(p) for p in libc[1].split(".")[:2])
@@ -59,23 +74,56 @@ def tunables_to_set(env: dict[str, str], system: str, libc: tuple[str, str],
   # `always` already backs large mappings with huge pages; `never` refuses them.
   if version < (2, 35) or mode != "madvise":
     return None
+  platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  on_cpu = platforms[0] == "cpu" if platforms else not accelerator
+  if not on_cpu:  # Training runs on a GPU or TPU, whose buffers are not glibc's.
+    return None
   current = env.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in current:  # Set, by us before the restart or by the user.
     return None
   return f"{current}:{TUNABLE}" if current else TUNABLE
 
 
-def restart_with_huge_pages() -> None:
+def module_run(orig_argv: list[str]) -> str | None:
+  """The module the interpreter itself runs with `-m` (`sys.orig_argv`), or None.
+
+  `python -m pdb -m hope_jax.train` runs pdb, and a script or `-c` runs no module.
+  """
+  args = iter(orig_argv[1:])
+  for arg in args:
+    if arg == "-m":
+      return next(args, None)
+    if arg.startswith("-m"):
+      return arg[2:]
+    if arg in ("-X", "-W", "--check-hash-based-pycs"):
+      next(args, None)  # The option's value.
+    elif arg == "-c" or not arg.startswith("-"):
+      return None
+  return None
+
+
+def restart_with_huge_pages(module: str = "hope_jax.train") -> None:
   """Replaces this process with the same command and `glibc.malloc.hugetlb=1`, if it helps.
 
-  Call it first thing in a `__main__`, before JAX has started: `sys.orig_argv` is rerun.
+  Call it first thing in the `__main__` of `module`, before JAX has started: the command
+  (`sys.orig_argv`) is rerun only when it is `python ... -m module ...` with no tracer or
+  debugger attached. A failed restart is reported on stderr and training goes on without.
   """
-  value = tunables_to_set(dict(os.environ), platform.system(), platform.libc_ver(), thp_mode())
+  if (not sys.executable or module_run(list(sys.orig_argv)) != module
+      or sys.gettrace() is not None):
+    return
+  value = tunables_to_set(dict(os.environ), platform.system(), platform.libc_ver(), thp_mode(),
+                          accelerator_installed())
   if value is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": value})
+  try:
+    os.execve(sys.executable, sys.orig_argv,
+              {**os.environ, "GLIBC_TUNABLES": value, RESTARTED: "1"})
+  except OSError as e:
+    print(f"{module}: note: could not restart with {TUNABLE} ({e}); going on without it",
+          file=sys.stderr, flush=True)
 
 
 def active() -> bool:

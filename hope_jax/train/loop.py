@@ -193,9 +193,9 @@ def train(config: Any) -> dict[str, Any]:
     logging.info("CPU split into %d XLA device(s) (training.cpu_devices=%s)", cpu_devices,
                  host_devices.requested(t))
   if jax.default_backend() == "cpu" and hugepages.active():
-    logging.info("glibc.malloc.hugetlb=1: XLA's buffers on transparent huge pages "
-                 "(the training CLI restarts with it; %s=0 turns that off)",
-                 hugepages.OFF_SWITCH)
+    logging.info("glibc.malloc.hugetlb=1: large buffers ask for transparent huge pages "
+                 "(kernel mode %s; the training CLI restarts with it, %s=0 turns that off)",
+                 hugepages.thp_mode(), hugepages.OFF_SWITCH)
   try:
     return _train(config, model_cfg, corpus, ckpt, placement)
   finally:
