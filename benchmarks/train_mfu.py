@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -261,9 +260,7 @@ def main() -> None:
              ] + [f"--set={s}" for s in args.set]
       # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
       env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
-      tunables = hugepages.tunables_to_set(env, platform.system(), platform.libc_ver(),
-                                           hugepages.thp_mode(),
-                                           hugepages.accelerator_installed())
+      tunables = hugepages.tunables_here(env)
       if tunables:  # What the training CLI restarts itself with.
         env["GLIBC_TUNABLES"] = tunables
       row = run_row(cmd, args.timeout, env)

@@ -180,13 +180,9 @@ def ck_config(d):
 def test_the_training_cli_runs_with_huge_pages_where_they_help(resumed):
   # `python -m hope_jax.train` restarts itself with glibc's huge-page tunable where the
   # kernel gives huge pages only on request (hope_jax/train/hugepages.py).
-  import platform
-
   from hope_jax.train import hugepages
 
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # As `run_cli` runs it.
-  expected = hugepages.active() or hugepages.tunables_to_set(
-      env, platform.system(), platform.libc_ver(), hugepages.thp_mode(),
-      hugepages.accelerator_installed()) is not None
+  expected = hugepages.active() or hugepages.tunables_here(env) is not None
   assert ("glibc.malloc.hugetlb=1: large buffers ask for transparent huge pages"
           in resumed[1].stderr) == expected

@@ -84,6 +84,12 @@ def tunables_to_set(env: dict[str, str], system: str, libc: tuple[str, str],
   return f"{current}:{TUNABLE}" if current else TUNABLE
 
 
+def tunables_here(env: dict[str, str]) -> str | None:
+  """`tunables_to_set` for `env` on this machine (its system, libc, kernel and plugins)."""
+  return tunables_to_set(env, platform.system(), platform.libc_ver(), thp_mode(),
+                         accelerator_installed())
+
+
 def module_run(orig_argv: list[str]) -> str | None:
   """The module the interpreter itself runs with `-m` (`sys.orig_argv`), or None.
 
@@ -112,8 +118,7 @@ def restart_with_huge_pages(module: str = "hope_jax.train") -> None:
   if (not sys.executable or module_run(list(sys.orig_argv)) != module
       or sys.gettrace() is not None):
     return
-  value = tunables_to_set(dict(os.environ), platform.system(), platform.libc_ver(), thp_mode(),
-                          accelerator_installed())
+  value = tunables_here(dict(os.environ))
   if value is None:
     return
   sys.stdout.flush()
