@@ -11,8 +11,8 @@ from hope_jax.train import hugepages
 from tests.conftest import REPO
 
 LINUX = ("Linux", ("glibc", "2.36"))
-GLIBC_OK = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and tuple(
-    int(p) for p in (platform.libc_ver()[1] or "0.0").split(".")[:2]) >= (2, 35)
+# Linux with glibc >= 2.35: where the module's own rule would restart, given the kernel's mode.
+GLIBC_OK = hugepages.tunables_to_set({}, platform.system(), platform.libc_ver(), "madvise") is not None
 
 
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
@@ -49,6 +49,25 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 ])
 def test_tunables_to_set(env, system, libc, mode, expected):
   assert hugepages.tunables_to_set(env, system, libc, mode) == expected
+
+
+def test_a_jax_plugin_counts_as_an_accelerator_where_jax_would_find_it(tmp_path, monkeypatch):
+  if hugepages.accelerator_installed():
+    pytest.skip("a GPU or TPU plugin is installed here")
+  # The `jax_plugins` namespace package (a module in it) ...
+  (tmp_path / "ns" / "jax_plugins").mkdir(parents=True)
+  (tmp_path / "ns" / "jax_plugins" / "fake_gpu.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path / "ns"))
+  assert hugepages.accelerator_installed()
+  monkeypatch.undo()
+  assert not hugepages.accelerator_installed()
+  # ... or an installed distribution's `jax_plugins` entry point.
+  info = tmp_path / "ep" / "fake_gpu_plugin-1.0.dist-info"
+  info.mkdir(parents=True)
+  (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-gpu-plugin\nVersion: 1.0\n")
+  (info / "entry_points.txt").write_text("[jax_plugins]\nfake_gpu = fake_gpu_plugin\n")
+  monkeypatch.syspath_prepend(str(tmp_path / "ep"))
+  assert hugepages.accelerator_installed()
 
 
 def test_an_installed_accelerator_plugin_means_no_restart_unless_the_cpu_is_asked_for():
@@ -119,5 +138,3 @@ def test_the_restart_reruns_the_same_command_in_the_same_process(tmp_path):
   env[hugepages.OFF_SWITCH] = "0"
   out = run()
   assert out[0].startswith("before") and out[1].startswith("after") and "None False" in out[1]
-
-

@@ -20,8 +20,10 @@ variable. Notebooks and the Python API run in a process that has already started
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import pkgutil
 import platform
 import sys
 
@@ -29,8 +31,6 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 OFF_SWITCH = "HOPE_JAX_HUGE_PAGES"
 RESTARTED = "_HOPE_JAX_HUGE_PAGES_RESTARTED"  # One restart at most, whatever drops the tunable.
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                       "jax_rocm7_plugin", "libtpu")
 
 
 def thp_mode(path: str = THP_MODE_FILE) -> str | None:
@@ -47,8 +47,18 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
 
 
 def accelerator_installed() -> bool:
-  """Whether a GPU or TPU plugin of JAX is installed (looked up, not imported)."""
-  return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+  """Whether JAX would find a GPU or TPU here: looked up where JAX looks, nothing imported.
+
+  JAX loads the plugins (CUDA, ROCm) that the `jax_plugins` entry points name or that sit in
+  the `jax_plugins` namespace package, and a TPU's runtime from `libtpu`.
+  """
+  if importlib.util.find_spec("libtpu") is not None:
+    return True
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return True
+  namespace = importlib.util.find_spec("jax_plugins")
+  return bool(namespace and namespace.submodule_search_locations
+              and any(pkgutil.iter_modules(namespace.submodule_search_locations)))
 
 
 def tunables_to_set(env: dict[str, str], system: str, libc: tuple[str, str],
