@@ -6,7 +6,8 @@ SPEC_JSON is `{"runs": [{"dir": str, "set": {"training.mesh.fsdp": 8, ...},
 "copy_to": [dirs]}], "collectives": [{"training.mesh.fsdp": 4, ...}]}`; each run
 trains `experiments/tiny.py` with the overrides (through `hope_jax.train.loop.train`,
 the code the CLI runs), then copies its checkpoint directory to `copy_to`. Each
-"collectives" entry compiles that config's train step and lists what it communicates.
+"collectives" entry compiles that config's train step and lists what it communicates,
+and whether from the program's entry computation (not from a loop or other sub-computation).
 The last stdout line is `RESULT <json>`: per run, the device count and each state
 leaf's sharding (spec, shard shape); per compiled step, the collectives' shapes.
 """
@@ -71,12 +72,14 @@ def collectives(overrides: dict) -> dict:
                                sharding=placement.batch_sharding())
   hlo = step.lower(with_shardings(abstract, placement.shardings(abstract)),
                    batch).compile().as_text()
-  found = []
+  found, computation = [], None
   for line in hlo.splitlines():
+    if line and not line[0].isspace():  # A computation's header: "ENTRY %main ..." or "%body ...".
+      computation = line.split()[0]
     m = COLLECTIVE.search(line)
     if m:
       shapes = [[int(n) for n in g.split(",") if n] for g in SHAPE.findall(m.group("out"))]
-      found.append({"op": m.group("op"), "shapes": shapes})
+      found.append({"op": m.group("op"), "shapes": shapes, "entry": computation == "ENTRY"})
   return {"collectives": found,
           "param_shapes": sorted({tuple(x.shape) for x in jax.tree.leaves(abstract["params"])})}
 

@@ -88,14 +88,16 @@ def eight(tmp_path_factory):
   ]
   # 24 sequences, 3 per device: no model dimension is a multiple of 3, so a batch-carrying
   # array among the step's collectives would show.
-  compiled = [{**COMMON, **mesh(2, 4), "training.batch_size": 24}]
+  compiled = [{**COMMON, **mesh(2, 4), "training.batch_size": 24},
+              {**COMMON, **mesh(2, 4), "training.batch_size": 24, "model.block": "hope"}]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **devices_env(8))
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "dist_worker.py"),
                          json.dumps({"runs": runs, "collectives": compiled})], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
-  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid", "comm"), result, strict=True))
+  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid", "comm", "comm_hope"), result,
+                         strict=True))
 
 
 def test_data_parallel_fsdp_and_2x4_mesh_match_one_device(reference, eight):
@@ -126,20 +128,32 @@ def test_parameters_and_adam_moments_are_sharded_over_fsdp(eight):
     assert state["step"]["shard_shape"] == []
 
 
-def test_a_step_communicates_only_parameters_gradients_and_scalars(eight):
+@pytest.mark.parametrize("compiled", ["comm", "comm_hope"])
+def test_a_step_communicates_only_parameters_gradients_and_scalars(eight, compiled):
   """No activation (nor per-sequence fast state) crosses devices: each keeps its sequences.
 
   Every communicated array has the size of a parameter, of one of its 4 fsdp shards,
-  or is a scalar (the model may reshape a parameter, e.g. per head, before its gradient
-  is reduced), and none has a dimension that is a multiple of the 3 sequences per device.
+  or is a scalar, and none has a dimension that is a multiple of the 3 sequences per device.
   """
-  comm = eight[1]["comm"]
+  comm = eight[1][compiled]
   sizes = {int(np.prod(s)) // k for s in comm["param_shapes"] for k in (1, 4)} | {1}
   ops = {c["op"] for c in comm["collectives"]}
   assert "all-gather" in ops and ops & {"all-reduce", "reduce-scatter"}, ops
   for c in comm["collectives"]:
     for shape in c["shapes"]:
       assert int(np.prod(shape)) in sizes and not any(n % 3 == 0 for n in shape), c
+
+
+def test_a_hope_step_reduces_its_gradients_once_after_the_backward_pass(eight):
+  """Every collective of a sharded `hope` step runs once per step, none inside a loop.
+
+  The gradients of parameters that the model's scans close over accumulate inside those
+  scans' backward loops; reduced there, every chunk would wait for every other device.
+  """
+  comm = eight[1]["comm_hope"]
+  assert comm["collectives"]
+  inside = [c for c in comm["collectives"] if not c["entry"]]
+  assert not inside, inside
 
 
 def test_checkpoint_saved_on_8_devices_continues_on_1_and_on_4(reference, eight):

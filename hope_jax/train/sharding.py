@@ -8,13 +8,16 @@ that the model code never needs to know about meshes:
   `fsdp` along its largest axis that `fsdp` divides, when it is at least 2-D and
   has at least `training.mesh.fsdp_min_size` elements; smaller ones, scalars,
   the step counter and the RNG key are replicated;
-* inside the step each parameter is gathered before use (ZeRO-3 style), so every
-  activation, and the per-sequence fast state of the Titans/CMS memories that the
-  forward pass builds from the batch, keeps the batch's sharding: each device
-  runs the in-context updates of its own sequences.
+* inside the train step every device differentiates the loss of its own sequences with
+  the whole parameters (gathered at the step's start, ZeRO-3 style), so every activation,
+  and the per-sequence fast state of the Titans/CMS memories that the forward pass builds
+  from the batch, keeps the batch's sharding: each device runs the in-context updates of
+  its own sequences. The gradients are averaged once, after the backward pass
+  (`Placement.value_and_grad`).
 
-The compiler (jit with explicit in/out shardings) inserts all communication:
-all-gathers of parameters, reduce-scatters of gradients, the all-reduce of the loss.
+The compiler (jit with explicit in/out shardings) inserts the all-gathers of the
+parameters and the optimizer's slicing; the one written reduction is the gradients'
+all-reduce over `data` and reduce-scatter over `fsdp` (with the loss's all-reduce).
 
 With one device and one process (`Placement.single`) no mesh is made: the state is
 committed to that device (fresh or restored alike) and the train step is the plain
@@ -24,6 +27,7 @@ committed to that device (fresh or restored alike) and the train step is the pla
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from typing import Any, Callable
@@ -221,10 +225,11 @@ class Placement:
     if self.single:
       return jax.jit(train_step, donate_argnums=0)
     shard = self.shardings(abstract_state)
-    gather = self._gather_fn(abstract_state["params"])
+    value_and_grad = functools.partial(self.value_and_grad,
+                                       abstract_params=abstract_state["params"])
 
     def step(state, batch):
-      return train_step(state, batch, gather_params=gather)
+      return train_step(state, batch, value_and_grad=value_and_grad)
 
     return jax.jit(step, in_shardings=(shard, self.batch_sharding()),
                    out_shardings=(shard, self.replicated()), donate_argnums=0)
@@ -238,12 +243,45 @@ class Placement:
     return jax.jit(lambda p, b: eval_step(gather(p), b),
                    in_shardings=(shard, self.batch_sharding()), out_shardings=self.replicated())
 
-  def _gather_fn(self, abstract_params: Any) -> Callable[[Any], Any]:
-    """Marks every parameter as wanted whole on each device for the forward pass.
+  def value_and_grad(self, loss_fn: Callable, abstract_params: Any) -> Callable:
+    """`jax.value_and_grad(loss_fn)` for a batch split over the mesh, one reduction per step.
 
-    The compiler turns this into one all-gather per parameter, placed next to its
-    use, and the transpose into a reduce-scatter of its gradient. With all weights
-    whole, the batch sharding of the input propagates unchanged through the model.
+    Each device differentiates `loss_fn` on its own rows with the whole parameters (`shard_map`
+    over both batch axes; jit gathers FSDP-sharded parameters at its boundary), and the
+    per-device losses and gradients are then averaged once: an all-reduce over `data` and, for a
+    parameter sharded over `fsdp`, a reduce-scatter into its shards. `loss_fn` must be a mean
+    over the batch rows, so that the mean of equal-sized shards' means is the batch's.
+
+    Differentiating the global program instead left the reduction to the SPMD partitioner,
+    which placed it where the gradient of a parameter accumulates, inside the model's scans:
+    every C_1 chunk (all parameters) and every Titans chunk (the per-head vectors) of a `hope`
+    step synchronised the devices, and across processes each of those ~500 all-reduces per
+    step was a network round trip (docs/distributed.md).
+    """
+    specs = jax.tree.map(lambda s: s.spec, self.shardings({"params": abstract_params})["params"])
+
+    def reduce(g, spec):
+      if "fsdp" not in spec:
+        return jax.lax.pmean(g, BATCH_AXES)
+      g = jax.lax.psum_scatter(jax.lax.pmean(g, "data"), "fsdp",
+                               scatter_dimension=list(spec).index("fsdp"), tiled=True)
+      return g / self.fsdp
+
+    def local(params, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      return jax.lax.pmean(loss, BATCH_AXES), jax.tree.map(reduce, grads, specs)
+
+    # check_vma=False: the model's scans start carries from the parameters (the same on every
+    # device) that then vary per device, which the check rejects; the reduction is the above.
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P(BATCH_AXES)),
+                         out_specs=(P(), specs), check_vma=False)
+
+  def _gather_fn(self, abstract_params: Any) -> Callable[[Any], Any]:
+    """Marks every parameter as wanted whole on each device for the eval step's forward pass.
+
+    The compiler turns this into one all-gather per parameter, placed next to its use.
+    With all weights whole, the batch sharding of the input propagates unchanged through
+    the model. (The train step gathers them at the boundary of `value_and_grad`.)
     """
     whole = jax.tree.map(lambda _: self.replicated(), abstract_params)
     return lambda params: jax.lax.with_sharding_constraint(params, whole)

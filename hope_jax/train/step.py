@@ -26,11 +26,15 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation):
     logits = model_def.apply(params, tokens_BL1[:, :-1])
     return lm_loss(logits, tokens_BL1[:, 1:])
 
-  def train_step(state, batch_BL1, gather_params=None):
-    """One step; `gather_params` (sharded runs) marks the params wanted whole for compute."""
+  def train_step(state, batch_BL1, value_and_grad=jax.value_and_grad):
+    """One step.
+
+    `value_and_grad` turns `loss_fn(params, batch)` into `(loss, grads)`: JAX's own on one
+    device; a sharded run passes `Placement.value_and_grad`, which takes each device's
+    gradient of its own sequences and averages them once, after the backward pass.
+    """
     rng, _ = jax.random.split(state["rng"])
-    fn = loss_fn if gather_params is None else lambda p, b: loss_fn(gather_params(p), b)
-    loss, grads = jax.value_and_grad(fn)(state["params"], batch_BL1)
+    loss, grads = value_and_grad(loss_fn)(state["params"], batch_BL1)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "bits_per_token": loss / LN2, "grad_norm": optax.tree.norm(grads)}
