@@ -55,7 +55,8 @@ SHAPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
 
 
 def collectives(overrides: dict) -> dict:
-  """Every collective of the compiled (partitioned) train step, with its shapes."""
+  """Every collective of the compiled (partitioned) train step: its shapes, and `entry`, whether
+  it is in the program's entry computation (not in a loop body or other sub-computation)."""
   from hope_jax.config import ModelConfig
   from hope_jax.train.optimizer import make_optimizer
   from hope_jax.train.sharding import Placement, with_shardings

@@ -9,15 +9,17 @@ that the model code never needs to know about meshes:
   has at least `training.mesh.fsdp_min_size` elements; smaller ones, scalars,
   the step counter and the RNG key are replicated;
 * inside the train step every device differentiates the loss of its own sequences with
-  the whole parameters (gathered at the step's start, ZeRO-3 style), so every activation,
+  the whole parameters (gathered whole at the step's start: FSDP shards the stored
+  parameters and optimizer state, not the forward and backward passes), so every activation,
   and the per-sequence fast state of the Titans/CMS memories that the forward pass builds
   from the batch, keeps the batch's sharding: each device runs the in-context updates of
   its own sequences. The gradients are averaged once, after the backward pass
   (`Placement.value_and_grad`).
 
 The compiler (jit with explicit in/out shardings) inserts the all-gathers of the
-parameters and the optimizer's slicing; the one written reduction is the gradients'
-all-reduce over `data` and reduce-scatter over `fsdp` (with the loss's all-reduce).
+parameters and the scalar reductions of the gradient's global norm; the one written
+reduction is the gradients' all-reduce over `data` and reduce-scatter over `fsdp` (with the
+loss's all-reduce).
 
 With one device and one process (`Placement.single`) no mesh is made: the state is
 committed to that device (fresh or restored alike) and the train step is the plain
@@ -43,7 +45,8 @@ AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # The batch (and everything batch-leading) is split over both.
 
 # Path overrides, checked before the shape rule: (regex on "params/a/b/c", spec).
-# Empty by default; an entry like (r"embed$", P("fsdp", None)) pins one layout.
+# Empty by default; an entry like (r"embed$", P("fsdp", None)) pins one layout. A spec may
+# name only "fsdp", on one axis (`Placement.value_and_grad` reduce-scatters into it).
 OVERRIDES: list[tuple[str, P]] = []
 
 
@@ -248,17 +251,25 @@ class Placement:
 
     Each device differentiates `loss_fn` on its own rows with the whole parameters (`shard_map`
     over both batch axes; jit gathers FSDP-sharded parameters at its boundary), and the
-    per-device losses and gradients are then averaged once: an all-reduce over `data` and, for a
-    parameter sharded over `fsdp`, a reduce-scatter into its shards. `loss_fn` must be a mean
-    over the batch rows, so that the mean of equal-sized shards' means is the batch's.
+    per-device losses and gradients are then averaged once, after the backward pass. Left to
+    the SPMD partitioner, that reduction landed where each gradient accumulates, inside the
+    model's scans (docs/performance.md, "The gradient's all-reduce inside the scans").
 
-    Differentiating the global program instead left the reduction to the SPMD partitioner,
-    which placed it where the gradient of a parameter accumulates, inside the model's scans:
-    every C_1 chunk (all parameters) and every Titans chunk (the per-head vectors) of a `hope`
-    step synchronised the devices, and across processes each of those ~500 all-reduces per
-    step was a network round trip (docs/distributed.md).
+    Args:
+      loss_fn: `loss_fn(params, batch) -> scalar`, a mean over the batch rows of a model that
+        treats rows independently, so the mean of equal shards' means is the batch's.
+      abstract_params: the parameters' shapes (their layout comes from `shardings`).
+
+    Returns:
+      `fn(params, batch) -> (loss, grads)`: the loss replicated; each gradient averaged over
+      `data` (all-reduce) and, where its parameter is split over `fsdp`, reduce-scattered into
+      that parameter's shards.
     """
     specs = jax.tree.map(lambda s: s.spec, self.shardings({"params": abstract_params})["params"])
+    for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
+      if any(entry not in (None, "fsdp") for entry in spec):
+        raise ValueError(f"parameter spec {spec} names more than the fsdp axis; the gradient "
+                         "reduction handles P(..., 'fsdp', ...) and P() only (OVERRIDES)")
 
     def reduce(g, spec):
       if "fsdp" not in spec:
