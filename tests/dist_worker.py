@@ -8,6 +8,8 @@ trains `experiments/tiny.py` with the overrides (through `hope_jax.train.loop.tr
 the code the CLI runs), then copies its checkpoint directory to `copy_to`. Each
 "collectives" entry compiles that config's train step and lists what it communicates,
 and whether from the program's entry computation (not from a loop or other sub-computation).
+With `"bad_override": true` it also reports the error of a gradient reduction asked for a
+parameter split over `data`.
 The last stdout line is `RESULT <json>`: per run, the device count and each state
 leaf's sharding (spec, shard shape); per compiled step, the collectives' shapes.
 """
@@ -95,7 +97,27 @@ def main(spec: dict) -> None:
       shutil.copytree(run["dir"], dest)
   for overrides in spec.get("collectives", []):
     results.append(collectives(overrides))
+  if spec.get("bad_override"):
+    results.append(bad_override_error())
   print("RESULT " + json.dumps(results), flush=True)
+
+
+def bad_override_error() -> str:
+  """The error of a gradient reduction asked for a parameter split over `data` (`OVERRIDES`)."""
+  from jax.sharding import PartitionSpec as P
+
+  from hope_jax.train import sharding
+
+  params = {"w": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+  placement = sharding.Placement({"data": 2, "fsdp": 4}, 8)
+  sharding.OVERRIDES.append((r"params/w$", P("data", None)))
+  try:
+    placement.value_and_grad(lambda p, b: jnp.sum(p["w"]), params)
+  except ValueError as e:
+    return str(e)
+  finally:
+    sharding.OVERRIDES.pop()
+  return ""
 
 
 if __name__ == "__main__":

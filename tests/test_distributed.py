@@ -92,12 +92,12 @@ def eight(tmp_path_factory):
               {**COMMON, **mesh(2, 4), "training.batch_size": 24, "model.block": "hope"}]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **devices_env(8))
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "dist_worker.py"),
-                         json.dumps({"runs": runs, "collectives": compiled})], cwd=REPO, env=env, capture_output=True,
+                         json.dumps({"runs": runs, "collectives": compiled, "bad_override": True})], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
-  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid", "comm", "comm_hope"), result,
-                         strict=True))
+  return dirs, dict(zip(("dp", "fsdp4", "fsdp", "hybrid", "comm", "comm_hope", "bad_override"),
+                         result, strict=True))
 
 
 def test_data_parallel_fsdp_and_2x4_mesh_match_one_device(reference, eight):
@@ -154,6 +154,11 @@ def test_a_hope_step_reduces_its_gradients_once_after_the_backward_pass(eight):
   assert comm["collectives"]
   inside = [c for c in comm["collectives"] if not c["entry"]]
   assert not inside, inside
+
+
+def test_a_parameter_split_over_data_is_refused_by_the_gradient_reduction(eight):
+  message = eight[1]["bad_override"]
+  assert "names more than the fsdp axis" in message and "'data'" in message, message
 
 
 def test_checkpoint_saved_on_8_devices_continues_on_1_and_on_4(reference, eight):
