@@ -91,8 +91,9 @@ def eight(tmp_path_factory):
   compiled = [{**COMMON, **mesh(2, 4), "training.batch_size": 24},
               {**COMMON, **mesh(2, 4), "training.batch_size": 24, "model.block": "hope"}]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **devices_env(8))
+  spec = {"runs": runs, "collectives": compiled, "bad_override": True}
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "dist_worker.py"),
-                         json.dumps({"runs": runs, "collectives": compiled, "bad_override": True})], cwd=REPO, env=env, capture_output=True,
+                         json.dumps(spec)], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
