@@ -26,22 +26,48 @@ def causal_attention(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
                      kv_len: int | Array | None = None):
   """Softmax attention where query i (at absolute position q_offset + i) sees keys <= it.
 
+  The products run over the batch and head axes merged (N = B * H), as `cached_attention`'s
+  do. With the batch kept as its own axis, a batch of one (a host device's share of a
+  data-parallel batch) let XLA:CPU lay the `[H, L, S]` weights out against the products and
+  copy them: `transformer_pp`'s L=2048 step spent 40% of its busy time in those copies
+  (docs/performance.md). `causal_attention_reference` is the plain form (tested equal).
+
   Args:
     q_BLHD: queries; k_BSHD, v_BSHD: keys/values for absolute positions 0..S-1.
     q_offset: absolute position of the first query (decoding with a KV cache).
     kv_len: number of valid cached keys (positions >= kv_len are masked).
   """
+  b, length, h, d = q_BLHD.shape
+  s = k_BSHD.shape[1]
+  merge = lambda x_BXHD: x_BXHD.swapaxes(1, 2).reshape(b * h, x_BXHD.shape[1], d)
+  logits_NLS = jnp.einsum("nld,nsd->nls", merge(q_BLHD), merge(k_BSHD),
+                          preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+  logits_NLS = jnp.where(_causal_mask(length, s, q_offset, kv_len)[None], logits_NLS, -1e30)
+  probs_NLS = jax.nn.softmax(logits_NLS, axis=-1).astype(v_BSHD.dtype)
+  y_NLD = jnp.einsum("nls,nsd->nld", probs_NLS, merge(v_BSHD))
+  return y_NLD.reshape(b, h, length, d).swapaxes(1, 2)
+
+
+def causal_attention_reference(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
+                               kv_len: int | Array | None = None):
+  """`causal_attention` written on the `[B, L, H, D]` axes as they come: the reference."""
   d = q_BLHD.shape[-1]
   logits_BHLS = jnp.einsum("blhd,bshd->bhls", q_BLHD, k_BSHD,
                            preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-  qpos_L = q_offset + jnp.arange(q_BLHD.shape[1])
-  kpos_S = jnp.arange(k_BSHD.shape[1])
-  mask_LS = kpos_S[None, :] <= qpos_L[:, None]
-  if kv_len is not None:
-    mask_LS = mask_LS & (kpos_S[None, :] < kv_len)
+  mask_LS = _causal_mask(q_BLHD.shape[1], k_BSHD.shape[1], q_offset, kv_len)
   logits_BHLS = jnp.where(mask_LS[None, None], logits_BHLS, -1e30)
   probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHD.dtype)
   return jnp.einsum("bhls,bshd->blhd", probs_BHLS, v_BSHD)
+
+
+def _causal_mask(length: int, s: int, q_offset, kv_len):
+  """`[L, S]`: key j is visible to query i when j <= q_offset + i (and j < kv_len)."""
+  qpos_L = q_offset + jnp.arange(length)
+  kpos_S = jnp.arange(s)
+  mask_LS = kpos_S[None, :] <= qpos_L[:, None]
+  if kv_len is not None:
+    mask_LS = mask_LS & (kpos_S[None, :] < kv_len)
+  return mask_LS
 
 
 def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
@@ -70,9 +96,7 @@ def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
   q_NLD = q_BLHD.swapaxes(1, 2).reshape(b * h, length, d)
   logits_NLS = jnp.einsum("nld,nds->nls", q_NLD, k_cache_NDS,
                           preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-  qpos_L = q_offset + jnp.arange(length)
-  kpos_S = jnp.arange(k_cache_NDS.shape[-1])
-  mask_LS = (kpos_S[None, :] <= qpos_L[:, None]) & (kpos_S[None, :] < kv_len)
+  mask_LS = _causal_mask(length, k_cache_NDS.shape[-1], q_offset, kv_len)
   logits_NLS = jnp.where(mask_LS[None], logits_NLS, -1e30)
   probs_NLS = jax.nn.softmax(logits_NLS, axis=-1)
   if probs_dtype is not None:
