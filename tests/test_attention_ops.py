@@ -134,9 +134,15 @@ def test_a_batch_of_one_copies_no_attention_weights():
   # A data-parallel batch split over host devices leaves each device one sequence. Written on
   # the [B, L, H, D] axes (`causal_attention_reference`), the compiled forward and backward
   # pass of such a batch transposed or copied the [1, H, L, S] weights four times (XLA:CPU,
-  # jaxlib 0.10.2), 40% of transformer_pp's busy time at L=2048; the merged form does not.
+  # jaxlib 0.10.2), 37% of transformer_pp's busy time at L=2048; the merged form does not.
   length, h, d = 256, 4, 64
   x_BLHD = jnp.ones((1, length, h, d))
-  loss = lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v)))
-  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x_BLHD, x_BLHD, x_BLHD).compile()
-  assert _weight_sized_copies(hlo.as_text(), h * length * length) == []
+
+  def copies(attention):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v)))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x_BLHD, x_BLHD, x_BLHD).compile()
+    return _weight_sized_copies(hlo.as_text(), h * length * length)
+
+  if not copies(causal_attention_reference):  # The detector must see what it looks for.
+    pytest.skip("this XLA copies no attention weights in the plain form either")
+  assert copies(causal_attention) == []

@@ -62,7 +62,7 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(u_BLD, pos + jnp.arange(length))
     n, dh = b * self.num_heads, self.head_dim
     k_NDL = k.transpose(0, 2, 3, 1).reshape(n, dh, length)
-    v_NLD = v.swapaxes(1, 2).reshape(n, length, dh)
+    v_NLD = attn_ops.merge_heads(v)
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_NDL.astype(cache["k"].dtype), pos, 2)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_NLD.astype(cache["v"].dtype), pos, 1)
     new_pos = pos + length

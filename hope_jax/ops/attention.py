@@ -29,23 +29,24 @@ def causal_attention(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
   The products run over the batch and head axes merged (N = B * H), as `cached_attention`'s
   do. With the batch kept as its own axis, a batch of one (a host device's share of a
   data-parallel batch) let XLA:CPU lay the `[H, L, S]` weights out against the products and
-  copy them: `transformer_pp`'s L=2048 step spent 40% of its busy time in those copies
+  copy them: `transformer_pp`'s L=2048 step spent 37% of its busy time in those copies
   (docs/performance.md). `causal_attention_reference` is the plain form (tested equal).
 
   Args:
     q_BLHD: queries; k_BSHD, v_BSHD: keys/values for absolute positions 0..S-1.
     q_offset: absolute position of the first query (decoding with a KV cache).
     kv_len: number of valid cached keys (positions >= kv_len are masked).
+
+  Returns:
+    `[B, L, H, Dv]` outputs in the values' dtype.
   """
-  b, length, h, d = q_BLHD.shape
-  s = k_BSHD.shape[1]
-  merge = lambda x_BXHD: x_BXHD.swapaxes(1, 2).reshape(b * h, x_BXHD.shape[1], d)
-  logits_NLS = jnp.einsum("nld,nsd->nls", merge(q_BLHD), merge(k_BSHD),
+  b, length, _, d = q_BLHD.shape
+  logits_NLS = jnp.einsum("nld,nsd->nls", merge_heads(q_BLHD), merge_heads(k_BSHD),
                           preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-  logits_NLS = jnp.where(_causal_mask(length, s, q_offset, kv_len)[None], logits_NLS, -1e30)
+  mask_LS = _causal_mask(length, k_BSHD.shape[1], q_offset, kv_len)
+  logits_NLS = jnp.where(mask_LS[None], logits_NLS, -1e30)
   probs_NLS = jax.nn.softmax(logits_NLS, axis=-1).astype(v_BSHD.dtype)
-  y_NLD = jnp.einsum("nls,nsd->nld", probs_NLS, merge(v_BSHD))
-  return y_NLD.reshape(b, h, length, d).swapaxes(1, 2)
+  return _split_heads(jnp.einsum("nls,nsd->nld", probs_NLS, merge_heads(v_BSHD)), b)
 
 
 def causal_attention_reference(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0,
@@ -58,6 +59,18 @@ def causal_attention_reference(q_BLHD, k_BSHD, v_BSHD, q_offset: int | Array = 0
   logits_BHLS = jnp.where(mask_LS[None, None], logits_BHLS, -1e30)
   probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHD.dtype)
   return jnp.einsum("bhls,bshd->blhd", probs_BHLS, v_BSHD)
+
+
+def merge_heads(x_BXHD):
+  """`[B, X, H, D]` -> `[B * H, X, D]`, batch-major: the merged axis of the products and cache."""
+  b, x, h, d = x_BXHD.shape
+  return x_BXHD.swapaxes(1, 2).reshape(b * h, x, d)
+
+
+def _split_heads(y_NXD, b: int):
+  """`[B * H, X, D]` -> `[B, X, H, D]`: `merge_heads` undone."""
+  n, x, d = y_NXD.shape
+  return y_NXD.reshape(b, n // b, x, d).swapaxes(1, 2)
 
 
 def _causal_mask(length: int, s: int, q_offset, kv_len):
@@ -80,7 +93,7 @@ def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
   token transposes the cache. The merged axis keeps a size-1 batch from being a size-1
   leading axis, which stopped XLA:CPU from updating the loop-carried cache in place (it
   copied every cache twice per token; docs/performance.md). `causal_attention` over the
-  same cache as `[B, S, H, D]` is the reference (tested equal).
+  same cache as `[B, S, H, D]` gives the same (tested equal).
 
   Args:
     q_BLHD: queries at absolute positions q_offset .. q_offset + L - 1.
@@ -92,9 +105,8 @@ def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
       the values' dtype). A bfloat16 model reading a float32 cache passes bfloat16, so the
       weights are what `causal_attention` on its bfloat16 values would use.
   """
-  b, length, h, d = q_BLHD.shape
-  q_NLD = q_BLHD.swapaxes(1, 2).reshape(b * h, length, d)
-  logits_NLS = jnp.einsum("nld,nds->nls", q_NLD, k_cache_NDS,
+  b, length, _, d = q_BLHD.shape
+  logits_NLS = jnp.einsum("nld,nds->nls", merge_heads(q_BLHD), k_cache_NDS,
                           preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   mask_LS = _causal_mask(length, k_cache_NDS.shape[-1], q_offset, kv_len)
   logits_NLS = jnp.where(mask_LS[None], logits_NLS, -1e30)
@@ -102,5 +114,4 @@ def cached_attention(q_BLHD, k_cache_NDS, v_cache_NSD, q_offset: int | Array,
   if probs_dtype is not None:
     probs_NLS = probs_NLS.astype(probs_dtype)
   probs_NLS = probs_NLS.astype(v_cache_NSD.dtype)
-  y_NLD = jnp.einsum("nls,nsd->nld", probs_NLS, v_cache_NSD)
-  return y_NLD.reshape(b, h, length, d).swapaxes(1, 2)
+  return _split_heads(jnp.einsum("nls,nsd->nld", probs_NLS, v_cache_NSD), b)
