@@ -94,3 +94,25 @@ def test_overlapping_device_events_are_neither_nested_nor_counted_twice():
   # A truly nested event still comes off its parent's time.
   own = {e["name"]: t for e, t in profile_step.exclusive_times([ev("p", 0, 10), ev("k", 2, 5)])}
   assert own == {"p": 5, "k": 5}
+
+
+def test_operations_without_an_op_name_take_their_operands():
+  # XLA:CPU's YNNPACK fusions carry no metadata; before, their time was left out of the
+  # tables (about half of a hope step's busy time).
+  hlo = "\n".join([
+      '  %mul.1 = f32[4] multiply(f32[4] %p, f32[4] %p), '
+      'metadata={op_name="jit(train_step)/transpose(jvp(phase_b))/mul"}',
+      '  %ynn_fusion.2 = f32[4] fusion(%mul.1, %p), kind=kCustom, calls=%fused_computation.2',
+      '  %copy.3 = f32[4] copy(%ynn_fusion.2)',  # A chain of unnamed operations.
+      '  %orphan.4 = f32[4] copy(%p)',  # Nothing named upstream: stays unattributed.
+  ])
+  names, inherited = profile_step.hlo_op_names(hlo)
+  assert names["ynn_fusion.2"] == names["copy.3"] == "jit(train_step)/transpose(jvp(phase_b))/mul"
+  assert inherited == {"ynn_fusion.2", "copy.3"}
+  assert "orphan.4" not in names and "fused_computation.2" not in names
+  ev = lambda name, ts, dur: {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1}
+  table = profile_step.summarise([ev("mul.1", 0, 10), ev("ynn_fusion.2", 10, 20),
+                                  ev("copy.3", 30, 10), ev("orphan.4", 40, 60)], hlo, top=5)
+  assert "in 3 operation runs (0.00 s of it in operations without an op_name" in table
+  assert "| outer backward | phase_b | 0.00 | 100.0% | 3 |" in table
+  assert "| ynn_fusion | outer backward | phase_b | 0.00 | 50.0% | 1 |" in table
