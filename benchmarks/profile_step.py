@@ -17,7 +17,9 @@ TPU: of the device's kernels) summed by
   part:   the named scopes of the model (`phase_a`, `phase_b` of the Titans sublayer,
           `ffn` for the CMS or MLP) or "other" (scans, embeddings, head, optimizer);
 
-and the costliest XLA operations. The tables are read from the trace file JAX writes
+then by kind of work (products, YNNPACK reductions, the scans' slices and updates, copies and
+transposes, broadcasts, other elementwise work: `category`), and the costliest XLA
+operations. The tables are read from the trace file JAX writes
 (`*.trace.json.gz`) with the standard library; `--summarise` needs neither jax nor xprof.
 Each operation is attributed by the `op_name` XLA keeps for it (for a fusion, that of its
 root); one without any (XLA:CPU's YNNPACK fusions, some dots and copies) by that of its first
@@ -56,6 +58,28 @@ def classify(op_name: str) -> tuple[str, str]:
   if "rematted_computation" in op_name:
     kind += " (remat)"
   return kind, part
+
+
+def category(hlo_name: str, op_name: str) -> str:
+  """The kind of work of one operation, from its HLO name and the last part of its `op_name`.
+
+  XLA:CPU names a YNNPACK fusion `ynn_fusion.N` whether it wraps a product or a reduction;
+  the `op_name` (of its root, or of the operand it was attributed through) tells them apart.
+  """
+  last = op_name.rsplit("/", 1)[-1]
+  name = re.sub(r"[._]\d+$", "", hlo_name)
+  if name.startswith("ynn_fusion") and last == "reduce_sum":
+    return "YNNPACK reductions"
+  if name.startswith("ynn_fusion") or name in ("dot", "dot_general") or "gemm" in name:
+    return "products (and what YNNPACK fuses into them)"
+  if "dynamic-slice" in name or "dynamic-update-slice" in name or last in (
+      "dynamic_slice", "dynamic_update_slice"):
+    return "the scans' slices and updates"
+  if "copy" in name or "transpose" in name:
+    return "copies and transposes"
+  if "broadcast" in name:
+    return "broadcasts"
+  return "other elementwise and reduce operations"
 
 
 def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
@@ -184,6 +208,8 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
   part_runs: collections.Counter = collections.Counter()
   op_runs: collections.Counter = collections.Counter()
   unmatched: collections.Counter = collections.Counter()
+  by_category: collections.Counter = collections.Counter()
+  category_runs: collections.Counter = collections.Counter()
   inherited_us = 0.0
   for e, us in exclusive_times(events):
     name = _hlo_name(e, op_names)
@@ -194,6 +220,8 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
     op = (re.sub(r"[._]\d+$", "", name), kind, part)
     by_part[(kind, part)] += us
     by_op[op] += us
+    by_category[category(name, op_names[name])] += us
+    category_runs[category(name, op_names[name])] += 1
     inherited_us += us if name in inherited else 0.0
     part_runs[(kind, part)] += 1
     op_runs[op] += 1
@@ -214,6 +242,9 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
   out += ["| pass | part | busy (s) | share | runs |", "|---|---|---|---|---|"]
   out += [f"| {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% | {part_runs[(k, p)]:,} |"
           for (k, p), us in by_part.most_common()]
+  out += ["", "| kind of work | busy (s) | share | runs |", "|---|---|---|---|"]
+  out += [f"| {c} | {us / 1e6:.2f} | {100 * us / total:.1f}% | {category_runs[c]:,} |"
+          for c, us in by_category.most_common()]
   out += ["", "| operation kind | pass | part | busy (s) | share | runs |",
           "|---|---|---|---|---|---|"]
   out += [f"| {n} | {k} | {p} | {us / 1e6:.2f} | {100 * us / total:.1f}% | {op_runs[(n, k, p)]:,} |"

@@ -116,3 +116,28 @@ def test_operations_without_an_op_name_take_their_operands():
   assert "in 3 operation runs (0.00 s of it in operations without an op_name" in table
   assert "| outer backward | phase_b | 0.00 | 100.0% | 3 |" in table
   assert "| ynn_fusion | outer backward | phase_b | 0.00 | 50.0% | 1 |" in table
+
+
+def test_operations_are_grouped_by_kind_of_work():
+  c = profile_step.category
+  assert c("ynn_fusion.7", "jit(train_step)/transpose(jvp(phase_a))/reduce_sum") == (
+      "YNNPACK reductions")
+  assert c("ynn_fusion.8", "jit(train_step)/jvp(phase_a)/dot_general") == c("dot.3", "x/mul") == (
+      "products (and what YNNPACK fuses into them)")
+  assert c("bitcast_dynamic-update-slice_fusion.2", "x/dynamic_update_slice") == (
+      "the scans' slices and updates")
+  assert c("ynn_fusion.9", "x/while/body/dynamic_slice") == (
+      "products (and what YNNPACK fuses into them)")  # A product that reads a slice.
+  assert c("copy_bitcast_fusion.4", "x/transpose") == c("copy.5", "x") == "copies and transposes"
+  assert c("wrapped_broadcast.1", "x") == "broadcasts"
+  assert c("multiply_tanh_fusion.3", "x/tanh") == "other elementwise and reduce operations"
+  hlo = "\n".join([
+      '  %ynn_fusion.1 = f32[4] fusion(%p), kind=kCustom, calls=%c.1, '
+      'metadata={op_name="jit(train_step)/jvp(phase_a)/reduce_sum"}',
+      '  %copy.2 = f32[4] copy(%p), metadata={op_name="jit(train_step)/jvp(phase_a)/copy"}',
+  ])
+  ev = lambda name, ts, dur: {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1}
+  table = profile_step.summarise([ev("ynn_fusion.1", 0, 30), ev("copy.2", 30, 10),
+                                  ev("ynn_fusion.1", 40, 30)], hlo, top=5)
+  assert "| YNNPACK reductions | 0.00 | 85.7% | 2 |" in table
+  assert "| copies and transposes | 0.00 | 14.3% | 1 |" in table
