@@ -23,7 +23,7 @@ operations. The tables are read from the trace file JAX writes
 (`*.trace.json.gz`) with the standard library; `--summarise` needs neither jax nor xprof.
 Each operation is attributed by the `op_name` XLA keeps for it (for a fusion, that of its
 root); one without any (XLA:CPU's YNNPACK fusions, some dots and copies) by that of its first
-named operand. The split is close, not exact; the first line says how much time the second
+operand that has one, own or inherited. The split is close, not exact; the first line says how much time the second
 rule attributed.
 """
 
@@ -163,11 +163,12 @@ def hlo_op_names(hlo_text: str) -> tuple[dict[str, str], set[str]]:
   """`op_name` of every instruction of an optimised HLO module, and which ones inherited it.
 
   XLA:CPU's YNNPACK fusions, and some dots and copies its passes create, carry no metadata.
-  Such an instruction takes the `op_name` of its first operand that has one (followed
-  through operands without one), so its time counts where its inputs were computed rather
-  than nowhere: on a `hope` step at L=2048 these were about half of the busy time.
+  Such an instruction takes the `op_name` of its first operand that has one (its own or
+  inherited), so its time counts where its inputs were computed rather than nowhere: on a
+  `hope` step at L=2048 these were about half of the busy time. One pass suffices: the text
+  lists every computation's instructions after their operands.
   """
-  own, operands = {}, {}
+  op_names, inherited = {}, set()
   for line in hlo_text.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
     if not m:
@@ -175,20 +176,13 @@ def hlo_op_names(hlo_text: str) -> tuple[dict[str, str], set[str]]:
     name, rest = m.groups()
     meta = re.search(r'op_name="([^"]+)"', rest)
     if meta:
-      own[name] = meta.group(1)
-    else:
-      operands[name] = re.findall(r"%([\w.\-]+)", rest.split("calls=")[0])
-  op_names, inherited = dict(own), set()
-  changed = True
-  while changed:  # Each pass resolves one more link of a chain of unnamed instructions.
-    changed = False
-    for name, ins in operands.items():
-      if name not in op_names:
-        src = next((op_names[i] for i in ins if i in op_names), None)
-        if src is not None:
-          op_names[name] = src
-          inherited.add(name)
-          changed = True
+      op_names[name] = meta.group(1)
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split("calls=")[0])
+    src = next((op_names[i] for i in operands if i in op_names), None)
+    if src is not None:
+      op_names[name] = src
+      inherited.add(name)
   return op_names, inherited
 
 
@@ -220,8 +214,9 @@ def summarise(events: list[dict], hlo_text: str, top: int) -> str:
     op = (re.sub(r"[._]\d+$", "", name), kind, part)
     by_part[(kind, part)] += us
     by_op[op] += us
-    by_category[category(name, op_names[name])] += us
-    category_runs[category(name, op_names[name])] += 1
+    work = category(name, op_names[name])
+    by_category[work] += us
+    category_runs[work] += 1
     inherited_us += us if name in inherited else 0.0
     part_runs[(kind, part)] += 1
     op_runs[op] += 1
