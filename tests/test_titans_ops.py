@@ -78,6 +78,64 @@ def test_closed_form_backward_equals_the_plain_one(c, dgd, momentum):
     chex.assert_trees_all_close(g_f, g_p, atol=1e-5 * max(scale, 1.0), rtol=1e-4)
 
 
+def _dgd_system(seed, c, i=8):
+  """Unit keys and rates omega = eta / alpha as the model makes them, and N of (I + N)^-1."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 2)
+  K = _unit(jax.random.normal(ks[0], (c, i)))
+  omega = jax.random.uniform(ks[1], (c,), minval=0.01, maxval=0.9)
+  return K, omega, omega[:, None] * jnp.tril(K @ K.T, -1)
+
+
+@pytest.mark.parametrize("c", [1, 5, 16, 17, 48, 64, 100])
+def test_blocked_unit_lower_inverse_equals_the_reference(c):
+  """The blocked inverse (padded to 16 * 2^k past one block) equals the squarings and numpy's."""
+  _, _, N = _dgd_system(c, c)
+  T = cu.unit_lower_inverse(N)
+  chex.assert_trees_all_close(T, cu.unit_lower_inverse_reference(N), atol=1e-5, rtol=1e-5)
+  exact = np.linalg.inv(np.eye(c) + np.asarray(N, np.float64))
+  np.testing.assert_allclose(np.asarray(T), exact, atol=1e-5, rtol=1e-4)
+  np.testing.assert_array_equal(np.triu(np.asarray(T), 1), 0.0)  # Lower triangular...
+  np.testing.assert_array_equal(np.diagonal(np.asarray(T)), 1.0)  # ... with a unit diagonal.
+  if c > 1:
+    assert float(jnp.max(jnp.abs(jnp.tril(T, -1)))) > 1e-2  # Not just the identity.
+
+
+@pytest.mark.parametrize("c", [16, 48, 64])
+def test_unit_lower_inverse_backward_equals_the_reference(c):
+  """The hand-written backward pass equals JAX's through the squarings, alone and in dgd_solve.
+
+  Alone, N is read through tril(., -1): the inverse is defined on strictly lower N only.
+  """
+  K, omega, N = _dgd_system(3 * c, c)
+  ct = jax.random.normal(jax.random.PRNGKey(c), (c, c))
+  on_lower = lambda inverse: (lambda n: inverse(jnp.tril(n, -1)))
+  _, vjp_f = jax.vjp(on_lower(cu.unit_lower_inverse), N)
+  _, vjp_r = jax.vjp(on_lower(cu.unit_lower_inverse_reference), N)
+  (g_f,), (g_r,) = jax.jit(vjp_f)(ct), jax.jit(vjp_r)(ct)
+  assert float(jnp.max(jnp.abs(g_r))) > 1e-1
+  chex.assert_trees_all_close(g_f, g_r, atol=1e-4, rtol=1e-4)
+  out_f, vjp_f = jax.vjp(cu.dgd_solve, K, omega)
+  out_r, vjp_r = jax.vjp(cu.dgd_solve_reference, K, omega)
+  chex.assert_trees_all_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+  for g_f, g_r in zip(jax.jit(vjp_f)(ct), jax.jit(vjp_r)(ct), strict=True):
+    scale = float(jnp.max(jnp.abs(g_r)))
+    assert scale > 1e-2
+    chex.assert_trees_all_close(g_f, g_r, atol=1e-5 * max(scale, 1.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("c", [40, 64])
+def test_closed_form_equals_token_scan_past_one_inverse_block(c):
+  """Spec §7.1 at chunks whose DGD solve combines blocks (the tests above stop at C = 8)."""
+  W, S, K, D, eta, la, lb = _chunk_inputs(c, c, o=6, i=12)
+  eta = eta * 0.2  # Rates of the model's order (eta_max = 0.1): 64 tokens stay well scaled.
+  co = cu.decay_coeffs(la, lb)
+  W_c, S_c = cu.chunk_update_closed(W, S, K, D, eta, co, cu.dgd_solve(K, eta * jnp.exp(-la)))
+  W_r, S_r = cu.chunk_update_reference(W, S, K, D, eta, la, lb, dgd=True)
+  assert float(jnp.max(jnp.abs(W_r - W))) > 1e-2
+  chex.assert_trees_all_close(W_c, W_r, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(S_c, S_r, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("c,dgd,momentum,use_alpha",
                          list(itertools.product([1, 3, 8], [True, False], [True, False],
                                                 [True, False])))

@@ -11,9 +11,10 @@ t = 1..C with keys kappa_t (rows of K_CI), rank-1 gradients G_t = d_t kappa_t^T
 from cumulative sums of logs, and the DGD suffix products share one
 unit-lower-triangular solve `T` (`dgd_solve`), which depends only on
 (K, eta, alpha) and is therefore computed once for every memory that shares the
-keys; its backward pass is written by hand, with `chunk_update_closed_plain` (the same
-forward, differentiated by JAX) as its reference. `chunk_update_reference` is the literal
-recurrence, the closed form's test twin.
+keys (a blocked inverse with a hand-written backward pass, `unit_lower_inverse`; its
+reference is `unit_lower_inverse_reference`). The closed form's backward pass is written by
+hand too, with `chunk_update_closed_plain` (the same forward, differentiated by JAX) as its
+reference. `chunk_update_reference` is the literal recurrence, the closed form's test twin.
 Everything here is float32 and for one matrix; callers `vmap`.
 """
 
@@ -82,28 +83,92 @@ def dgd_solve(K_CI: Float[Array, "C I"], omega_C: Float[Array, " C"]) -> Float[A
   prod_{j>t} (I - omega_j k_j k_j^T) = I - K_{>t}^T T[>t,>t]^T K_{>t} for every t
   (the trailing block of a triangular inverse is the inverse of the trailing block).
   """
+  return _dgd_solve(K_CI, omega_C, unit_lower_inverse)
+
+
+def dgd_solve_reference(K_CI: Float[Array, "C I"],
+                        omega_C: Float[Array, " C"]) -> Float[Array, "C C"]:
+  """`dgd_solve` through `unit_lower_inverse_reference`, differentiated by JAX (its test twin)."""
+  return _dgd_solve(K_CI, omega_C, unit_lower_inverse_reference)
+
+
+def _dgd_solve(K_CI, omega_C, inverse):
   A_CC = jnp.einsum("ci,di->cd", K_CI, K_CI)
   N_CC = omega_C[:, None] * jnp.tril(A_CC, -1)
-  return unit_lower_inverse(N_CC) * omega_C[None, :]
+  return inverse(N_CC) * omega_C[None, :]
 
 
-def unit_lower_inverse(N_CC: Float[Array, "C C"]) -> Float[Array, "C C"]:
-  """(I + N)^{-1} for strictly lower-triangular N, by matmuls only.
+def unit_lower_inverse_reference(N_CC: Float[Array, "*B C C"]) -> Float[Array, "*B C C"]:
+  """(I + N)^{-1} for strictly lower-triangular N, by ceil(log2 C) squarings.
 
-  N is nilpotent (N^C = 0), so (I + N)^{-1} = prod_{j<m} (I + (-N)^{2^j}) with 2^m >= C:
-  ceil(log2 C) squarings. Plain matmuls lower to the MXU/tensor cores on every backend and
-  avoid the LAPACK triangular-solve custom call, which deadlocked XLA:CPU under remat
-  with batch >= 4 (see docs/performance.md).
+  N is nilpotent (N^C = 0), so (I + N)^{-1} = prod_{j<m} (I + (-N)^{2^j}) with 2^m >= C.
+  Plain matmuls lower to the MXU/tensor cores on every backend and avoid the LAPACK
+  triangular-solve custom call, which deadlocked XLA:CPU under remat with batch >= 4 (see
+  docs/performance.md). Leading axes batch. `unit_lower_inverse`'s diagonal blocks and its
+  reference: at C = 64 this takes 10 full C x C products, and JAX's backward pass twice that.
   """
-  c = N_CC.shape[0]
+  c = N_CC.shape[-1]
   P_CC = -N_CC
-  inv_CC = jnp.eye(c, dtype=N_CC.dtype) + P_CC
+  inv_CC = jnp.broadcast_to(jnp.eye(c, dtype=N_CC.dtype), N_CC.shape) + P_CC
   power = 2
   while power < c:
     P_CC = P_CC @ P_CC
     inv_CC = inv_CC + inv_CC @ P_CC
     power *= 2
   return inv_CC
+
+
+# Diagonal blocks up to this size are inverted by squarings; larger ones are combined in pairs.
+_INVERSE_BLOCK = 16
+
+
+@jax.custom_vjp
+def unit_lower_inverse(N_CC: Float[Array, "C C"]) -> Float[Array, "C C"]:
+  """(I + N)^{-1} for strictly lower-triangular N: blocked, with a hand-written backward pass.
+
+  The diagonal blocks of 16 are inverted together by `unit_lower_inverse_reference`; then
+  neighbouring blocks are joined level by level, [[T1, 0], [N21, T2]] -> [[T1, 0],
+  [-T2 N21 T1, T2]], two products per level for all pairs at once (C is padded with zeros to
+  16 * 2^k, which leaves the inverse's leading block unchanged). At C = 64 that is 6 products
+  of 16 x 16 and 4 of 16 or 32 wide, against 10 of 64 x 64 for the squarings alone. The
+  backward pass is d(I + N)^{-1} = -T dN T: dN = -T^T dT T^T, kept on the strictly lower
+  triangle, the matrices this is defined on. Matmuls only, as in the reference.
+  """
+  return _blocked_inverse(N_CC)
+
+
+def _blocked_inverse(N_CC):
+  c, b = N_CC.shape[-1], _INVERSE_BLOCK
+  if c <= b:
+    return unit_lower_inverse_reference(N_CC)
+  size = b
+  while size < c:
+    size *= 2
+  N_SS = jnp.pad(N_CC, ((0, size - c), (0, size - c)))
+  T_KBB = unit_lower_inverse_reference(
+      jnp.stack([N_SS[i:i + b, i:i + b] for i in range(0, size, b)]))
+  s = b
+  while s < size:  # T_KBB: the inverses of the diagonal blocks of size s.
+    N21_KBB = jnp.stack([N_SS[i + s:i + 2 * s, i:i + s] for i in range(0, size, 2 * s)])
+    T1_KBB, T2_KBB = T_KBB[0::2], T_KBB[1::2]
+    X_KBB = -((T2_KBB @ N21_KBB) @ T1_KBB)
+    top = jnp.concatenate([T1_KBB, jnp.zeros_like(T1_KBB)], axis=-1)
+    T_KBB = jnp.concatenate([top, jnp.concatenate([X_KBB, T2_KBB], axis=-1)], axis=-2)
+    s *= 2
+  return T_KBB[0, :c, :c]
+
+
+def _inverse_fwd(N_CC):
+  T_CC = _blocked_inverse(N_CC)
+  return T_CC, T_CC
+
+
+def _inverse_bwd(T_CC, gT_CC):
+  gN_CC = -jnp.einsum("ji,jk->ik", T_CC, gT_CC) @ T_CC.T
+  return (jnp.tril(gN_CC, -1),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
 def chunk_update_closed_plain(W_OI, S_OI, K_CI, D_CO, eta_C, co: DecayCoeffs, T_CC=None):
