@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from hope_jax.ops import broadcast, memory
 from hope_jax.ops import chunk_update as cu
@@ -278,6 +279,44 @@ def test_sherman_morrison_reading_of_dgd():
                                    cu.dgd_solve(x[None], one(eta_p)))
   twice = W @ (jnp.eye(6) - eta_p * jnp.outer(x, x)) - eta_p * jnp.outer(W @ x - u, x)
   chex.assert_trees_all_close(W_l2, twice, atol=1e-5)
+
+
+def _partial_sums(jaxpr):
+  """reduce_sum equations of a jaxpr (sub-jaxprs included) that skip the leading axis of a
+  rank >= 3 input while summing another axis before the last: a sum over L alone."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "reduce_sum":
+      ndim, axes = eqn.invars[0].aval.ndim, eqn.params["axes"]
+      if ndim >= 3 and 0 not in axes and any(a < ndim - 1 for a in axes):
+        found.append((eqn.invars[0].aval.shape, axes))
+    for v in eqn.params.values():
+      for j in (v if isinstance(v, (list, tuple)) else [v]):
+        inner = getattr(j, "jaxpr", j)  # A ClosedJaxpr's jaxpr, or a Jaxpr itself.
+        if hasattr(inner, "eqns"):
+          found += _partial_sums(inner)
+  return found
+
+
+def test_parameter_gradients_sum_over_batch_and_length_at_once():
+  """At a batch of one the conv taps, conv bias and RMSNorm scale summed their gradients over
+  L alone ([1, 1, D] operands), a slow YNNPACK reduction on XLA:CPU; now one sum over B, L."""
+  from hope_jax.model.layers import RMSNorm
+
+  ks = jax.random.split(jax.random.PRNGKey(7), 3)
+  x = jax.random.normal(ks[0], (1, 8, 16))
+  w, b = jax.random.normal(ks[1], (4, 16)), jax.random.normal(ks[2], (16,))
+  conv = lambda w, b: jnp.sum(jnp.tanh(causal_dwconv(x, w, b, jnp.zeros((1, 3, 16)))[0]))
+  jaxpr = jax.make_jaxpr(jax.grad(conv, (0, 1)))(w, b).jaxpr
+  assert sum(e.primitive.name == "reduce_sum" for e in jaxpr.eqns) >= 5  # 4 taps + bias.
+  assert _partial_sums(jaxpr) == []
+  scaled = lambda s: jnp.sum(jnp.tanh(x * s[None, None, :]))  # The old form, for contrast.
+  assert _partial_sums(jax.make_jaxpr(jax.grad(scaled))(b).jaxpr) != []
+  graphdef, state = nnx.split(RMSNorm(16))
+  normed = lambda st: jnp.sum(jnp.tanh(nnx.merge(graphdef, st)(x)))
+  jaxpr = jax.make_jaxpr(jax.grad(normed))(state).jaxpr
+  assert any(e.primitive.name == "reduce_sum" for e in jaxpr.eqns)
+  assert _partial_sums(jaxpr) == []
 
 
 def test_causal_conv_in_pieces_equals_whole():

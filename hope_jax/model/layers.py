@@ -23,7 +23,9 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    # Broadcast to y's full shape, so the scale's gradient is one sum over every leading axis
+    # (see `ops.conv.causal_dwconv`: a size-one batch otherwise left a slow partial sum).
+    scale = jnp.broadcast_to(self.scale[...].astype(jnp.float32), y.shape)
     return (y * scale).astype(x.dtype)
 
 

@@ -48,6 +48,11 @@ def inner_spec(cfg: ModelConfig) -> selfmod.InnerSpec:
       unroll=cfg.inner_scan_unroll)
 
 
+def _plus_bias(z_BLH, b_H):
+  # The bias at z's full shape: its gradient is one sum over B and L (`ops.conv.causal_dwconv`).
+  return z_BLH + jnp.broadcast_to(b_H, z_BLH.shape)
+
+
 def _param(rngs, std, shape, dtype):
   return nnx.Param(normal(std)(rngs.params(), shape, dtype))
 
@@ -162,7 +167,7 @@ class SelfModTitans(nnx.Module):
     if cfg.conv_position == "pre_memory":
       x_pre = self._conv("x", x_pre, conv)
     xt_BLD = jax.nn.silu(x_pre.astype(f32))
-    lb_BLH = (jax.nn.log_sigmoid(self.w_beta(u_BLD).astype(f32) + self.b_beta[...][None, None, :])
+    lb_BLH = (jax.nn.log_sigmoid(_plus_bias(self.w_beta(u_BLD).astype(f32), self.b_beta[...]))
               if cfg.momentum else jnp.zeros((b, l, cfg.num_heads), f32))
 
     # Padding to the chunk grid (parallel form only): padded tokens have eta = 0,
@@ -181,11 +186,11 @@ class SelfModTitans(nnx.Module):
     if cfg.uses_static_projections:
       x = padt(xt_BLD)
       gen = {"k": l2norm(self._heads(self.w_k(x))), "v": self._heads(self.w_v(x))}
-      eta = cfg.eta_max * jax.nn.sigmoid(self.w_eta(x).astype(f32) + self.b_eta[...][None, None, :])
+      eta = cfg.eta_max * jax.nn.sigmoid(_plus_bias(self.w_eta(x).astype(f32), self.b_eta[...]))
       gen["eta"] = eta.transpose(0, 2, 1) * valid_BHL
       if cfg.use_alpha:
         alpha = cfg.alpha_min + (1 - cfg.alpha_min) * jax.nn.sigmoid(
-            self.w_alpha(x).astype(f32) + self.b_alpha[...][None, None, :])
+            _plus_bias(self.w_alpha(x).astype(f32), self.b_alpha[...]))
         gen["la"] = jnp.log(alpha).transpose(0, 2, 1) * valid_BHL
       else:
         gen["la"] = jnp.zeros_like(gen["eta"])
@@ -241,7 +246,7 @@ class SelfModTitans(nnx.Module):
     """2.8 Output: per-head RMSNorm, SiLU gate, output projection."""
     b, _, l, _ = o_BHLD.shape
     o = o_BHLD * jax.lax.rsqrt(jnp.mean(o_BHLD * o_BHLD, axis=-1, keepdims=True) + 1e-6)
-    o = o * self.out_scale[...].astype(jnp.float32)[None, :, None, :]
+    o = o * jnp.broadcast_to(self.out_scale[...].astype(jnp.float32)[None, :, None, :], o.shape)
     o_BLD = o.transpose(0, 2, 1, 3).reshape(b, l, self.cfg.hidden_size)
     dt = DTYPES[self.cfg.dtype]
     y_BLD = self.w_o(o_BLD.astype(dt) * jax.nn.silu(self.w_g(u_BLD)).astype(dt))

@@ -20,9 +20,13 @@ def causal_dwconv(x_BLD, w_KD, b_D, prev_BKD):
   k = w_KD.shape[0]
   length = x_BLD.shape[1]
   xp_BSD = jnp.concatenate([prev_BKD.astype(x_BLD.dtype), x_BLD], axis=1)
-  y_BLD = b_D[None, None, :].astype(x_BLD.dtype)
+  # Taps and bias broadcast to the full [B, L, D]: their gradients are then one sum over B and
+  # L. As [1, 1, D] operands at B = 1, XLA:CPU summed over L alone, a YNNPACK reduction of
+  # the middle axis that took ~4x as long (docs/performance.md, session 38).
+  full = lambda p_D: jnp.broadcast_to(p_D.astype(x_BLD.dtype), x_BLD.shape)
+  y_BLD = full(b_D)
   for j in range(k):  # K = 4 taps: a static unroll of shifted multiply-adds.
-    y_BLD = y_BLD + xp_BSD[:, j:j + length] * w_KD[j][None, None, :].astype(x_BLD.dtype)
+    y_BLD = y_BLD + xp_BSD[:, j:j + length] * full(w_KD[j])
   # The buffer keeps the state's dtype (float32) whatever the compute dtype, so a scan
   # carrying it stays type-stable under bfloat16.
   return y_BLD, xp_BSD[:, xp_BSD.shape[1] - (k - 1):].astype(prev_BKD.dtype)
