@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hope_jax.ops.broadcast import to_shape_of
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -23,10 +25,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    # Broadcast to y's full shape, so the scale's gradient is one sum over every leading axis
-    # (see `ops.conv.causal_dwconv`: a size-one batch otherwise left a slow partial sum).
-    scale = jnp.broadcast_to(self.scale[...].astype(jnp.float32), y.shape)
-    return (y * scale).astype(x.dtype)
+    return (y * to_shape_of(self.scale[...], y)).astype(x.dtype)
 
 
 class Linear(nnx.Module):

@@ -23,7 +23,7 @@ from flax import nnx
 from hope_jax.config import ModelConfig
 from hope_jax.model.layers import DTYPES, Linear, normal
 from hope_jax.ops import selfmod
-from hope_jax.ops.broadcast import broadcast_batch
+from hope_jax.ops.broadcast import broadcast_batch, to_shape_of
 from hope_jax.ops.conv import causal_dwconv
 from hope_jax.ops.memory import l2norm, mlp_apply
 
@@ -49,8 +49,7 @@ def inner_spec(cfg: ModelConfig) -> selfmod.InnerSpec:
 
 
 def _plus_bias(z_BLH, b_H):
-  # The bias at z's full shape: its gradient is one sum over B and L (`ops.conv.causal_dwconv`).
-  return z_BLH + jnp.broadcast_to(b_H, z_BLH.shape)
+  return z_BLH + to_shape_of(b_H, z_BLH)
 
 
 def _param(rngs, std, shape, dtype):
@@ -246,7 +245,7 @@ class SelfModTitans(nnx.Module):
     """2.8 Output: per-head RMSNorm, SiLU gate, output projection."""
     b, _, l, _ = o_BHLD.shape
     o = o_BHLD * jax.lax.rsqrt(jnp.mean(o_BHLD * o_BHLD, axis=-1, keepdims=True) + 1e-6)
-    o = o * jnp.broadcast_to(self.out_scale[...].astype(jnp.float32)[None, :, None, :], o.shape)
+    o = o * to_shape_of(self.out_scale[...][None, :, None, :], o)
     o_BLD = o.transpose(0, 2, 1, 3).reshape(b, l, self.cfg.hidden_size)
     dt = DTYPES[self.cfg.dtype]
     y_BLD = self.w_o(o_BLD.astype(dt) * jax.nn.silu(self.w_g(u_BLD)).astype(dt))

@@ -1,4 +1,7 @@
-"""A leading batch axis for shared values, with a backward pass that sums it pairwise.
+"""Broadcasts of shared values whose backward sums XLA:CPU runs fast.
+
+`broadcast_batch`: a leading batch axis for shared values, with a backward pass that sums it
+pairwise. `to_shape_of`: a parameter at an activation's full shape (see its docstring).
 
 The Titans sublayer starts every sequence's fast weights at the shared meta-init, so the
 meta-init's gradient is a sum over the batch. JAX's transpose of `broadcast_to` is a
@@ -14,6 +17,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+
+def to_shape_of(p, x):
+  """`p` (a parameter, size-one axes where it does not vary) broadcast to `x`'s whole shape.
+
+  Its gradient is then one sum over every broadcast axis. Written as `p[None, None, :]` and
+  left to the elementwise op, the transpose sums only over the axes the broadcast grows; with
+  one sequence per device (a data-parallel batch split over host devices) the batch axis is
+  not among them, and XLA:CPU ran the sum over the length axis alone as a YNNPACK reduction
+  of a middle axis, 3-4x slower (docs/performance.md, session 38).
+  """
+  return jnp.broadcast_to(p.astype(x.dtype), x.shape)
 
 
 def pairwise_sum(x_B):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from hope_jax.ops.broadcast import to_shape_of
+
 
 def causal_dwconv(x_BLD, w_KD, b_D, prev_BKD):
   """y_t = b + sum_j w[j] x_{t-K+1+j}, continuing from the previous K-1 rows.
@@ -20,13 +22,9 @@ def causal_dwconv(x_BLD, w_KD, b_D, prev_BKD):
   k = w_KD.shape[0]
   length = x_BLD.shape[1]
   xp_BSD = jnp.concatenate([prev_BKD.astype(x_BLD.dtype), x_BLD], axis=1)
-  # Taps and bias broadcast to the full [B, L, D]: their gradients are then one sum over B and
-  # L. As [1, 1, D] operands at B = 1, XLA:CPU summed over L alone, a YNNPACK reduction of
-  # the middle axis that took ~4x as long (docs/performance.md, session 38).
-  full = lambda p_D: jnp.broadcast_to(p_D.astype(x_BLD.dtype), x_BLD.shape)
-  y_BLD = full(b_D)
+  y_BLD = to_shape_of(b_D, x_BLD)  # Full-shape parameters: one gradient sum over B and L.
   for j in range(k):  # K = 4 taps: a static unroll of shifted multiply-adds.
-    y_BLD = y_BLD + xp_BSD[:, j:j + length] * full(w_KD[j])
+    y_BLD = y_BLD + xp_BSD[:, j:j + length] * to_shape_of(w_KD[j], x_BLD)
   # The buffer keeps the state's dtype (float32) whatever the compute dtype, so a scan
   # carrying it stays type-stable under bfloat16.
   return y_BLD, xp_BSD[:, xp_BSD.shape[1] - (k - 1):].astype(prev_BKD.dtype)
