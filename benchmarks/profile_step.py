@@ -278,9 +278,11 @@ def main() -> None:
   import numpy as np
 
   from benchmarks.train_mfu import _parse_set, model_config, train_setup
+  from hope_jax.train.sharding import resolve_schedule
   from hope_jax.train.step import make_train_step
 
-  cfg = model_config(args.model, _parse_set(args.set))
+  # One device, as the train loop would pick the Titans scans' unroll for it.
+  cfg = resolve_schedule(model_config(args.model, _parse_set(args.set)), jax.devices()[:1])
   model_def, tx, state = train_setup(cfg)
   step = jax.jit(make_train_step(model_def, tx), donate_argnums=0)
   batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.length + 1),

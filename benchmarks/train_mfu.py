@@ -122,8 +122,9 @@ def placed_train_step(cfg, batch: int, length: int, devices: int = 1, n_batches:
   from hope_jax.train.sharding import Placement
   from hope_jax.train.step import make_train_step
 
-  model_def, tx, state = train_setup(cfg)
   placement = Placement({"data": devices, "fsdp": 1}, batch, jax.devices()[:devices])
+  # The Titans scans' unroll as training picks it for these devices.
+  model_def, tx, state = train_setup(placement.resolve_schedule(cfg))
   abstract = jax.eval_shape(lambda: state)
   if not placement.single:
     state = jax.device_put(state, placement.shardings(abstract))

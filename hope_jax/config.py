@@ -25,6 +25,8 @@ def _is_count(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+AUTO_UNROLL = -1  # `inner_scan_unroll` chosen for the devices (`train.sharding.resolve_schedule`).
+
 # Model settings that choose how a step is computed, not what it computes: each alternative is
 # tested equal to the default (equivalence tests), none changes the parameters' or the
 # optimizer state's structure. They may change across a resume (docs/checkpoints.md), e.g. to
@@ -77,7 +79,9 @@ class ModelConfig:
   selfmod_meta_grad: str = "full"  # "full" | "first_order"
   impl: str = "chunked"  # "chunked" | "reference"
   remat: bool = True  # jax.checkpoint around the inner-loop scan bodies.
-  inner_scan_unroll: int = 1  # Chunks per loop iteration of the Titans chunk scans (0: all).
+  # Chunks per loop iteration of the Titans chunk scans (0: all). -1: training picks 0 on an
+  # accelerator or a CPU run as one XLA device, 1 with several host devices; elsewhere 1.
+  inner_scan_unroll: int = -1
   scan_layers: bool = False  # lax.scan over the blocks: one block compiled, not N (deep models).
   static_projections: bool = False  # Titans-LMM: k/v/eta/alpha from linear maps.
 
@@ -175,10 +179,10 @@ class ModelConfig:
       raise ConfigError(
           f"model.lm_grad_remat_every must be an int >= 0 (0 or 1 keeps every chunk), got "
           f"{self.lm_grad_remat_every!r}")
-    if not _is_count(self.inner_scan_unroll):
+    if not (_is_count(self.inner_scan_unroll) or self.inner_scan_unroll == AUTO_UNROLL):
       raise ConfigError(
-          f"model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan), got "
-          f"{self.inner_scan_unroll!r}")
+          f"model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan) or -1 "
+          f"(chosen for the devices), got {self.inner_scan_unroll!r}")
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_other",
                 "chunk_mem", "conv_width"):
       if getattr(self, key) < 1:

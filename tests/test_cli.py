@@ -25,8 +25,9 @@ CASES = [
     ([TINY, "--config.model.block=mamba"], "model.block='mamba' is not one of"),
     ([TINY, "--config.model.lm_grad_remat_every=-2"],
      "model.lm_grad_remat_every must be an int >= 0 (0 or 1 keeps every chunk), got -2"),
-    ([TINY, "--config.model.inner_scan_unroll=-1"],
-     "model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan), got -1"),
+    ([TINY, "--config.model.inner_scan_unroll=-2"],
+     "model.inner_scan_unroll must be an int >= 0 (0 unrolls the whole chunk scan) or -1 "
+     "(chosen for the devices), got -2"),
     ([TINY, "--config.training.cpu_devices=0"],
      "training.cpu_devices must be a positive integer or -1 (one per core that divides the "
      "batch), got 0"),

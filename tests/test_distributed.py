@@ -5,6 +5,7 @@ parallel, FSDP and a 2 x 4 mesh; a checkpoint saved on 8 devices is resumed on 1
 and on 4; two processes join through `jax.distributed` on a loopback port.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +21,9 @@ import numpy as np
 import pytest
 
 from hope_jax import checkpoint as ck
-from hope_jax.config import ConfigError
+from hope_jax.config import AUTO_UNROLL, ConfigError, ModelConfig
 from hope_jax.train import distributed
-from hope_jax.train.sharding import Placement, partition_spec, resolve_mesh_shape
+from hope_jax.train.sharding import Placement, partition_spec, resolve_mesh_shape, resolve_schedule
 from tests.conftest import REPO, run_cli
 
 STEPS = 8
@@ -354,6 +356,26 @@ def test_mesh_sizes_resolve_and_bad_ones_name_the_key():
     with pytest.raises(ConfigError, match=None) as e:
       resolve_mesh_shape(mesh, n, batch)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_titans_scans_unroll_unless_the_cpu_is_split_into_host_devices():
+  # inner_scan_unroll=-1 (the default) is resolved for the devices a run trains on: unrolled
+  # on one CPU device or an accelerator, a loop on host devices that share the cores
+  # (docs/performance.md, session 39); a value the user set is kept.
+  cfg = ModelConfig()
+  assert cfg.inner_scan_unroll == AUTO_UNROLL
+  dev = lambda platform, process=0: types.SimpleNamespace(platform=platform, process_index=process)
+  one = jax.devices()[:1]
+  assert resolve_schedule(cfg, one).inner_scan_unroll == 0
+  assert Placement({"data": -1, "fsdp": 1}, 2, one).resolve_schedule(cfg).inner_scan_unroll == 0
+  assert resolve_schedule(cfg, [dev("cpu"), dev("cpu")]).inner_scan_unroll == 1
+  assert resolve_schedule(cfg, [dev("gpu"), dev("gpu")]).inner_scan_unroll == 0
+  # One CPU device in each of several processes: nothing shares its cores.
+  assert resolve_schedule(cfg, [dev("cpu", 0), dev("cpu", 1)]).inner_scan_unroll == 0
+  for kept in (0, 1, 4):
+    mine = dataclasses.replace(cfg, inner_scan_unroll=kept)
+    assert resolve_schedule(mine, one) is mine
+    assert resolve_schedule(mine, [dev("cpu"), dev("cpu")]) is mine
 
 
 def test_partition_rule_shards_the_largest_divisible_axis_of_matrices():

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hope_jax.config import ModelConfig
+from hope_jax.config import AUTO_UNROLL, ModelConfig
 from hope_jax.model.layers import DTYPES, Linear, normal
 from hope_jax.ops import selfmod
 from hope_jax.ops.broadcast import broadcast_batch, to_shape_of
@@ -45,7 +45,8 @@ def inner_spec(cfg: ModelConfig) -> selfmod.InnerSpec:
       momentum=cfg.momentum, use_alpha=cfg.use_alpha, eta_max=cfg.eta_max,
       alpha_min=cfg.alpha_min, clip=cfg.inner_grad_clip, memory_target=cfg.memory_target,
       read_mode=cfg.read_mode, meta_grad=cfg.selfmod_meta_grad, impl=cfg.impl, remat=cfg.remat,
-      unroll=cfg.inner_scan_unroll)
+      # Unresolved (`train.sharding.resolve_schedule` never saw the config): the loop.
+      unroll=1 if cfg.inner_scan_unroll == AUTO_UNROLL else cfg.inner_scan_unroll)
 
 
 def _plus_bias(z_BLH, b_H):

@@ -247,7 +247,11 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   logging.info("Data: %s | %d train / %d validation tokens", corpus.description,
                len(corpus.train), len(corpus.val))
 
-  model_def = ModelDef(model_cfg, seed=t.seed)
+  resolved = placement.resolve_schedule(model_cfg)
+  if resolved.inner_scan_unroll != model_cfg.inner_scan_unroll:
+    logging.info("model.inner_scan_unroll=-1: %s for this device layout",
+                 "0 (unrolled)" if resolved.inner_scan_unroll == 0 else "1 (a loop)")
+  model_def = ModelDef(resolved, seed=t.seed)
   # A later run of the same program in this process reuses the compiled steps.
   steps = programs.steps(model_def, t, placement)
   abstract = steps.abstract

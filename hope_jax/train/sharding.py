@@ -29,6 +29,7 @@ committed to that device (fresh or restored alike) and the train step is the pla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import re
@@ -39,7 +40,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hope_jax.config import ConfigError
+from hope_jax.config import AUTO_UNROLL, ConfigError
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # The batch (and everything batch-leading) is split over both.
@@ -171,6 +172,10 @@ class Placement:
     # compiled every step anew, even from a persistent compilation cache that held them.
     self.device = jax.sharding.SingleDeviceSharding(devices[0]) if self.single else None
     self._devices = tuple(devices)
+
+  def resolve_schedule(self, model_cfg):
+    """`resolve_schedule` for these devices."""
+    return resolve_schedule(model_cfg, self._devices)
 
   def key(self) -> tuple:
     """Equal for placements that lay the same state out on the same devices."""
@@ -342,3 +347,18 @@ def threefry_gpu_kernel():
     yield
   finally:
     jax.config.update(option, previous)
+
+
+def resolve_schedule(model_cfg, devices):
+  """`model_cfg` with `inner_scan_unroll=-1` made 0 (unrolled) or 1 (a loop) for `devices`.
+
+  Unrolled Titans chunk scans measured 10-14% faster on a CPU run as one XLA device
+  (L=2048 and 8192, one or two sequences) and 3% on an H100, but 10-12% slower on a CPU
+  split into host devices, one per core (docs/performance.md, session 39): a loop there,
+  unrolled elsewhere. Any other value is the user's and is kept.
+  """
+  if model_cfg.inner_scan_unroll != AUTO_UNROLL:
+    return model_cfg
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  host_split = all(d.platform == "cpu" for d in local) and len(local) > 1
+  return dataclasses.replace(model_cfg, inner_scan_unroll=1 if host_split else 0)
