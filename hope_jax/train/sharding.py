@@ -352,8 +352,8 @@ def threefry_gpu_kernel():
 def resolve_schedule(model_cfg, devices):
   """`model_cfg` with `inner_scan_unroll=-1` made 0 (unrolled) or 1 (a loop) for `devices`.
 
-  Unrolled Titans chunk scans measured 10-14% faster on a CPU run as one XLA device
-  (L=2048 and 8192, one or two sequences) and 3% on an H100, but 10-12% slower on a CPU
+  Unrolled Titans chunk scans measured 11-13% faster on a CPU run as one XLA device
+  (L=2048 and 8192, one or two sequences) and 3% on an H100, but 8-12% slower on a CPU
   split into host devices, one per core (docs/performance.md, session 39): a loop there,
   unrolled elsewhere. Any other value is the user's and is kept.
   """
