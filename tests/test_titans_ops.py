@@ -220,6 +220,57 @@ def test_inner_grads_backward_equals_the_reference(clip):
     chex.assert_trees_all_close(g_f, g_r, atol=1e-5 * float(jnp.max(jnp.abs(g_r))), rtol=1e-4)
 
 
+@pytest.mark.parametrize("clip", [0.0, 1.0, 0.05])
+def test_inner_grads_self_equals_the_reference(clip):
+  """The fused self-target pass (vhat = M(v) inside the gradients) equals the composition of
+  the references, values and gradients with respect to W1, W2, k and v; token 0 has v = k
+  (e = 0, a padded token's safe norms)."""
+  ks = jax.random.split(jax.random.PRNGKey(12), 8)
+  W1 = 0.8 * jax.random.normal(ks[0], (8, 12))
+  W2 = 1.5 * jax.random.normal(ks[1], (12, 8)) / np.sqrt(8)
+  k = _unit(jax.random.normal(ks[2], (7, 8)))
+  v = (2.0 * jax.random.normal(ks[3], (7, 8))).at[0].set(k[0])
+  args = (W1, W2, k, v)
+  out_f, vjp_f = jax.vjp(lambda *a: memory.inner_grads_self(*a, clip=clip), *args)
+  out_r, vjp_r = jax.vjp(lambda *a: memory.inner_grads_self_reference(*a, clip=clip), *args)
+  chex.assert_trees_all_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(out_r[0][0]).max()) == 0.0 and float(jnp.abs(out_r[0][1:]).min()) > 0.0
+  if clip == 1.0:  # Some tokens clipped, some not.
+    e0, h0, _ = memory.inner_grads_self_reference(*args, clip=0.0)
+    p = jnp.linalg.norm(e0, axis=-1) * jnp.linalg.norm(h0, axis=-1)
+    assert bool(jnp.any(p > clip)) and not bool(jnp.all(p > clip))
+  cts = tuple(jax.random.normal(kk, o.shape) for kk, o in zip(ks[4:7], out_r, strict=True))
+  for g_f, g_r in zip(jax.jit(vjp_f)(cts), jax.jit(vjp_r)(cts), strict=True):
+    assert float(jnp.max(jnp.abs(g_r))) > 1e-3  # Every input gets a gradient.
+    chex.assert_trees_all_close(g_f, g_r, atol=1e-5 * float(jnp.max(jnp.abs(g_r))), rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_group_factors_with_self_targets_equal_the_explicit_reads(impl):
+  """`group_factors(..., vhat=None, v_CD=v)` (fused) equals passing every memory's read of v."""
+  from hope_jax.ops import selfmod
+
+  spec = selfmod.InnerSpec()
+  ks = jax.random.split(jax.random.PRNGKey(13), 4)
+  W1 = 0.3 * jax.random.normal(ks[0], (3, 4, 6))
+  W2 = jax.random.normal(ks[1], (3, 6, 4))
+  k = _unit(jax.random.normal(ks[2], (5, 4)))
+  v = jax.random.normal(ks[3], (5, 4))
+  eta, la = jnp.full((5,), 0.3), jnp.full((5,), -0.2)
+
+  def factors(W1, W2, k, v, fused):
+    vhat = None if fused else jax.vmap(memory.mlp_apply, (0, 0, None))(W1, W2, v)
+    fac = selfmod.group_factors(spec, (W1, W2), k, vhat, eta, la, impl, v_CD=v)
+    return [f for f in fac if f is not None]
+
+  chex.assert_trees_all_close(factors(W1, W2, k, v, True), factors(W1, W2, k, v, False),
+                              atol=1e-5, rtol=1e-5)
+  loss = lambda *a: sum(jnp.sum(jnp.sin(f)) for f in factors(*a))
+  chex.assert_trees_all_close(jax.grad(loss, argnums=(0, 1, 2, 3))(W1, W2, k, v, True),
+                              jax.grad(loss, argnums=(0, 1, 2, 3))(W1, W2, k, v, False),
+                              atol=1e-4, rtol=1e-4)
+
+
 def test_mlp_apply_backward_equals_the_reference():
   """The hand-written backward pass of the memory read equals JAX's through the reference."""
   ks = jax.random.split(jax.random.PRNGKey(3), 4)

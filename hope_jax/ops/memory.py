@@ -151,18 +151,25 @@ def _inner_grads_fwd(W1_DE, W2_ED, k_ND, vhat_ND, clip):
   return out, res + ((delta_NE, ne_N1, nh_N1, nd_N1),)
 
 
+def _clip_cotangents(clip, norms, e_ND, h_NE, cts):
+  """The cotangents of the unclipped (e, h, delta) from those of the clipped outputs."""
+  ge_ND, gh_NE, gd_NE = cts
+  if norms is None:
+    return ge_ND, gh_NE, gd_NE
+  # Through the clip scales s(p) = c / max(p, c): ds/dp = -c / p^2 where p > c, else 0.
+  delta_NE, ne_N1, nh_N1, nd_N1 = norms
+  p_N1 = ne_N1 * nh_N1
+  re_N1 = rowdot(ge_ND, e_ND) * jnp.where(p_N1 > clip, -clip / (p_N1 * p_N1), 0.0)
+  rd_N1 = rowdot(gd_NE, delta_NE) * jnp.where(nd_N1 > clip, -clip / (nd_N1 * nd_N1), 0.0)
+  gh_NE = gh_NE + re_N1 * ne_N1 * h_NE / nh_N1
+  ge_ND = ge_ND * _clip_scale(p_N1, clip) + re_N1 * nh_N1 * e_ND / ne_N1
+  gd_NE = gd_NE * _clip_scale(nd_N1, clip) + rd_N1 * delta_NE / nd_N1
+  return ge_ND, gh_NE, gd_NE
+
+
 def _inner_grads_bwd(clip, res, cts):
   W1_DE, W2_ED, k_ND, e_ND, h_NE, a_NE, g1_NE, g2_NE, norms = res
-  ge_ND, gh_NE, gd_NE = cts
-  if norms is not None:
-    # Through the clip scales s(p) = c / max(p, c): ds/dp = -c / p^2 where p > c, else 0.
-    delta_NE, ne_N1, nh_N1, nd_N1 = norms
-    p_N1 = ne_N1 * nh_N1
-    re_N1 = rowdot(ge_ND, e_ND) * jnp.where(p_N1 > clip, -clip / (p_N1 * p_N1), 0.0)
-    rd_N1 = rowdot(gd_NE, delta_NE) * jnp.where(nd_N1 > clip, -clip / (nd_N1 * nd_N1), 0.0)
-    gh_NE = gh_NE + re_N1 * ne_N1 * h_NE / nh_N1
-    ge_ND = ge_ND * _clip_scale(p_N1, clip) + re_N1 * nh_N1 * e_ND / ne_N1
-    gd_NE = gd_NE * _clip_scale(nd_N1, clip) + rd_N1 * delta_NE / nd_N1
+  ge_ND, gh_NE, gd_NE = _clip_cotangents(clip, norms, e_ND, h_NE, cts)
   ga_NE = gd_NE * g1_NE  # delta = a gelu'(z), a = W1^T e.
   ge_ND = ge_ND + jnp.einsum("ne,de->nd", ga_NE, W1_DE)
   gh_NE = gh_NE + jnp.einsum("nd,de->ne", ge_ND, W1_DE)  # e = k + W1 h - vhat.
@@ -194,6 +201,72 @@ def inner_grads(W1_DE: Float[Array, "D E"], W2_ED: Float[Array, "E D"], k_ND: Fl
   gradient (`tests/test_titans_ops.py`).
   """
   return _inner_grads(W1_DE, W2_ED, k_ND, vhat_ND, float(clip))
+
+
+def inner_grads_self_reference(W1_DE, W2_ED, k_ND, v_ND, *, clip: float = 0.0):
+  """`inner_grads_reference` with the memory's own read of v as the targets (Eq. 83/87):
+  vhat = M(v) at the same weights, the plain composition (the reference of
+  `inner_grads_self`)."""
+  return inner_grads_reference(W1_DE, W2_ED, k_ND, mlp_apply_reference(W1_DE, W2_ED, v_ND),
+                               clip=clip)
+
+
+def _inner_grads_self_fwd(W1_DE, W2_ED, k_ND, v_ND, clip):
+  n = k_ND.shape[0]
+  # The keys' and the targets' passes share the weights: one product over both row sets.
+  x_XD = jnp.concatenate([k_ND, v_ND], 0)
+  h_XE, g1_XE, g2_XE = _gelu_and_derivatives(jnp.einsum("ed,nd->ne", W2_ED, x_XD))
+  h_NE, g1_NE, g2_NE = h_XE[:n], g1_XE[:n], g2_XE[:n]
+  # e = M(k) - M(v) = (k - v) + W1 (h_k - h_v): one N-row product instead of two.
+  dh_NE = h_NE - h_XE[n:]
+  e_ND = k_ND - v_ND + jnp.einsum("de,ne->nd", W1_DE, dh_NE)
+  a_NE = jnp.einsum("de,nd->ne", W1_DE, e_ND)
+  delta_NE = a_NE * g1_NE
+  res = (W1_DE, W2_ED, x_XD, e_ND, h_NE, dh_NE, a_NE, g1_XE, g2_NE)
+  if clip <= 0:
+    return (e_ND, h_NE, delta_NE), res + (None,)
+  ne_N1, nh_N1, nd_N1 = safe_norm(e_ND), safe_norm(h_NE), safe_norm(delta_NE)
+  out = (e_ND * _clip_scale(ne_N1 * nh_N1, clip), h_NE,
+         delta_NE * _clip_scale(nd_N1, clip))
+  return out, res + ((delta_NE, ne_N1, nh_N1, nd_N1),)
+
+
+def _inner_grads_self_bwd(clip, res, cts):
+  W1_DE, W2_ED, x_XD, e_ND, h_NE, dh_NE, a_NE, g1_XE, g2_NE, norms = res
+  n = e_ND.shape[0]
+  ge_ND, gh_NE, gd_NE = _clip_cotangents(clip, norms, e_ND, h_NE, cts)
+  ga_NE = gd_NE * g1_XE[:n]  # delta = a gelu'(z_k), a = W1^T e.
+  ge_ND = ge_ND + jnp.einsum("ne,de->nd", ga_NE, W1_DE)
+  # e = k + W1 h_k - (v + W1 h_v): h_k and h_v take +/- the same product.
+  u_NE = jnp.einsum("nd,de->ne", ge_ND, W1_DE)
+  gz_XE = jnp.concatenate([(gh_NE + u_NE) * g1_XE[:n] + gd_NE * a_NE * g2_NE,
+                           -u_NE * g1_XE[n:]], 0)
+  gW1_DE = jnp.einsum("nd,ne->de", e_ND, ga_NE) + jnp.einsum("nd,ne->de", ge_ND, dh_NE)
+  gx_XD = jnp.einsum("ne,ed->nd", gz_XE, W2_ED)  # z = W2 x for both row sets.
+  gW2_ED = jnp.einsum("nd,ne->de", x_XD, gz_XE).T  # gz as the right operand, as above.
+  return gW1_DE, gW2_ED, ge_ND + gx_XD[:n], gx_XD[n:] - ge_ND
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _inner_grads_self(W1_DE, W2_ED, k_ND, v_ND, clip):
+  return _inner_grads_self_fwd(W1_DE, W2_ED, k_ND, v_ND, clip)[0]
+
+
+_inner_grads_self.defvjp(_inner_grads_self_fwd, _inner_grads_self_bwd)
+
+
+def inner_grads_self(W1_DE: Float[Array, "D E"], W2_ED: Float[Array, "E D"],
+                     k_ND: Float[Array, "N D"], v_ND: Float[Array, "N D"], *, clip: float = 0.0):
+  """`inner_grads(W1, W2, k, mlp_apply(W1, W2, v))`, the self-generated targets of phases A
+  and B, as one fused pass (the outputs of `inner_grads_self_reference`).
+
+  The keys' and the targets' reads share the weights, so their first layer is one product
+  over 2N rows and e needs only W1 (h_k - h_v): three products in the forward pass where
+  the read and `inner_grads` took five, six in the backward pass where they took ten
+  (two of them over 2N rows). Tested equal to the reference, values and gradients
+  (`tests/test_titans_ops.py`).
+  """
+  return _inner_grads_self(W1_DE, W2_ED, k_ND, v_ND, float(clip))
 
 
 def linear_apply(W_DD, x_ND):

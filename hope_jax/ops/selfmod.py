@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from hope_jax.ops import chunk_update as cu
-from hope_jax.ops.memory import gelu, inner_grads, l2norm, mlp_apply, safe_norm
+from hope_jax.ops.memory import gelu, inner_grads, inner_grads_self, l2norm, mlp_apply, safe_norm
 
 PROJ_MEMORIES = ("k", "v", "q", "eta", "alpha")  # Canonical stacking order of P.
 
@@ -70,14 +70,21 @@ class Factors(NamedTuple):
   T1_MCC: jax.Array | None  # dgd_solve(key1, eta/alpha) for W1 ("chunked", "per_layer").
 
 
-def group_factors(spec: InnerSpec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl: str) -> Factors:
+def group_factors(spec: InnerSpec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl: str,
+                  v_CD=None) -> Factors:
   """Inner gradients at `read_W` (chunk start) and, for the closed form, the DGD solves.
 
   Computed once per chunk and shared by the update and (under read_mode="dual") the reads.
+  `vhat_MCD` None with `v_CD`: each memory's targets are its own read of v_CD at `read_W`
+  (self-generated, Eq. 83/87), fused with the gradients (`memory.inner_grads_self`).
   """
   W1, W2 = read_W
-  grads = lambda w1, w2, vh: inner_grads(w1, w2, k_CD, vh, clip=spec.clip)
-  e_MCD, h_MCE, delta_MCE = jax.vmap(grads)(W1, W2, vhat_MCD)
+  if vhat_MCD is None:
+    grads = lambda w1, w2: inner_grads_self(w1, w2, k_CD, v_CD, clip=spec.clip)
+    e_MCD, h_MCE, delta_MCE = jax.vmap(grads)(W1, W2)
+  else:
+    grads = lambda w1, w2, vh: inner_grads(w1, w2, k_CD, vh, clip=spec.clip)
+    e_MCD, h_MCE, delta_MCE = jax.vmap(grads)(W1, W2, vhat_MCD)
   if spec.dgd_precond == "per_layer":
     # W1's own input h, normalised as §4.5 assumes; the gradient e h^T is unchanged.
     hn = safe_norm(h_MCE)
@@ -96,19 +103,20 @@ def group_factors(spec: InnerSpec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl: st
 
 
 def group_update(spec: InnerSpec, read_W, run, k_CD, vhat_MCD, eta_C, la_C, lb_C, impl: str,
-                 factors: Factors | None = None):
+                 factors: Factors | None = None, v_CD=None):
   """Applies one chunk of inner updates to a stack of M memories sharing keys and rates.
 
   Args:
     read_W: (W1_MDE, W2_MED) at which reads and gradients are taken (chunk start).
     run: {"W1", "W2"[, "S1", "S2"]} running weights and momentum to update.
-    k_CD: unit keys (shared by every memory). vhat_MCD: each memory's targets.
+    k_CD: unit keys (shared by every memory). vhat_MCD: each memory's targets, or None
+      for its own read of `v_CD` (self-generated targets; see `group_factors`).
     eta_C, la_C, lb_C: rates, log alpha, log beta (lb ignored without momentum).
     impl: "chunked" (closed form) or "reference" (token recurrence).
     factors: `group_factors` of this chunk when the caller already has them.
   """
   if factors is None:
-    factors = group_factors(spec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl)
+    factors = group_factors(spec, read_W, k_CD, vhat_MCD, eta_C, la_C, impl, v_CD)
   delta_MCE, key1_MCE, d1_MCD, T2, T1 = factors
   lb = lb_C if spec.momentum else None
   S1, S2 = run.get("S1"), run.get("S2")
@@ -210,8 +218,8 @@ def phase_a_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
   if "q" in reads:
     out["q"] = l2norm(reads["q"])
   if spec.live:
-    vhat_MND = _stack_apply(*read_W, v_ND)  # Self-generated targets (Eq. 83/87).
-    run = group_update(spec, read_W, run, k_ND, vhat_MND, eta_N, la_N, xs["lb"], impl)
+    # Self-generated targets (Eq. 83/87): each memory's read of v, inside the gradients.
+    run = group_update(spec, read_W, run, k_ND, None, eta_N, la_N, xs["lb"], impl, v_CD=v_ND)
   return run, out
 
 
@@ -225,8 +233,9 @@ def phase_b_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
   """
   del params
   W1, W2 = read_W[0][0], read_W[1][0]
-  vhat_ND = mlp_apply(W1, W2, xs["v"]) if spec.memory_target == "self" else xs["v"]
-  fac = group_factors(spec, read_W, xs["k"], vhat_ND[None], xs["eta"], xs["la"], impl)
+  # memory_target="self": vhat = M(v) at chunk start, fused into the gradients.
+  vhat_MND, v_ND = (None, xs["v"]) if spec.memory_target == "self" else (xs["v"][None], None)
+  fac = group_factors(spec, read_W, xs["k"], vhat_MND, xs["eta"], xs["la"], impl, v_ND)
   if "q" not in xs:
     o_ND = None
   elif spec.read_mode == "dual" and xs["q"].shape[0] > 1:
@@ -235,7 +244,7 @@ def phase_b_body(spec: InnerSpec, params, read_W, run, xs, impl: str):
     o_ND = mlp_apply(run["W1"][0], run["W2"][0], xs["q"])  # One token: M_{t-1} = W_run.
   else:
     o_ND = mlp_apply(W1, W2, xs["q"])  # Chunk-start read (Eq. 90).
-  run = group_update(spec, read_W, run, xs["k"], vhat_ND[None], xs["eta"], xs["la"], xs["lb"],
+  run = group_update(spec, read_W, run, xs["k"], vhat_MND, xs["eta"], xs["la"], xs["lb"],
                      impl, factors=fac)
   return run, ({} if o_ND is None else {"o": o_ND})
 
