@@ -136,6 +136,17 @@ def inner_grads_reference(W1_DE, W2_ED, k_ND, vhat_ND, *, clip: float = 0.0):
   return e_ND, h_NE, delta_NE
 
 
+def _clipped(e_ND, h_NE, delta_NE, clip):
+  """(e, h, delta) with each token clipped (spec §2.4), and the norms the backward pass needs
+  (None when clip <= 0)."""
+  if clip <= 0:
+    return (e_ND, h_NE, delta_NE), None
+  ne_N1, nh_N1, nd_N1 = safe_norm(e_ND), safe_norm(h_NE), safe_norm(delta_NE)
+  out = (e_ND * _clip_scale(ne_N1 * nh_N1, clip), h_NE,
+         delta_NE * _clip_scale(nd_N1, clip))
+  return out, (delta_NE, ne_N1, nh_N1, nd_N1)
+
+
 def _inner_grads_fwd(W1_DE, W2_ED, k_ND, vhat_ND, clip):
   z_NE = jnp.einsum("ed,nd->ne", W2_ED, k_ND)
   h_NE, g1_NE, g2_NE = _gelu_and_derivatives(z_NE)
@@ -143,12 +154,8 @@ def _inner_grads_fwd(W1_DE, W2_ED, k_ND, vhat_ND, clip):
   a_NE = jnp.einsum("de,nd->ne", W1_DE, e_ND)
   delta_NE = a_NE * g1_NE
   res = (W1_DE, W2_ED, k_ND, e_ND, h_NE, a_NE, g1_NE, g2_NE)
-  if clip <= 0:
-    return (e_ND, h_NE, delta_NE), res + (None,)
-  ne_N1, nh_N1, nd_N1 = safe_norm(e_ND), safe_norm(h_NE), safe_norm(delta_NE)
-  out = (e_ND * _clip_scale(ne_N1 * nh_N1, clip), h_NE,
-         delta_NE * _clip_scale(nd_N1, clip))
-  return out, res + ((delta_NE, ne_N1, nh_N1, nd_N1),)
+  out, norms = _clipped(e_ND, h_NE, delta_NE, clip)
+  return out, res + (norms,)
 
 
 def _clip_cotangents(clip, norms, e_ND, h_NE, cts):
@@ -223,12 +230,8 @@ def _inner_grads_self_fwd(W1_DE, W2_ED, k_ND, v_ND, clip):
   a_NE = jnp.einsum("de,nd->ne", W1_DE, e_ND)
   delta_NE = a_NE * g1_NE
   res = (W1_DE, W2_ED, x_XD, e_ND, h_NE, dh_NE, a_NE, g1_XE, g2_NE)
-  if clip <= 0:
-    return (e_ND, h_NE, delta_NE), res + (None,)
-  ne_N1, nh_N1, nd_N1 = safe_norm(e_ND), safe_norm(h_NE), safe_norm(delta_NE)
-  out = (e_ND * _clip_scale(ne_N1 * nh_N1, clip), h_NE,
-         delta_NE * _clip_scale(nd_N1, clip))
-  return out, res + ((delta_NE, ne_N1, nh_N1, nd_N1),)
+  out, norms = _clipped(e_ND, h_NE, delta_NE, clip)
+  return out, res + (norms,)
 
 
 def _inner_grads_self_bwd(clip, res, cts):
