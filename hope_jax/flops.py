@@ -7,7 +7,9 @@ backward taken as 2x the forward; rematerialisation is not counted). Under
 `cms_signal="lm_grad"` the in-context CMS writes add one activation-gradient pass
 over the model plus the CMS weight gradients, F_fwd + sum_layers F_cms; the paper
 does not say how its CMS update ran, so `step_flops` reports the step both with
-and without that term.
+and without that term. The weight gradients count only for the levels whose writes a
+later token reads: the loss's forward freezes a level with C_l at or past the (padded)
+length and forms no gradient for it (`LanguageModel.forward_with_fast_state`).
 
 Everything here is plain Python on a `ModelConfig`; nothing is traced.
 """
@@ -17,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 from hope_jax.config import ModelConfig
-from hope_jax.model.cms import has_fast_weights
+from hope_jax.model.cms import has_fast_weights, level_widths
 from hope_jax.model.titans import proj_memory_names
+from hope_jax.ops.cms import levels_read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,13 @@ def step_flops(cfg: ModelConfig, seq_len: int) -> StepFlops:
   layer = mixer + ffn
   model = cfg.num_layers * layer + 2.0 * d * cfg.vocab_size
   train = 3.0 * model
-  writes = model + cfg.num_layers * cms if uses_cms and has_fast_weights(cfg) else 0.0
+  writes = 0.0
+  if uses_cms and has_fast_weights(cfg):
+    c1 = cfg.cms_chunks[0]
+    read = levels_read(cfg.cms_chunks, -(-seq_len // c1) * c1)
+    if cfg.cms_variant == "nested":  # (Nested levels are never frozen.)
+      read = (True,) * len(read)
+    written = sum(f for f, r in zip(level_widths(cfg), read, strict=True) if r)
+    writes = model + cfg.num_layers * 6.0 * d * written
   return StepFlops(fwd_layer=layer, fwd_model=model, cms_layer=cms, train=train,
                    train_with_cms_writes=train + writes)

@@ -37,9 +37,18 @@ def test_forward_count_matches_xla_cost_analysis(block):
 
 def test_lm_grad_step_counts_the_cms_writes():
   cfg = ModelConfig(block="hope", hidden_size=64, num_layers=2, num_heads=2)
-  f = flops.step_flops(cfg, 512)
+  f = flops.step_flops(cfg, 8192)
   assert f.train == pytest.approx(3 * f.fwd_model)
   assert f.train_with_cms_writes == pytest.approx(4 * f.fwd_model + 2 * f.cms_layer)
+  # At 512 tokens the levels C = 1024 and 4096 (half the width) write after the last token:
+  # the loss's forward freezes them and forms no weight gradients (the nested variant keeps
+  # every level).
+  short = flops.step_flops(cfg, 512)
+  assert short.train_with_cms_writes == pytest.approx(4 * short.fwd_model + short.cms_layer)
+  nested = flops.step_flops(ModelConfig(**{**cfg.to_dict(), "cms_variant": "nested"}), 512)
+  assert nested.train_with_cms_writes == pytest.approx(4 * nested.fwd_model
+                                                       + 2 * nested.cms_layer)
+  f = short
   static = flops.step_flops(ModelConfig(**{**cfg.to_dict(), "cms_signal": "static"}), 512)
   assert static.train_with_cms_writes == static.train == f.train
   # The inner loop dominates a HOPE layer: more than the 8 D^2 static projections + CMS.

@@ -1,6 +1,7 @@
 """The whole LM: causality with lm_grad CMS (spec §7 test 4), batch independence (test 10),
 trainability, experiment files and Table 6 ablation switches (test 8)."""
 
+import functools
 import os
 
 import jax
@@ -12,6 +13,7 @@ from flax import nnx
 import hope_jax
 from hope_jax.config import ModelConfig
 from hope_jax.model import lm
+from hope_jax.ops import cms as cms_ops
 from tests.lm_helpers import needs_titans, tiny
 from tests.test_experiments import FILES, load
 
@@ -191,6 +193,57 @@ def test_grouped_chunk_scan_equals_the_plain_scan(block, every, scan, chunks, cm
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
   assert any(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(a1[0]))  # Writes happened.
   assert temps[0] < temps[1], temps  # Fewer residuals kept.
+
+
+FROZEN_CASES = {
+    "hope_attention": dict(block="hope_attention"),
+    "hope_attention_scan_layers": dict(block="hope_attention", scan_layers=True),
+    "hope": pytest.param(dict(block="hope", num_layers=1), marks=needs_titans),
+}
+
+
+@pytest.mark.parametrize("overrides", FROZEN_CASES.values(), ids=FROZEN_CASES.keys())
+def test_levels_written_after_the_last_token_are_frozen_for_the_logits(overrides):
+  # model(tokens) needs no final fast state, so a level whose first write would come after
+  # the last token (C_l >= the padded length) keeps its initial deltas and forms neither
+  # gradients nor accumulators. 13 tokens are 4 chunks of C_1 = 4 (16 padded): levels 16
+  # and 32 are frozen, 4 and 8 write (at cms_lr=0.3 their writes move the logits). The
+  # logits and the outer gradient must equal the full path's, and the program must be
+  # smaller.
+  chunks = (4, 8, 16, 32)
+  assert cms_ops.levels_read(chunks, 16) == (True, True, False, False)
+  assert cms_ops.levels_read(chunks, 32) == (True, True, True, False)
+  model = hope_jax.build_model(tiny(cms_chunks=chunks, cms_lr=0.3, **overrides), seed=0)
+  graphdef, params = nnx.split(model)
+  tokens_BL = jax.random.randint(jax.random.key(5), (2, L + 1), 0, 32)
+
+  def loss(p, toks_BL, final_state):
+    m = nnx.merge(graphdef, p)
+    logits_BLV, fast, _ = m.forward_with_fast_state(toks_BL[:, :-1], final_state=final_state)
+    assert (fast is None) == (not final_state)
+    logp = jax.nn.log_softmax(logits_BLV)
+    return -jnp.mean(jnp.take_along_axis(logp, toks_BL[:, 1:, None], axis=-1)), logits_BLV
+
+  results, flops = [], []
+  for final_state in (False, True):
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, final_state=final_state),
+                                      has_aux=True))
+    compiled = step.lower(params, tokens_BL).compile()
+    (value, logits_BLV), grads = compiled(params, tokens_BL)
+    results.append((value, logits_BLV, nnx.to_pure_dict(grads)))
+    flops.append(compiled.cost_analysis()["flops"])
+  (v1, l1, g1), (v2, l2, g2) = results
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+  assert flops[0] < flops[1], flops  # The frozen levels' gradients are not formed.
+  # __call__ (the train and eval steps' call) is the frozen path's forward.
+  cost = lambda f: jax.jit(f).lower(params, tokens_BL).compile().cost_analysis()["flops"]
+  call = cost(lambda p, t: nnx.merge(graphdef, p)(t))
+  frozen = cost(lambda p, t: nnx.merge(graphdef, p).forward_with_fast_state(
+      t, final_state=False)[0])
+  full = cost(lambda p, t: nnx.merge(graphdef, p).forward_with_fast_state(t)[:2])
+  assert call == frozen < full, (call, frozen, full)
 
 
 SCAN_CASES = {

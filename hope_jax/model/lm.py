@@ -115,6 +115,22 @@ def _unstack(tree, n: int, axis: int = 0):
   return [jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis), tree) for i in range(n)]
 
 
+def _drop_levels(fast, frozen: tuple):
+  """A layer's CMS fast state ({"delta": [levels], "acc": [levels]}) without `frozen` levels."""
+  if fast is None or not frozen:
+    return fast
+  return {k: [v for i, v in enumerate(lvls) if i not in frozen] for k, lvls in fast.items()}
+
+
+def _with_levels(kept: list, held: list, frozen: tuple) -> list:
+  """Every level's deltas in level order: `kept` ones and, at the `frozen` places, `held`."""
+  if not frozen:
+    return kept
+  n = len(frozen) + len(kept)
+  kept, held = iter(kept), iter(held)
+  return [next(held) if i in frozen else next(kept) for i in range(n)]
+
+
 def _grouped_scan(body, carry, xs, every: int):
   """`lax.scan(body, carry, xs)` that keeps the carry for the backward pass every `every` steps.
 
@@ -179,7 +195,7 @@ class LanguageModel(nnx.Module):
 
   def __call__(self, tokens_BL):
     if self.fast_cms:
-      return self.forward_with_fast_state(tokens_BL)[0]
+      return self.forward_with_fast_state(tokens_BL, final_state=False)[0]
     x_BLD = self.embed_tokens(tokens_BL)
     x_BLD, _ = self._run_blocks(lambda blk, x_BLD, _: (blk(x_BLD), None), x_BLD, None)
     return self.logits(x_BLD)
@@ -357,9 +373,11 @@ class LanguageModel(nnx.Module):
     fast = [b.ffn.init_fast_state(batch_size) if b.uses_cms else None for b in self.blocks]
     return mixers, fast
 
-  def _write(self, fast, grads, tokens_seen, stacked: bool = False):
+  def _write(self, fast, grads, tokens_seen, stacked: bool = False, frozen: tuple = ()):
     cfg = self.cfg
-    write = lambda f, g: cms_ops.schedule_update(f, g, tokens_seen, cfg.cms_chunks, cfg.cms_lr,
+    chunks = [c for i, c in enumerate(cfg.cms_chunks) if i not in frozen]
+    kept = lambda g: [x for i, x in enumerate(g) if i not in frozen]  # Frozen levels: no write.
+    write = lambda f, g: cms_ops.schedule_update(f, kept(g), tokens_seen, chunks, cfg.cms_lr,
                                                  cfg.cms_grad_clip)
     if stacked:
       return jax.vmap(write)(fast, grads)
@@ -367,16 +385,23 @@ class LanguageModel(nnx.Module):
 
   # --------------------------------------------------------- lm_grad forward
 
-  def forward_with_fast_state(self, tokens_BL, collect_deltas: bool = False):
+  def forward_with_fast_state(self, tokens_BL, collect_deltas: bool = False,
+                              final_state: bool = True):
     """The `lm_grad` forward: a `lax.scan` over chunks of C_1 tokens (spec §3.3).
 
     Args:
       tokens_BL: int tokens; L need not be a multiple of C_1 (the tail is padded and its
         positions carry no loss).
       collect_deltas: also return every chunk's post-write deltas (for tests).
+      final_state: return the fast state after the last chunk. Without it (the logits
+        alone, `__call__`) a level whose first write would come after the last token
+        (C_l >= the padded length, `cms_ops.levels_read`) is frozen: it keeps its initial
+        deltas, out of the scan's carry, and its gradients and accumulators are never
+        formed. The logits and their derivatives are the same (tested); at L=2048 the
+        default C_4 = 4096 is such a level, at L=512 also C_3 = 1024.
 
     Returns:
-      (logits_BLV, final fast state per layer, per-chunk deltas or None).
+      (logits_BLV, final fast state per layer or None, per-chunk deltas or None).
     """
     b, l = tokens_BL.shape
     c1 = self.cfg.cms_chunks[0]
@@ -392,7 +417,20 @@ class LanguageModel(nnx.Module):
     stacked = self._scan_layers()
     if stacked:
       states, fast = _stack(states), _stack(fast)
-    get_deltas = (lambda f: f["delta"]) if stacked else (lambda f: [x["delta"] for x in f])
+    read = cms_ops.levels_read(self.cfg.cms_chunks, n * c1)
+    frozen = ()
+    if not (final_state or collect_deltas) and self.cfg.cms_variant != "nested":
+      # (Nested levels restart from each other's slow weights: all of them stay.)
+      frozen = tuple(i for i, r in enumerate(read) if not r)
+    if stacked:
+      held = [fast["delta"][i] for i in frozen]
+      fast = _drop_levels(fast, frozen)
+      get_deltas = lambda f: _with_levels(f["delta"], held, frozen)
+    else:
+      held = [[f["delta"][i] for i in frozen] for f in fast]
+      fast = [_drop_levels(f, frozen) for f in fast]
+      get_deltas = lambda f: [_with_levels(x["delta"], h, frozen) for x, h in zip(f, held,
+                                                                                 strict=True)]
 
     def body(carry, xs):
       states, fast = carry
@@ -408,7 +446,7 @@ class LanguageModel(nnx.Module):
         logits_BCV, states = self.chunk_forward(tok_BC, states,
                                                 jax.tree.map(jax.lax.stop_gradient, deltas),
                                                 aligned=True, stacked=stacked)
-      fast = self._write(fast, grads, (index + 1) * c1, stacked)
+      fast = self._write(fast, grads, (index + 1) * c1, stacked, frozen)
       out = (logits_BCV, get_deltas(fast) if collect_deltas else None)
       return (states, fast), out
 
@@ -428,14 +466,16 @@ class LanguageModel(nnx.Module):
       tok_BC, tgt_BC, mask_BC, _ = jax.tree.map(lambda a: a[-1], xs)
       logits_BCV, _, grads = self.chunk_forward_and_grads(
           tok_BC, tgt_BC, mask_BC, states, get_deltas(fast), stacked, make_states=False)
-      fast = self._write(fast, grads, n * c1, stacked)
+      fast = self._write(fast, grads, n * c1, stacked, frozen)
       logits_NBCV = jnp.concatenate([logits_NBCV, logits_BCV[None]])
       if collect_deltas:
         deltas = jax.tree.map(lambda a, d: jnp.concatenate([a, d[None]]), deltas,
                               get_deltas(fast))
     logits_BLV = logits_NBCV.swapaxes(0, 1).reshape(b, n * c1, -1)[:, :l]
+    if not final_state:
+      fast = None  # (A frozen level's accumulators were never formed.)
     if stacked:  # Back to the per-layer lists of the unstacked path.
-      fast = _unstack(fast, len(self.blocks))
+      fast = None if fast is None else _unstack(fast, len(self.blocks))
       if deltas is not None:  # [chunk, layer, ...] -> per layer [chunk, ...]
         deltas = _unstack(deltas, len(self.blocks), axis=1)
     return logits_BLV, fast, deltas

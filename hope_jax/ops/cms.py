@@ -112,6 +112,16 @@ def level_boundaries(tokens_seen, chunks: Sequence[int]):
   return [jnp.equal(jnp.mod(tokens_seen, c), 0) for c in chunks]
 
 
+def levels_read(chunks: Sequence[int], length: int) -> tuple[bool, ...]:
+  """Which levels write at a boundary that a later token of a `length`-token piece reads.
+
+  Level l writes after every C_l tokens from the piece's start (`level_boundaries`). Its
+  first write comes after C_l tokens, so with C_l >= length no token reads any of its writes:
+  every output sees its initial weights, and its gradients only feed the final fast state.
+  """
+  return tuple(c < length for c in chunks)
+
+
 def init_fast_state(shapes: Sequence[dict[str, tuple[int, ...]]], batch_size: int,
                     nested: bool) -> dict[str, Any]:
   """Zero deltas and accumulators for levels with the given weight shapes."""
