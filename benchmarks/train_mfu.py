@@ -10,6 +10,9 @@ Run (from the repository root):
            --peak_sizes=1024 (matmul sizes of the peak; a GPU needs 4096 or 8192)
            --timeout=SECONDS (per row)
            --devices=N (data parallel; on a CPU, N host devices: 2 suits a 2-core machine)
+           --repeat=N (N rounds of all rows, alternated, then each row's median step and the
+           first model's median step over every other model's, e.g. the issue's
+           `--models=hope,transformer_pp --lengths=2048 --devices=2 --repeat=6`)
 
 Every row runs in its own subprocess (so its peak RSS is its own) and times the real
 train step (`hope_jax.train.step.make_train_step` with the AdamW chain of
@@ -38,6 +41,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 
@@ -237,6 +241,8 @@ def main() -> None:
   ap.add_argument("--set", action="append", default=[], help="model override key=value")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--json", default=None)
+  ap.add_argument("--repeat", type=int, default=1,
+                  help="rounds of all rows, alternated; >1 adds medians and step ratios")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   overrides = _parse_set(args.set)
@@ -249,29 +255,35 @@ def main() -> None:
     emit(row)
     return
 
+  if args.repeat < 1:
+    raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
+  for model in args.models.split(","):
+    if model not in MODELS:
+      raise SystemExit(f"--models: unknown model {model!r}; choose from {sorted(MODELS)}")
   rows = []
-  for length in (int(x) for x in args.lengths.split(",")):
+  rounds = [(length, model) for length in (int(x) for x in args.lengths.split(","))
+            for model in args.models.split(",")]
+  # Each round runs every row once, so slow and fast stretches of a shared machine fall
+  # on every model alike.
+  for length, model in rounds * args.repeat:
     batch = args.batch or max(1, args.tokens_per_step // length)
-    for model in args.models.split(","):
-      if model not in MODELS:
-        raise SystemExit(f"--models: unknown model {model!r}; choose from {sorted(MODELS)}")
-      cmd = [sys.executable, os.path.abspath(__file__), f"--child={model}:{length}:{batch}",
-             f"--steps={args.steps}", f"--dtype={args.dtype}",
-             f"--peak_sizes={args.peak_sizes}", f"--devices={args.devices}"
-             ] + [f"--set={s}" for s in args.set]
-      # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
-      env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
-      tunables = hugepages.tunables_here(env)
-      if tunables:  # What the training CLI restarts itself with.
-        env["GLIBC_TUNABLES"] = tunables
-      row = run_row(cmd, args.timeout, env)
-      if "error" in row:
-        row = {"model": model, "L": length, "B": batch, **row}
-      rows.append(row)
-      print(json.dumps(row), file=sys.stderr, flush=True)
-      if args.json:  # After every row, so a later row's crash or timeout loses nothing.
-        with open(args.json, "w") as f:
-          json.dump({"cores": os.cpu_count(), "dtype": args.dtype, "rows": rows}, f, indent=2)
+    cmd = [sys.executable, os.path.abspath(__file__), f"--child={model}:{length}:{batch}",
+           f"--steps={args.steps}", f"--dtype={args.dtype}",
+           f"--peak_sizes={args.peak_sizes}", f"--devices={args.devices}"
+           ] + [f"--set={s}" for s in args.set]
+    # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
+    tunables = hugepages.tunables_here(env)
+    if tunables:  # What the training CLI restarts itself with.
+      env["GLIBC_TUNABLES"] = tunables
+    row = run_row(cmd, args.timeout, env)
+    if "error" in row:
+      row = {"model": model, "L": length, "B": batch, **row}
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.json:  # After every row, so a later row's crash or timeout loses nothing.
+      with open(args.json, "w") as f:
+        json.dump({"cores": os.cpu_count(), "dtype": args.dtype, "rows": rows}, f, indent=2)
 
   devices = sorted({r["device"] for r in rows if "device" in r})
   cpus = sorted({r["cpu"] for r in rows if "cpu" in r})
@@ -300,6 +312,26 @@ def main() -> None:
           + f" | {peak / 1e9:.0f} | {r['lower_s'] + r['compile_s']:.1f} | "
           f"{r['recompiles_in_timed_steps']} | {r['peak_rss_bytes'] / 2**30:.2f} | "
           + (f"{dev / 2**30:.2f} |" if dev is not None else "- |"))
+  if args.repeat > 1:
+    print("\n" + "\n".join(summarise_rounds(rows, args.models.split(","))))
+
+
+def summarise_rounds(rows: list[dict], models: list[str]) -> list[str]:
+  """Markdown: each (L, B, model)'s median step over the rounds, and at each (L, B) the
+  ratio of the first model's median step to every other model's (failed rows left out)."""
+  steps: dict[tuple, list[float]] = {}
+  for r in rows:
+    if "error" not in r:
+      steps.setdefault((r["L"], r["B"], r["model"]), []).append(r["step_s"])
+  med = {k: statistics.median(v) for k, v in steps.items()}
+  out = ["| model | L | B | rows | median step (s) | range (s) | first model's median step / this one's |",
+         "|---|---|---|---|---|---|---|"]
+  for (length, batch, model), v in steps.items():
+    first = med.get((length, batch, models[0]))
+    ratio = f"{first / med[(length, batch, model)]:.2f}x" if first and model != models[0] else "-"
+    out.append(f"| {model} | {length} | {batch} | {len(v)} | {med[(length, batch, model)]:.2f} | "
+               f"{min(v):.2f}-{max(v):.2f} | {ratio} |")
+  return out
 
 
 if __name__ == "__main__":

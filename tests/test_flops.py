@@ -81,6 +81,20 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
   assert "| hope | 32 | 2 |" in proc.stdout
 
 
+def test_train_mfu_rounds_are_summarised_by_median_and_ratio():
+  from benchmarks.train_mfu import summarise_rounds
+  row = lambda model, step, length=2048: {"model": model, "L": length, "B": 2, "step_s": step}
+  rows = [row("hope", 4.9), row("transformer_pp", 2.4), row("hope", 5.1),
+          row("transformer_pp", 2.3), row("hope", 4.7), row("transformer_pp", 2.5),
+          {"model": "hope", "L": 2048, "B": 2, "error": "timeout"}, row("hope", 9.0, 8192)]
+  table = summarise_rounds(rows, ["hope", "transformer_pp"])
+  assert table[2] == "| hope | 2048 | 2 | 3 | 4.90 | 4.70-5.10 | - |"
+  # 4.9 / 2.4: the medians' ratio, not a mean of the rounds' ratios (2.04, 2.22, 1.88).
+  assert table[3] == "| transformer_pp | 2048 | 2 | 3 | 2.40 | 2.30-2.50 | 2.04x |"
+  assert table[4] == "| hope | 8192 | 2 | 1 | 9.00 | 9.00-9.00 | - |"  # No partner there.
+  assert len(table) == 5
+
+
 def test_train_mfu_benchmark_reports_a_row_that_times_out(tmp_path):
   out = tmp_path / "mfu.json"
   cmd = [sys.executable, "benchmarks/train_mfu.py", "--models=transformer_pp", "--lengths=32",
