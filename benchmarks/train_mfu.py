@@ -328,8 +328,9 @@ def summarise_rounds(rows: list[dict], models: list[str]) -> list[str]:
          "|---|---|---|---|---|---|---|"]
   for (length, batch, model), v in steps.items():
     first = med.get((length, batch, models[0]))
-    ratio = f"{first / med[(length, batch, model)]:.2f}x" if first and model != models[0] else "-"
-    out.append(f"| {model} | {length} | {batch} | {len(v)} | {med[(length, batch, model)]:.2f} | "
+    mine = med[(length, batch, model)]
+    ratio = f"{first / mine:.2f}x" if first is not None and mine and model != models[0] else "-"
+    out.append(f"| {model} | {length} | {batch} | {len(v)} | {mine:.2f} | "
                f"{min(v):.2f}-{max(v):.2f} | {ratio} |")
   return out
 

@@ -21,7 +21,7 @@ import dataclasses
 from hope_jax.config import ModelConfig
 from hope_jax.model.cms import has_fast_weights, level_widths
 from hope_jax.model.titans import proj_memory_names
-from hope_jax.ops.cms import levels_read
+from hope_jax.ops.cms import frozen_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +98,8 @@ def step_flops(cfg: ModelConfig, seq_len: int) -> StepFlops:
   writes = 0.0
   if uses_cms and has_fast_weights(cfg):
     c1 = cfg.cms_chunks[0]
-    read = levels_read(cfg.cms_chunks, -(-seq_len // c1) * c1)
-    if cfg.cms_variant == "nested":  # (Nested levels are never frozen.)
-      read = (True,) * len(read)
-    written = sum(f for f, r in zip(level_widths(cfg), read, strict=True) if r)
+    frozen = frozen_levels(cfg.cms_chunks, -(-seq_len // c1) * c1, cfg.cms_variant)
+    written = sum(f for i, f in enumerate(level_widths(cfg)) if i not in frozen)
     writes = model + cfg.num_layers * 6.0 * d * written
   return StepFlops(fwd_layer=layer, fwd_model=model, cms_layer=cms, train=train,
                    train_with_cms_writes=train + writes)

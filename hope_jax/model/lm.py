@@ -26,6 +26,7 @@ finished chunk from a snapshot of the mixer states at its start.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,11 +116,14 @@ def _unstack(tree, n: int, axis: int = 0):
   return [jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis), tree) for i in range(n)]
 
 
+def _kept(levels: Sequence, frozen: tuple) -> list:
+  """The entries of a per-level sequence whose level is not in `frozen`."""
+  return [x for i, x in enumerate(levels) if i not in frozen]
+
+
 def _drop_levels(fast, frozen: tuple):
   """A layer's CMS fast state ({"delta": [levels], "acc": [levels]}) without `frozen` levels."""
-  if fast is None or not frozen:
-    return fast
-  return {k: [v for i, v in enumerate(lvls) if i not in frozen] for k, lvls in fast.items()}
+  return {k: _kept(lvls, frozen) for k, lvls in fast.items()} if frozen else fast
 
 
 def _with_levels(kept: list, held: list, frozen: tuple) -> list:
@@ -375,10 +379,9 @@ class LanguageModel(nnx.Module):
 
   def _write(self, fast, grads, tokens_seen, stacked: bool = False, frozen: tuple = ()):
     cfg = self.cfg
-    chunks = [c for i, c in enumerate(cfg.cms_chunks) if i not in frozen]
-    kept = lambda g: [x for i, x in enumerate(g) if i not in frozen]  # Frozen levels: no write.
-    write = lambda f, g: cms_ops.schedule_update(f, kept(g), tokens_seen, chunks, cfg.cms_lr,
-                                                 cfg.cms_grad_clip)
+    chunks = _kept(cfg.cms_chunks, frozen)  # Frozen levels: no write.
+    write = lambda f, g: cms_ops.schedule_update(f, _kept(g, frozen), tokens_seen, chunks,
+                                                 cfg.cms_lr, cfg.cms_grad_clip)
     if stacked:
       return jax.vmap(write)(fast, grads)
     return [write(f, g) for f, g in zip(fast, grads, strict=True)]
@@ -395,7 +398,7 @@ class LanguageModel(nnx.Module):
       collect_deltas: also return every chunk's post-write deltas (for tests).
       final_state: return the fast state after the last chunk. Without it (the logits
         alone, `__call__`) a level whose first write would come after the last token
-        (C_l >= the padded length, `cms_ops.levels_read`) is frozen: it keeps its initial
+        (C_l >= the padded length, `cms_ops.frozen_levels`) is frozen: it keeps its initial
         deltas, out of the scan's carry, and its gradients and accumulators are never
         formed. The logits and their derivatives are the same (tested); at L=2048 the
         default C_4 = 4096 is such a level, at L=512 also C_3 = 1024.
@@ -417,11 +420,8 @@ class LanguageModel(nnx.Module):
     stacked = self._scan_layers()
     if stacked:
       states, fast = _stack(states), _stack(fast)
-    read = cms_ops.levels_read(self.cfg.cms_chunks, n * c1)
-    frozen = ()
-    if not (final_state or collect_deltas) and self.cfg.cms_variant != "nested":
-      # (Nested levels restart from each other's slow weights: all of them stay.)
-      frozen = tuple(i for i, r in enumerate(read) if not r)
+    frozen = () if final_state or collect_deltas else cms_ops.frozen_levels(
+        self.cfg.cms_chunks, n * c1, self.cfg.cms_variant)
     if stacked:
       held = [fast["delta"][i] for i in frozen]
       fast = _drop_levels(fast, frozen)

@@ -122,6 +122,15 @@ def levels_read(chunks: Sequence[int], length: int) -> tuple[bool, ...]:
   return tuple(c < length for c in chunks)
 
 
+def frozen_levels(chunks: Sequence[int], length: int, variant: str) -> tuple[int, ...]:
+  """The levels a logits-only forward over `length` (padded) tokens freezes: those whose
+  writes no token reads (`levels_read`); none under the nested variant, whose levels restart
+  from each other's slow weights."""
+  if variant == "nested":
+    return ()
+  return tuple(i for i, r in enumerate(levels_read(chunks, length)) if not r)
+
+
 def init_fast_state(shapes: Sequence[dict[str, tuple[int, ...]]], batch_size: int,
                     nested: bool) -> dict[str, Any]:
   """Zero deltas and accumulators for levels with the given weight shapes."""
