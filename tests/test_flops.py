@@ -128,8 +128,11 @@ def test_xla_options_benchmark_compares_variants_in_one_process(tmp_path):
          "--option=xla_cpu_experimental_xnn_graph_fusion_mode=NOT_A_MODE", f"--json={out}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  base, no_ynn, bad = json.loads(out.read_text())["rows"]
+  base, control, no_ynn, bad = json.loads(out.read_text())["rows"]
   assert base["options"] == {} and "same_hlo" not in base
+  # The control is the baseline's program again, timed in a slot of its own.
+  assert control["options"] == {} and control["control"] is True and control["same_hlo"] is True
+  assert len(control["step_s"]) == 3 and 0 <= control["faster_than_baseline"] <= 3
   assert no_ynn["options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
   assert no_ynn["same_hlo"] is False
   assert no_ynn["first_loss"] == pytest.approx(base["first_loss"], rel=1e-5)
@@ -141,6 +144,8 @@ def test_xla_options_benchmark_compares_variants_in_one_process(tmp_path):
   assert "xla_cpu_experimental_xnn_graph_fusion_mode" in bad["error"]
   assert "NOT_A_MODE" in bad["error"] and "step_s" not in bad
   assert "| baseline | – |" in proc.stdout
+  assert "| baseline again (control) | yes |" in proc.stdout
+  assert "The control (the same program) ran" in proc.stdout
   assert "| xla_cpu_experimental_xnn_graph_fusion_mode=NOT_A_MODE | failed:" in proc.stdout
 
 
