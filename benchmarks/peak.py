@@ -4,7 +4,8 @@ Run:
   python benchmarks/peak.py [--sizes=1024,2048,4096] [--dtypes=float32,bfloat16]
 
 `matmul_peak` is imported by the other benchmarks, so each states its results as a
-fraction of a peak measured in the same process, minutes apart, under the same load.
+fraction of a peak measured in the same process, minutes apart, under the same load;
+`memory_bandwidth` reads how fast the device streams memory the same way.
 The peak is the best of several square matmul sizes (a jitted chain of matmuls, so
 dispatch and transfers are amortised), each timed for at least `min_seconds`.
 """
@@ -63,6 +64,28 @@ def matmul_peak(dtype="float32", sizes=(1024, 2048), min_seconds: float = 1.0) -
   best = max(by_size, key=by_size.get)
   return {"dtype": str(dt), "flops_per_s": by_size[best], "best_size": best,
           "by_size": {str(n): v for n, v in by_size.items()}}
+
+
+def memory_bandwidth(mib: int = 128, min_seconds: float = 1.0) -> float:
+  """Bytes/s of a jitted elementwise add of two float32 arrays of `mib` MiB each.
+
+  Each call reads both and writes the sum (3 x `mib` MiB), far more than any cache holds:
+  the rate at which the device streams memory. A step made of many operations on arrays
+  that the scans write and read back (a `hope` step on a CPU) slows with it where one made
+  of large products (`transformer_pp`) keeps to the matmul peak.
+  """
+  n = mib * 2**20 // 4
+  y = jnp.full((n,), 0.5, jnp.float32)
+  # The sum overwrites its donated first operand, so no call allocates (and faults in) a
+  # fresh output: the reading is the streaming rate, not the allocator's.
+  add = jax.jit(lambda a, b: a + b, donate_argnums=0)
+  x = [jnp.ones((n,), jnp.float32)]
+
+  def call():
+    x[0] = add(x[0], y)
+    return x[0]
+
+  return flops_rate(call, 3.0 * n * 4, min_seconds, group=4)
 
 
 # Instruction-set features that set a CPU's matmul peak: the development machine has had bf16

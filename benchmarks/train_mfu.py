@@ -8,6 +8,7 @@ Run (from the repository root):
   options: --steps=N --tokens_per_step=N --batch=N --set key=value (model overrides,
            repeatable) --json=FILE --dtype=bfloat16 (compute dtype of the outer matmuls)
            --peak_sizes=1024 (matmul sizes of the peak; a GPU needs 4096 or 8192)
+           --bandwidth_mib=128 (array size of the memory-bandwidth reading)
            --timeout=SECONDS (per row)
            --devices=N (data parallel; on a CPU, N host devices: 2 suits a 2-core machine)
            --repeat=N (N rounds of all rows, alternated, then each row's median step and the
@@ -20,7 +21,11 @@ train step (`hope_jax.train.step.make_train_step` with the AdamW chain of
 tokens. In that same process, before and after the timed steps, it measures the dense
 matmul peak (`benchmarks/peak.py`), so MFU is stated against this machine under this load;
 the higher of the compute dtype's two readings is the denominator (a reading taken while a shared host was
-slow would overstate the MFU), and the row names the CPU model and its matmul ISA features:
+slow would overstate the MFU), and the row names the CPU model and its matmul ISA features.
+Before and after the timed steps it also reads the device's memory bandwidth
+(`peak.memory_bandwidth`): on a shared host a step of many memory-bound operations (`hope`)
+slows with it where one of large products (`transformer_pp`) does not, so a slow row can be
+told from a slow machine:
 
   MFU = tokens/s x FLOPs per token / peak,  FLOPs per token from `hope_jax.flops`
   (hope-spec.md §8). Two MFUs for in-context CMS writes: without and with the write term.
@@ -142,7 +147,8 @@ def placed_train_step(cfg, batch: int, length: int, devices: int = 1, n_batches:
 
 
 def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
-            peak_sizes: tuple[int, ...] = (1024,), devices: int = 1) -> dict:
+            peak_sizes: tuple[int, ...] = (1024,), devices: int = 1,
+            bandwidth_mib: int = 128) -> dict:
   """Runs in the child: peak, compile, warm-up, then `steps` timed train steps.
 
   With `devices` > 1 the step runs data parallel over that many devices (on a CPU, host
@@ -152,7 +158,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   sys.path.insert(0, REPO)
   import jax
 
-  from benchmarks.peak import cpu_description, matmul_peak
+  from benchmarks.peak import cpu_description, matmul_peak, memory_bandwidth
   from hope_jax import flops
   from hope_jax.train.state import param_count
 
@@ -162,8 +168,10 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   cfg = model_config(model, overrides)
   read_peak = lambda dtype: matmul_peak(dtype, sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
   readings = {d: [read_peak(d)] for d in ("float32", "bfloat16")}
+  read_bandwidth = lambda: memory_bandwidth(bandwidth_mib, min_seconds=0.5)
+  bandwidth = [read_bandwidth()]
   log(f"peak f32 {readings['float32'][0] / 1e9:.0f}, bf16 {readings['bfloat16'][0] / 1e9:.0f} "
-      "GFLOP/s")
+      f"GFLOP/s; memory {bandwidth[0] / 1e9:.1f} GB/s")
 
   state, step, batches = placed_train_step(cfg, batch, length, devices, n_batches=2)
   n_params = param_count(state["params"])
@@ -201,7 +209,9 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   # was slow would overstate the MFU, so the compute dtype's peak, the MFU's denominator,
   # is read again after the timed steps and the higher reading counts.
   readings[cfg.dtype].append(read_peak(cfg.dtype))
-  log(f"peak again {cfg.dtype} {readings[cfg.dtype][1] / 1e9:.0f} GFLOP/s")
+  bandwidth.append(read_bandwidth())
+  log(f"peak again {cfg.dtype} {readings[cfg.dtype][1] / 1e9:.0f} GFLOP/s; memory "
+      f"{bandwidth[1] / 1e9:.1f} GB/s")
   peak32, peak16 = max(readings["float32"]), max(readings["bfloat16"])
   peak = peak16 if cfg.dtype == "bfloat16" else peak32
 
@@ -212,6 +222,7 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
           "flops_per_token": f.train, "flops_per_token_with_cms_writes": f.train_with_cms_writes,
           "peak_f32": peak32, "peak_bf16": peak16,
           "peak_f32_readings": readings["float32"], "peak_bf16_readings": readings["bfloat16"],
+          "memory_bandwidth_readings": bandwidth,
           "cpu": cpu_description(), "huge_pages": hugepages.active(),
           "peak_dtype": cfg.dtype, "mfu": tok_s * f.train / peak,
           "mfu_with_cms_writes": tok_s * f.train_with_cms_writes / peak,
@@ -235,6 +246,8 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--batch", type=int, default=None, help="batch size (default: from tokens)")
   ap.add_argument("--peak_sizes", default="1024", help="square matmul sizes of the peak")
+  ap.add_argument("--bandwidth_mib", type=int, default=128,
+                  help="MiB per array of the memory-bandwidth reading")
   ap.add_argument("--timeout", type=float, default=None, help="seconds per row")
   ap.add_argument("--devices", type=int, default=1,
                   help="data-parallel devices (on a CPU: host devices, one per core)")
@@ -251,7 +264,8 @@ def main() -> None:
   if args.child:
     model, length, batch = args.child.split(":")
     row = measure(model, int(length), int(batch), args.steps, overrides,
-                  tuple(int(x) for x in args.peak_sizes.split(",")), args.devices)
+                  tuple(int(x) for x in args.peak_sizes.split(",")), args.devices,
+                  args.bandwidth_mib)
     emit(row)
     return
 
@@ -269,8 +283,8 @@ def main() -> None:
     batch = args.batch or max(1, args.tokens_per_step // length)
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={model}:{length}:{batch}",
            f"--steps={args.steps}", f"--dtype={args.dtype}",
-           f"--peak_sizes={args.peak_sizes}", f"--devices={args.devices}"
-           ] + [f"--set={s}" for s in args.set]
+           f"--peak_sizes={args.peak_sizes}", f"--devices={args.devices}",
+           f"--bandwidth_mib={args.bandwidth_mib}"] + [f"--set={s}" for s in args.set]
     # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
     tunables = hugepages.tunables_here(env)
@@ -293,7 +307,8 @@ def main() -> None:
         f", {args.dtype} outer matmuls; MFU against the higher of two {args.dtype} matmul peak "
         "readings in each row's process, before and after its timed steps\n")
   head = ["model", "L", "B", "params", "step (s)", "tokens/s", "MFLOP/token",
-          "MFU", "MFU incl. CMS writes", f"peak {args.dtype} GFLOP/s", "compile (s)",
+          "MFU", "MFU incl. CMS writes", f"peak {args.dtype} GFLOP/s",
+          "memory GB/s (before / after)", "compile (s)",
           "recompiles", "peak RSS (GiB)", "peak device memory (GiB)"]
   print("| " + " | ".join(head) + " |")
   print("|---" * len(head) + "|")
@@ -309,7 +324,9 @@ def main() -> None:
           + (f" ({r['flops_per_token_with_cms_writes'] / 1e6:.1f})" if writes else "")
           + f" | {100 * r['mfu']:.1f}% | "
           + (f"{100 * r['mfu_with_cms_writes']:.1f}%" if writes else "-")
-          + f" | {peak / 1e9:.0f} | {r['lower_s'] + r['compile_s']:.1f} | "
+          + f" | {peak / 1e9:.0f} | "
+          + " / ".join(f"{b / 1e9:.0f}" for b in r["memory_bandwidth_readings"])
+          + f" | {r['lower_s'] + r['compile_s']:.1f} | "
           f"{r['recompiles_in_timed_steps']} | {r['peak_rss_bytes'] / 2**30:.2f} | "
           + (f"{dev / 2**30:.2f} |" if dev is not None else "- |"))
   if args.repeat > 1:

@@ -60,11 +60,12 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
   cmd = [sys.executable, "benchmarks/train_mfu.py", "--models=transformer_pp,hope",
          "--lengths=32", "--tokens_per_step=64", "--steps=2", "--set=hidden_size=32",
          "--set=num_layers=1", "--set=num_heads=2", "--set=chunk_other=4",
-         "--set=chunk_mem=8", "--set=cms_chunks=[8,16]", f"--json={out}"]
+         "--set=chunk_mem=8", "--set=cms_chunks=[8,16]", "--bandwidth_mib=16", f"--json={out}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
   assert [r["model"] for r in rows] == ["transformer_pp", "hope"]
+  assert "| memory GB/s (before / after) |" in proc.stdout
   for r in rows:
     assert "error" not in r, r
     assert r["recompiles_in_timed_steps"] == 0
@@ -73,6 +74,9 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
     assert r["peak_f32"] > 1e8  # At least 0.1 GFLOP/s: the peak was really measured.
     # Read before and after the timed steps; the MFU is against the higher reading.
     assert len(r["peak_f32_readings"]) == 2 and r["peak_f32"] == max(r["peak_f32_readings"])
+    # So is the memory bandwidth: at least 100 MB/s, each reading really measured.
+    assert len(r["memory_bandwidth_readings"]) == 2
+    assert min(r["memory_bandwidth_readings"]) > 1e8, r["memory_bandwidth_readings"]
     assert r["cpu"], r
     # The loss before any update: a freshly initialised model is near uniform over 256 bytes.
     assert abs(r["first_loss"] - math.log(256)) < 0.3, r["first_loss"]
