@@ -21,15 +21,16 @@ train step (`hope_jax.train.step.make_train_step` with the AdamW chain of
 tokens. In that same process, before and after the timed steps, it measures the dense
 matmul peak (`benchmarks/peak.py`), so MFU is stated against this machine under this load;
 the higher of the compute dtype's two readings is the denominator (a reading taken while a shared host was
-slow would overstate the MFU), and the row names the CPU model and its matmul ISA features.
-Before and after the timed steps it also reads the device's memory bandwidth
-(`peak.memory_bandwidth`): on a shared host a step of many memory-bound operations (`hope`)
-slows with it where one of large products (`transformer_pp`) does not, so a slow row can be
-told from a slow machine:
+slow would overstate the MFU), and the row names the CPU model and its matmul ISA features:
 
   MFU = tokens/s x FLOPs per token / peak,  FLOPs per token from `hope_jax.flops`
   (hope-spec.md §8). Two MFUs for in-context CMS writes: without and with the write term.
   The peak is that of the compute dtype (`--dtype`); the float32 MFU is kept as well.
+
+Before and after the timed steps the row also reads the device's memory bandwidth
+(`peak.memory_bandwidth`): on a shared host a step of many memory-bound operations (`hope`)
+slows with it where one of large products (`transformer_pp`) does not, so a slow row can be
+told from a slow machine.
 
 Also per row: compile time of the step (lower + compile), and the number of backend
 compiles seen while the timed steps ran (0 proves that steps never recompile).

@@ -80,6 +80,7 @@ def measure(model: str, overrides: dict, length: int, batch: int, devices: int, 
   lowered = step.lower(state, batch_data)
 
   rows, live = [], []  # live: [row, compiled, its own state (the step donates it)]
+  base_hlo = None  # The baseline's optimised HLO, printed once for every comparison.
   for i, options in enumerate([{}, *([{}] if control else []), *variants]):
     row = {"options": options, **({"control": True} if control and i == 1 else {})}
     rows.append(row)
@@ -87,13 +88,15 @@ def measure(model: str, overrides: dict, length: int, batch: int, devices: int, 
     try:
       compiled = lowered.compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001 - XLA names the bad option; keep the other rows.
-      if not rows[:-1]:  # Without the baseline there is nothing to compare with.
+      if i == 0:  # Without the baseline there is nothing to compare with.
         raise
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       continue
     row["compile_s"] = time.perf_counter() - start
-    if live:
-      row["same_hlo"] = compiled.as_text() == live[0][1].as_text()
+    if base_hlo is None:
+      base_hlo = compiled.as_text()
+    else:
+      row["same_hlo"] = compiled.as_text() == base_hlo
     own = jax.tree.map(lambda a: a.copy(), state)
     own, metrics = compiled(own, batch_data)
     row["first_loss"] = float(metrics["loss"])
