@@ -1,4 +1,4 @@
-"""The main job: a small HOPE model on the embedded default corpus, ~10 min on 2 CPU cores.
+"""The main job: a small HOPE model on the embedded default corpus, ~5 min on 2 CPU cores.
 
 Run:
   python -m hope_jax.train --config=experiments/base.py

@@ -30,8 +30,10 @@ AUTO_UNROLL = -1  # `inner_scan_unroll` chosen for the devices (`train.sharding.
 # Model settings that choose how a step is computed, not what it computes: each alternative is
 # tested equal to the default (equivalence tests), none changes the parameters' or the
 # optimizer state's structure. They may change across a resume (docs/checkpoints.md), e.g. to
-# trade memory for time on another machine. `scan_layers` is not one: it stacks the parameters.
-SCHEDULE_KEYS = ("impl", "remat", "inner_scan_unroll", "lm_grad_fused", "lm_grad_remat_every")
+# trade memory for time on another machine. `scan_layers` is one: it stacks the blocks'
+# variables only inside the traced step, and the parameters keep their per-layer layout.
+SCHEDULE_KEYS = ("impl", "remat", "inner_scan_unroll", "scan_layers", "lm_grad_fused",
+                 "lm_grad_remat_every")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,12 +138,13 @@ def test_schedule_keys_may_change_on_resume(tmp_path, absl_log):
   _save(tmp_path, [5])
   path = ck.list_checkpoints(str(tmp_path))[0].manifest_path
   cfg = _config(tmp_path)
-  cfg.model.remat, cfg.model.inner_scan_unroll = False, 0
+  cfg.model.remat, cfg.model.inner_scan_unroll, cfg.model.scan_layers = False, 0, True
   assert ck.restore(path, cfg).step == 5
   line = [m for _, m in absl_log if m.startswith("Model schedule settings differ")]
   assert len(line) == 1
   assert "model.inner_scan_unroll: checkpoint=-1 current=0" in line[0]
   assert "model.remat: checkpoint=true current=false" in line[0]
+  assert "model.scan_layers: checkpoint=false current=true" in line[0]
   cfg.training.resume_from = path  # The train loop's path too.
   mgr = CheckpointManager(cfg)
   state, _, _ = mgr.restore_for_training(jax.eval_shape(lambda: _state(5)))
@@ -177,8 +178,9 @@ def test_restore_takes_the_model_section_or_a_model_config(tmp_path):
 
 
 def test_model_key_newer_than_the_checkpoint_matches_only_at_its_default(tmp_path):
-  # A checkpoint written before `model.scan_layers` existed resumes under the key's default
-  # (which keeps the old behaviour), and is refused when the current run sets another value.
+  # A checkpoint written before `model.memory_input_std` existed resumes under the key's
+  # default (which keeps the old behaviour), and is refused when the current run sets another
+  # value.
   _save(tmp_path, [5])
   path = ck.list_checkpoints(str(tmp_path))[0].manifest_path
   # The manifest and its copy inside the payload (Orbax's JSON item file), as an older
@@ -186,13 +188,14 @@ def test_model_key_newer_than_the_checkpoint_matches_only_at_its_default(tmp_pat
   for file in (path, os.path.join(tmp_path, "checkpoint_step_5", "manifest", "metadata")):
     with open(file) as f:
       manifest = json.load(f)
-    assert manifest["config"]["model"].pop("scan_layers") is False
+    assert manifest["config"]["model"].pop("memory_input_std") == 0.02
     with open(file, "w") as f:
       json.dump(manifest, f)
   cfg = _config(tmp_path)
   ck.restore(path, cfg)
-  cfg.model.scan_layers = True
-  with pytest.raises(ck.ConfigMismatchError, match='model.scan_layers: checkpoint="<missing>"'):
+  cfg.model.memory_input_std = 0.01
+  with pytest.raises(ck.ConfigMismatchError,
+                     match='model.memory_input_std: checkpoint="<missing>"'):
     ck.restore(path, cfg)
 
 

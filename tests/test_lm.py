@@ -4,6 +4,7 @@ trainability, experiment files and Table 6 ablation switches (test 8)."""
 import functools
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,7 +273,7 @@ def test_layer_scan_equals_the_layer_loop(overrides, monkeypatch):
     monkeypatch.setattr(lm.Block, name,
                         lambda self, *a, _m=method, **k: traced.append(1) or _m(self, *a, **k))
   tokens_BL = jax.random.randint(jax.random.key(3), (2, L), 0, 32)
-  results, traces = [], []
+  results, traces, params = [], [], []
   for scan in (True, False):
     traced.clear()
     model = hope_jax.build_model(tiny(**overrides, cms_lr=3.0, num_layers=layers,
@@ -290,6 +291,10 @@ def test_layer_scan_equals_the_layer_loop(overrides, monkeypatch):
     (value, aux), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     results.append((value, aux, nnx.to_pure_dict(grads)))
     traces.append(len(traced))
+    params.append(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  # What a checkpoint stores is the same either way (so the key may change on resume,
+  # `hope_jax.config.SCHEDULE_KEYS`): per-layer parameters, equal in structure and values.
+  chex.assert_trees_all_equal(*params)
   # The loop's block calls share one trace too (`lm._block_call` is jitted for its cache).
   assert traces[0] > 0 and traces[1] == traces[0], traces
   (v1, a1, g1), (v2, a2, g2) = results

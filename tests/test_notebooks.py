@@ -1,6 +1,5 @@
 """The notebooks run top to bottom (small settings), and are committed without outputs."""
 
-import os
 import pathlib
 
 import nbformat
@@ -34,7 +33,7 @@ def jax_cache(tmp_path_factory):
 def test_notebook_runs(path, monkeypatch, jax_cache):
   from nbclient import NotebookClient
 
-  # The kernel inherits this environment: smoke sizes, no display, the worktree on the path.
+  # The kernel inherits this environment: smoke sizes, no display.
   monkeypatch.setenv("HOPE_NB_SMOKE", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")
   # The notebooks train four times with the same smoke config: a persistent compilation
@@ -42,11 +41,12 @@ def test_notebook_runs(path, monkeypatch, jax_cache):
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(jax_cache))
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-      [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  # As Jupyter runs it: the kernel starts in notebooks/ and only the installed package is
+  # importable, so the notebook must find the repository's experiments/ itself.
+  monkeypatch.delenv("PYTHONPATH", raising=False)
   nb = nbformat.read(path, as_version=4)
   client = NotebookClient(nb, kernel_name="python3", timeout=240,
-                          resources={"metadata": {"path": str(ROOT)}})
+                          resources={"metadata": {"path": str(path.parent)}})
   client.execute()  # Raises CellExecutionError (with the cell and traceback) on any failure.
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
