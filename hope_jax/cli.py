@@ -27,6 +27,18 @@ def fail(message: str, prog: str | None = None) -> None:
   sys.exit(2)
 
 
+def check_output_file(flag: str, path: str) -> None:
+  """Raises ConfigError unless `path` can be created as a file: not a folder, its folder exists.
+
+  Checked with the other flags, so a bad path fails before the work, not after it.
+  """
+  if os.path.isdir(path):
+    raise ConfigError(f"{flag}: {path} is a folder; give a file path")
+  folder = os.path.dirname(path)
+  if folder and not os.path.isdir(folder):
+    raise ConfigError(f"{flag}: folder {folder} does not exist (create it first)")
+
+
 def _overrides(argv: list[str]) -> list[str]:
   return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
 

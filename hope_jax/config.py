@@ -308,15 +308,36 @@ def validate_run_config(cfg: Any) -> ModelConfig:
 
   Runs before anything is compiled; raises ConfigError naming the key.
   """
+  for section in ("model", "training", "data"):
+    value = cfg.get(section) if hasattr(cfg, "get") else None
+    if not hasattr(value, "get"):
+      raise ConfigError(f"the run config has no '{section}' section (a ConfigDict of keys), got "
+                        f"{value!r}: start from a copy of experiments/base.py")
   model = ModelConfig.from_config(cfg.model)
-  t, d = cfg.training, cfg.data
+  for section, check in (("training", _validate_training), ("data", validate_data_config)):
+    try:
+      check(cfg[section])
+    except (AttributeError, KeyError) as e:  # ml_collections' error for an absent key.
+      key = str(e.args[0] if e.args else e).strip("'\"")
+      raise ConfigError(f"the run config has no {section}.{key}: a config file must define every "
+                        "key of experiments/base.py (start from a copy of it)") from None
+  if cfg.data.tokenizer_path and cfg.data.get("tokenizer", "byte") == "byte" and (
+      cfg.data.data_type != "books"):
+    raise ConfigError(
+        f"data.tokenizer_path={cfg.data.tokenizer_path} is set, but data.tokenizer='byte' does "
+        "not read it: set --config.data.tokenizer=char to use that vocabulary, or leave "
+        "data.tokenizer_path unset")
+  return model
+
+
+def _validate_training(t: Any) -> None:
   for key in ("batch_size", "log_every", "eval_every", "eval_batches", "save_every"):
     if int(t[key]) < 1:
       raise ConfigError(f"training.{key} must be a positive integer, got {t[key]}")
   if t.num_steps < 0:
     raise ConfigError(f"training.num_steps must be >= 0, got {t.num_steps}")
-  if not t.learning_rate > 0:
-    raise ConfigError(f"training.learning_rate must be positive, got {t.learning_rate}")
+  if not 0 < t.learning_rate < math.inf:
+    raise ConfigError(f"training.learning_rate must be a positive number, got {t.learning_rate}")
   _choice("training.lr_schedule", t.lr_schedule, ("cosine", "constant"))
   _choice("training.keep_best_mode", t.keep_best_mode, ("min", "max"))
   if t.keep_last is not None and t.keep_last < 1:
@@ -338,8 +359,6 @@ def validate_run_config(cfg: Any) -> ModelConfig:
     raise ConfigError(f"training.weight_decay must be >= 0, got {t.weight_decay}")
   if not 0 <= t.min_lr_ratio <= 1:
     raise ConfigError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-  validate_data_config(d)
-  return model
 
 
 def validate_data_config(d: Any) -> None:
@@ -365,6 +384,9 @@ def validate_data_config(d: Any) -> None:
   if d.tokenizer_path:
     if not os.path.isfile(d.tokenizer_path):
       raise ConfigError(f"data.tokenizer_path: no such file: {d.tokenizer_path}")
+  seed = d.get("task_seed", 0)  # Absent from configs saved before the tasks existed.
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ConfigError(f"data.task_seed must be an integer >= 0, got {seed!r}")
   depth = d.get("passkey_depth")
   if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float))):
     raise ConfigError(f"data.passkey_depth must be a number in [0, 1] or None, got {depth!r}")

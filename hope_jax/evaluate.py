@@ -199,6 +199,10 @@ def check_flags(f: Any) -> None:
     raise ConfigError("--checkpoint_dir (or --checkpoint=MANIFEST) is required")
   if not f.checkpoint and not os.path.isdir(f.checkpoint_dir):
     raise ConfigError(f"--checkpoint_dir: no such directory: {f.checkpoint_dir}")
+  if f.output:
+    from hope_jax.cli import check_output_file
+
+    check_output_file("--output", f.output)
 
 
 def main(argv: list[str]) -> None:

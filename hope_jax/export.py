@@ -127,6 +127,9 @@ def check_flags(F: Any) -> None:
                       "required")
   if not F.output:
     raise ConfigError("--output is required (where to write the artifact)")
+  from hope_jax.cli import check_output_file
+
+  check_output_file("--output", F.output)
   # 0 would count as "unset" in a truthiness test; None is the only "unset".
   for name in ("batch_size", "seq_len"):
     value = getattr(F, name)

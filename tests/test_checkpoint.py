@@ -228,6 +228,8 @@ CORRUPTIONS = {
     "missing manifest": (lambda m, p: os.remove(m), "manifest file does not exist"),
     "not JSON": (lambda m, p: open(m, "w").write("{not json"), "manifest is not valid JSON"),
     "missing field": (lambda m, p: _edit(m, timestamp=None), "missing field(s) timestamp"),
+    "model section not an object": (lambda m, p: _edit(m, config={"model": 5}),
+                                    "manifest field 'config.model' should be an object, got 5"),
     "missing payload": (lambda m, p: shutil.rmtree(p), "does not exist"),
     "escaping model_file": (lambda m, p: _edit(m, model_file="../elsewhere"),
                             "points outside the checkpoint directory"),

@@ -36,6 +36,17 @@ CASES = [
      "data.data_path: no such file or directory: does/not/exist.txt"),
     ([TINY, "--config.data.data_type=csv"], "data.data_type='csv' is not one of"),
     ([TINY, "--config.model.vocab_size=100"], "vocab size mismatch: the tokenizer has 256 tokens"),
+    ([TINY, "--config.training.learning_rate=inf"],
+     "training.learning_rate must be a positive number, got inf"),
+    ([TINY, "--config.data.task_seed=-1"], "data.task_seed must be an integer >= 0, got -1"),
+    ([TINY, "--config.data.data_type=mqar", "--config.data.mqar_gap=-3"],
+     "data.mqar_gap must be >= 0 or None (the longest gap that fits), got -3"),
+    # A byte tokenizer never reads a vocabulary: training on bytes instead would be silent.
+    ([TINY, "--config.data.tokenizer_path=README.md"],
+     "data.tokenizer_path=README.md is set, but data.tokenizer='byte' does not read it"),
+    ([TINY, "--config.training.coordinator_address=nohostport",
+      "--config.training.num_processes=1", "--config.training.process_id=0"],
+     "training.coordinator_address must be host:port (e.g. 10.0.0.1:1234), got 'nohostport'"),
     (["--config=experiments/missing.py"], "cannot load config file 'experiments/missing.py'"),
     ([], "--config is required"),
 ]
@@ -50,6 +61,27 @@ def test_bad_input_is_one_line_exit_2(args, expected):
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("hope_jax.train: error: ")
   assert expected in lines[0]
+
+
+CONFIG_FILES = [
+    ("from experiments import tiny\n\ndef get_config():\n  cfg = tiny.get_config()\n"
+     "  del cfg.training['seed']\n  return cfg\n",
+     "the run config has no training.seed: a config file must define every key of "
+     "experiments/base.py"),
+    ("def get_config():\n  return {'model': 1}\n",
+     "the run config has no 'model' section (a ConfigDict of keys), got 1"),
+]
+
+
+@pytest.mark.parametrize("source,expected", CONFIG_FILES, ids=["missing_key", "no_section"])
+def test_an_incomplete_config_file_is_one_line_exit_2(tmp_path, source, expected):
+  path = tmp_path / "mine.py"
+  path.write_text(source)
+  proc = run_cli(["-m", "hope_jax.train", f"--config={path}"])
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert expected in lines[0], lines[0]
 
 
 def test_unwritable_log_dir_is_one_line_exit_2(tmp_path):

@@ -75,9 +75,14 @@ def test_best_index_skips_missing_and_nan():
     (["--checkpoint=missing.json"], "no such manifest: missing.json"),
     (["--checkpoint_dir=.", "--all", "--checkpoint=x.json"], "exclude each other"),
     (["--checkpoint_dir=.", "--data.seq_len"], "--data.KEY=VALUE"),
+    # Output paths are checked before the scoring or the export, not after it.
+    (["--checkpoint_dir=.", "--output=no/such/dir/x.json"],
+     "--output: folder no/such/dir does not exist"),
+    (["export", "--checkpoint_dir=.", "--output=."], "--output: . is a folder; give a file path"),
 ])
 def test_cli_bad_inputs_are_one_line_errors(args, message):
-  proc = run_cli(["-m", "hope_jax.evaluate", *args])
+  tool = "export" if args[:1] == ["export"] else "evaluate"
+  proc = run_cli(["-m", f"hope_jax.{tool}", *args[tool == "export":]])
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
 

@@ -196,6 +196,9 @@ def read_manifest(path: str) -> tuple[dict[str, Any], str]:
       raise load_error(path, f"manifest field '{key}' should be {kind.__name__}, got {value!r}")
   if "model" not in manifest["config"]:
     raise load_error(path, "manifest field 'config' has no 'model' section")
+  if not isinstance(manifest["config"]["model"], dict):
+    raise load_error(path, f"manifest field 'config.model' should be an object, got "
+                     f"{manifest['config']['model']!r}")
   return manifest, resolve_payload(path, manifest["model_file"])
 
 

@@ -84,6 +84,8 @@ def mqar_layout(window: int, vocab_size: int, pairs: int, queries: int | None,
   if not 1 <= queries <= pairs:
     raise ConfigError(f"data.mqar_queries must be in [1, mqar_pairs={pairs}], got {queries}")
   free = window - 2 * pairs - 2 * queries
+  if gap is not None and gap < 0:
+    raise ConfigError(f"data.mqar_gap must be >= 0 or None (the longest gap that fits), got {gap}")
   if gap is None:
     gap = free  # The queries end the window: the longest distance that fits.
   if gap < 0 or free < gap:

@@ -14,6 +14,7 @@ Every process then runs the same command; process 0 alone logs and writes files.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -22,6 +23,8 @@ from absl import logging
 from hope_jax.config import ConfigError
 
 MODES = ("auto", "on", "off")
+# host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):[0-9]{1,5}")
 
 
 def _int_setting(t: Any, key: str, env: str) -> int | None:
@@ -54,6 +57,10 @@ def launch_settings(t: Any) -> dict[str, Any] | None:
   pid = _int_setting(t, "process_id", "JAX_PROCESS_ID")
   if mode == "off" or (mode == "auto" and address is None and num is None):
     return None
+  if address is not None and not _HOST_PORT.fullmatch(str(address)):
+    source = ("training.coordinator_address" if hasattr(t, "get") and t.get("coordinator_address")
+              else "JAX_COORDINATOR_ADDRESS")
+    raise ConfigError(f"{source} must be host:port (e.g. 10.0.0.1:1234), got {address!r}")
   if num is not None and num < 1:
     raise ConfigError(f"training.num_processes must be >= 1, got {num}")
   if num is not None and pid is not None and not 0 <= pid < num:
