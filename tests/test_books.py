@@ -145,6 +145,55 @@ def test_books_corpus_from_preprocessed_folder_is_memmapped(preprocessed):
     books.load_books_corpus(_data_cfg(out, tokenizer_path=other), meta["vocab_size"])
 
 
+def _drop_tokens_dtype(folder):
+  path = os.path.join(folder, "metadata.json")
+  meta = json.load(open(path, encoding="utf-8"))
+  del meta["tokens_dtype"]
+  json.dump(meta, open(path, "w", encoding="utf-8"))
+  return "metadata.json lacks the key 'tokens_dtype'"
+
+
+def _bad_corpus_line(folder):
+  os.remove(os.path.join(folder, "tokens.bin"))  # So the ids come from corpus.jsonl.
+  path = os.path.join(folder, "corpus.jsonl")
+  lines = open(path, encoding="utf-8").readlines()
+  lines[1] = lines[1][: len(lines[1]) // 2] + "\n"  # Cut short, as by a full disk.
+  open(path, "w", encoding="utf-8").writelines(lines)
+  return "corpus.jsonl: line 2 is not JSON"
+
+
+def _no_vocab(folder):
+  os.remove(os.path.join(folder, "vocab.json"))
+  return "vocab.json is missing"
+
+
+def _short_tokens(folder):
+  path = os.path.join(folder, "tokens.bin")
+  os.truncate(path, os.path.getsize(path) - 2)
+  return "tokens.bin has"
+
+
+@pytest.mark.parametrize("damage", [_drop_tokens_dtype, _bad_corpus_line, _no_vocab,
+                                    _short_tokens])
+def test_damaged_preprocessed_folder_is_one_clear_error(preprocessed, tmp_path, damage):
+  folder = str(tmp_path / "corpus")
+  shutil.copytree(preprocessed[0], folder)
+  vocab_size = json.load(open(os.path.join(folder, "metadata.json")))["vocab_size"]
+  whole = books.load_books_corpus(_data_cfg(folder), vocab_size)
+  problem = damage(folder)
+  with pytest.raises(ConfigError) as e:
+    books.load_books_corpus(_data_cfg(folder), vocab_size)
+  msg = str(e.value)
+  assert msg.startswith("data.data_path: ") and os.path.join(folder, problem) in msg, msg
+  assert msg.endswith("re-run python -m hope_jax.preprocess_books to rebuild it"), msg
+  assert "tokenizer_path" not in msg
+  if damage is _bad_corpus_line:  # Mended, the ids from corpus.jsonl equal tokens.bin's.
+    lines = open(os.path.join(preprocessed[0], "corpus.jsonl"), encoding="utf-8").readlines()
+    open(os.path.join(folder, "corpus.jsonl"), "w", encoding="utf-8").writelines(lines)
+    mended = books.load_books_corpus(_data_cfg(folder), vocab_size)
+    np.testing.assert_array_equal(mended.train, whole.train)
+
+
 def test_books_corpus_from_raw_folder(library):
   corpus = books.load_books_corpus(_data_cfg(library), 256)  # Byte tokenizer.
   text = corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]))

@@ -1,6 +1,7 @@
 """Text corpora and tokenizers: encodings, streaming, memmap cache, vocab checks."""
 
 import codecs
+import json
 import os
 
 import numpy as np
@@ -57,6 +58,29 @@ def test_text_files_in_common_encodings(tmp_path, encoding):
   path.write_bytes(text.encode(encoding))
   assert read_text_file(str(path)) == text
   # Streaming in tiny chunks splits multibyte characters and "\r\n"; same text.
+  assert "".join(iter_text_chunks(str(path), chunk_bytes=3)) == text
+
+
+RUSSIAN = (
+    "Вечером мы вышли из дома и долго шли вдоль реки. Над водой поднимался туман, и старые "
+    "липы у набережной казались серыми тенями. Брат рассказывал о своей новой работе: он "
+    "чинил часы в маленькой мастерской на углу Садовой улицы, и хозяин, строгий седой "
+    "старик, уже доверял ему самые дорогие заказы. Я слушала и думала о том, что осенью нам "
+    "придётся уехать, а город останется таким же тихим и задумчивым, как сегодня.\n")
+GREEK = (
+    "Το πρωί ξυπνήσαμε νωρίς και κατεβήκαμε στο λιμάνι. Οι ψαράδες είχαν ήδη γυρίσει από τη "
+    "θάλασσα και άπλωναν τα δίχτυα τους στον ήλιο. Η γιαγιά μου αγόρασε δύο μεγάλα ψάρια και "
+    "μου είπε να τα κρατήσω προσεκτικά μέχρι το σπίτι. Στον δρόμο συναντήσαμε τον δάσκαλο "
+    "του χωριού, που μας ρώτησε πότε θα έρθει ο πατέρας μου από την Αθήνα.\n")
+
+
+@pytest.mark.parametrize("text,encoding", [(RUSSIAN, "cp1251"), (RUSSIAN, "iso8859_5"),
+                                           (GREEK, "cp1253")])
+def test_non_latin_single_byte_pages_are_not_read_as_cp1252(tmp_path, text, encoding):
+  # Only Latin-script pages give way to cp1252; Cyrillic or Greek bytes would become mojibake.
+  path = tmp_path / "t.txt"
+  path.write_bytes(text.encode(encoding))
+  assert read_text_file(str(path)) == text
   assert "".join(iter_text_chunks(str(path), chunk_bytes=3)) == text
 
 
@@ -197,6 +221,59 @@ def test_cache_record_and_vocab_are_renamed_into_place(tmp_path, monkeypatch):
       "json", "tokens.bin", "vocab.json"]
   assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
       os.path.basename(p) for p in replaced)
+
+
+def _cut_short(record):
+  record.write_bytes(record.read_bytes()[:25])
+
+
+def _without_dtype(record):
+  rec = json.loads(record.read_text(encoding="utf-8"))
+  del rec["dtype"]
+  record.write_text(json.dumps(rec), encoding="utf-8")
+
+
+def _dtype_foo(record):
+  rec = json.loads(record.read_text(encoding="utf-8"))
+  record.write_text(json.dumps({**rec, "dtype": "foo"}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (_cut_short, "Unterminated string"), (_without_dtype, "missing key 'dtype'"),
+    (_dtype_foo, "unsupported token dtype 'foo'")])
+def test_damaged_cache_record_is_stale_and_rewritten(tmp_path, caplog, damage, problem):
+  path = tmp_path / "one.txt"
+  path.write_text(MIXED * 10, encoding="utf-8")
+  cfg = _cfg(path, memmap_min_mb=0.0, cache_dir=str(tmp_path / "c"))
+  vocab = CharTokenizer.build([MIXED.replace("\r\n", "\n"), "\n\n"]).vocab_size
+  first = load_corpus(cfg, vocab)
+  (record,) = (tmp_path / "c").glob("text-*-*.json")
+  good = json.loads(record.read_text(encoding="utf-8"))
+  damage(record)
+  with caplog.at_level("WARNING"):
+    again = load_corpus(cfg, vocab)
+  assert f"token cache {record} is unusable (" in caplog.text and problem in caplog.text
+  assert isinstance(again.train, np.memmap)
+  np.testing.assert_array_equal(again.train, first.train)
+  np.testing.assert_array_equal(again.val, first.val)
+  assert json.loads(record.read_text(encoding="utf-8")) == good
+
+
+def test_damaged_cached_vocabulary_is_counted_again(tmp_path, caplog):
+  path = tmp_path / "one.txt"
+  path.write_text(MIXED * 10, encoding="utf-8")
+  cfg = _cfg(path, memmap_min_mb=0.0, cache_dir=str(tmp_path / "c"))
+  vocab = CharTokenizer.build([MIXED.replace("\r\n", "\n"), "\n\n"]).vocab_size
+  first = load_corpus(cfg, vocab)
+  (vocab_file,) = (tmp_path / "c").glob("*.vocab.json")
+  vocab_file.write_text("{not json", encoding="utf-8")
+  with caplog.at_level("WARNING"):
+    again = load_corpus(cfg, vocab)
+  assert f"{vocab_file} is not a vocabulary file" in caplog.text
+  assert "data.tokenizer_path" not in caplog.text
+  assert again.tokenizer.itos == first.tokenizer.itos
+  np.testing.assert_array_equal(again.train, first.train)
+  assert CharTokenizer.load(str(vocab_file)).itos == first.tokenizer.itos
 
 
 def test_streamed_file_whose_head_is_ascii_is_not_read_as_utf8(tmp_path, monkeypatch):

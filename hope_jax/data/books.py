@@ -244,29 +244,62 @@ def is_preprocessed(folder: str) -> bool:
           and os.path.isfile(os.path.join(folder, "corpus.jsonl")))
 
 
+def _damaged(folder: str, problem: str) -> ConfigError:
+  """The error for a preprocessed folder whose files are missing or malformed."""
+  return ConfigError(f"data.data_path: {problem}; the preprocessed folder {folder} is damaged, "
+                     "re-run python -m hope_jax.preprocess_books to rebuild it")
+
+
 def load_preprocessed_tokens(folder: str) -> tuple[np.ndarray, CharTokenizer, dict]:
-  """(token ids, tokenizer, metadata) of a preprocessed folder; ids memory-mapped."""
+  """(token ids, tokenizer, metadata) of a preprocessed folder; ids memory-mapped.
+
+  Raises:
+    ConfigError: naming `data.data_path` and the file, if the folder is not a
+      book corpus, has no usable books, or has a missing or malformed file.
+  """
   meta_path = os.path.join(folder, "metadata.json")
   try:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConfigError(f"data.data_path: cannot read {meta_path} ({e})") from None
+    raise _damaged(folder, f"cannot read {meta_path} ({e})") from None
   if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
     raise ConfigError(f"data.data_path: {meta_path} is not a hope_jax book corpus "
                       f"(expected format={META_FORMAT!r}); run python -m hope_jax.preprocess_books")
   if "vocab_size" not in meta:
     raise ConfigError(f"data.data_path: {folder} has no usable books (see {meta_path})")
-  tok = CharTokenizer.load(os.path.join(folder, meta.get("vocab_file", "vocab.json")))
+  for key in ("books_read", "num_tokens", "tokens_dtype"):  # Written with vocab_size.
+    if key not in meta:
+      raise _damaged(folder, f"{meta_path} lacks the key {key!r}")
+  vocab_path = os.path.join(folder, meta.get("vocab_file") or "vocab.json")
+  if not os.path.isfile(vocab_path):
+    raise _damaged(folder, f"the vocabulary {vocab_path} is missing")
+  try:
+    tok = CharTokenizer.load(vocab_path)
+  except ConfigError as e:  # Its message names data.tokenizer_path, which the user did not set.
+    raise _damaged(folder, str(e).removeprefix("data.tokenizer_path: ")) from None
   tokens_path = os.path.join(folder, meta.get("tokens_file") or "tokens.bin")
   if os.path.isfile(tokens_path):
-    tokens = token_store.open_tokens(tokens_path, meta["tokens_dtype"], meta["num_tokens"])
+    try:
+      tokens = token_store.open_tokens(tokens_path, meta["tokens_dtype"], meta["num_tokens"])
+    except ConfigError as e:
+      raise _damaged(folder, str(e)) from None
   else:  # Only corpus.jsonl: gather its ids in memory.
     sep = tok.encode(meta.get("document_separator", DOC_SEPARATOR))
-    parts = []
-    with open(os.path.join(folder, "corpus.jsonl"), encoding="utf-8") as f:
-      for line in f:
-        parts += [np.asarray(json.loads(line)["token_ids"], dtype=np.int32), sep]
+    parts, jsonl = [], os.path.join(folder, "corpus.jsonl")
+    try:
+      with open(jsonl, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+          try:
+            ids = np.asarray(json.loads(line)["token_ids"], dtype=np.int32)
+          except json.JSONDecodeError as e:
+            raise _damaged(folder, f"{jsonl}: line {n} is not JSON (column {e.colno}: "
+                                    f"{e.msg})") from None
+          except (KeyError, TypeError, ValueError):
+            raise _damaged(folder, f"{jsonl}: line {n} has no 'token_ids' list of ids") from None
+          parts += [ids, sep]
+    except (OSError, UnicodeDecodeError) as e:
+      raise _damaged(folder, f"cannot read {jsonl} ({e})") from None
     tokens = np.concatenate(parts)
   return tokens, tok, meta
 

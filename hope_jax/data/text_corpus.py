@@ -93,15 +93,36 @@ def ensure_writable(cache: str) -> None:
                       "--config.data.cache_dir to a writable folder") from None
 
 
-def cached_tokens(files: list[str], tok, cache: str) -> np.ndarray:
-  """The memory-mapped ids of `files`, encoding them on the first call."""
-  stem = os.path.join(cache, f"text-{files_key(files)}-{tok.fingerprint()}")
-  record = stem + ".json"
-  if os.path.isfile(record) and os.path.isfile(stem + ".tokens.bin"):
+def _open_cached(stem: str) -> np.ndarray | None:
+  """The ids of the cache entry `stem`; None if it is absent or unusable.
+
+  A cache is derived data: a record cut short, edited, or from another version,
+  or a token file that does not match it, is stale (a warning names the file),
+  and the caller encodes the corpus again.
+  """
+  record, tokens = stem + ".json", stem + ".tokens.bin"
+  if not (os.path.isfile(record) and os.path.isfile(tokens)):
+    return None
+  try:
     with open(record, encoding="utf-8") as f:
       rec = json.load(f)
-    if rec.get("format") == CACHE_FORMAT:
-      return token_store.open_tokens(stem + ".tokens.bin", rec["dtype"], rec["num_tokens"])
+    if not isinstance(rec, dict) or rec.get("format") != CACHE_FORMAT:
+      raise ValueError(f"expected a JSON object with format {CACHE_FORMAT!r}")
+    for key in ("dtype", "num_tokens"):
+      if key not in rec:
+        raise ValueError(f"missing key {key!r}")
+    return token_store.open_tokens(tokens, rec["dtype"], rec["num_tokens"])
+  except (OSError, ValueError) as e:  # ValueError covers JSON, UTF-8 and ConfigError.
+    logging.warning("token cache %s is unusable (%s); encoding the corpus again", record, e)
+    return None
+
+
+def cached_tokens(files: list[str], tok, cache: str) -> np.ndarray:
+  """The memory-mapped ids of `files`, encoding them when no usable cache holds them."""
+  stem = os.path.join(cache, f"text-{files_key(files)}-{tok.fingerprint()}")
+  tokens = _open_cached(stem)
+  if tokens is not None:
+    return tokens
   ensure_writable(cache)
   others = [n for n in os.listdir(cache) if n.startswith("text-") and n.endswith(".tokens.bin")]
   if others:  # Each edit of a corpus leaves a full-size cache behind; say where.
@@ -115,7 +136,11 @@ def _streamed_char_vocab(files: list[str], cache: str) -> CharTokenizer:
   """A character vocabulary counted chunk by chunk (cached per corpus)."""
   path = os.path.join(cache, f"text-{files_key(files)}.vocab.json")
   if os.path.isfile(path):
-    return CharTokenizer.load(path)
+    try:
+      return CharTokenizer.load(path)
+    except ConfigError as e:  # A damaged cache, not the user's data.tokenizer_path: rebuild it.
+      logging.warning("%s; counting the corpus's characters again",
+                      str(e).removeprefix("data.tokenizer_path: "))
   ensure_writable(cache)  # Before the counting pass, which may take minutes.
   counts = Counter(FILE_SEPARATOR)
   for p in files:

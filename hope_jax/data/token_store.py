@@ -108,19 +108,27 @@ class TokenWriter:
 def open_tokens(path: str, dtype: str, count: int) -> np.ndarray:
   """Memory-maps `count` ids of `dtype` from `path`, read-only.
 
+  Errors say what is wrong, not what to do: the caller knows what wrote the file.
+
   Raises:
-    ConfigError: the file is missing or its size does not match the record.
+    ConfigError: the dtype is not uint8/16/32, the count not an int >= 0, the
+      file is missing, or its size does not match the record.
   """
-  dt = np.dtype(dtype)
+  try:
+    dt = np.dtype(dtype)
+  except (TypeError, ValueError):  # Not a dtype at all ("foo"): as unsupported as float32.
+    dt = None
   if dt not in (np.dtype("u1"), np.dtype("<u2"), np.dtype("<u4")):
     raise ConfigError(f"{path}: unsupported token dtype {dtype!r} (expected uint8/16/32)")
+  if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 0:
+    raise ConfigError(f"{path}: its record's token count {count!r} is not an integer >= 0")
   if not os.path.isfile(path):
-    raise ConfigError(f"token file {path} is missing; re-run the preprocessing that wrote it")
+    raise ConfigError(f"token file {path} is missing")
   size = os.path.getsize(path)
   if size != count * dt.itemsize:
     raise ConfigError(
         f"token file {path} has {size} bytes but its record says {count} tokens of {dt.name} "
-        f"({count * dt.itemsize} bytes); it is truncated or stale, re-run the preprocessing")
+        f"({count * dt.itemsize} bytes); it is truncated or stale")
   if count == 0:
     return np.zeros((0,), dtype=dt)
   return np.memmap(path, dtype=dt, mode="r", shape=(count,))

@@ -2,8 +2,11 @@
 
 Encoding: a byte-order mark wins; then strict UTF-8; then charset-normalizer's
 best guess (GB18030, Big5, Shift-JIS, EUC-KR, Windows code pages, ...). Among
-single-byte Latin code pages the guess is unreliable on short texts, so
-Windows-1252 (Western European) is preferred whenever it decodes the bytes.
+single-byte Latin-script code pages the guess is unreliable on short texts
+(French comes back as Central European cp1250), so Windows-1252 (Western
+European) is preferred whenever it decodes the bytes. Pages of other scripts
+(Cyrillic, Greek, Hebrew, Arabic, ...) are kept: their bytes are letters that
+cp1252 would turn into Latin mojibake.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ BINARY_CHECK_BYTES = 1 << 16  # Head of a file searched for NUL characters.
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
          (codecs.BOM_UTF16_BE, "utf-16"))
-_LATIN_SINGLE_BYTE = re.compile(r"^(cp125\d|latin_?\d|iso8859_\d+|mac_\w+|cp850|cp437)$")
+# Latin-script single-byte code pages (canonical codec names), which charset-normalizer
+# confuses with each other on Western European text; any other script is never replaced.
+_LATIN_SINGLE_BYTE = frozenset(codecs.lookup(name).name for name in (
+    "cp1250", "cp1252", "cp1254", "cp1257", "cp1258", "latin_1", "iso8859_2", "iso8859_3",
+    "iso8859_4", "iso8859_9", "iso8859_10", "iso8859_13", "iso8859_14", "iso8859_15",
+    "iso8859_16", "mac_roman", "mac_latin2", "mac_iceland", "mac_turkish", "mac_croatian",
+    "mac_romanian", "cp437", "cp775", "cp850", "cp852", "cp857", "cp858", "cp860", "cp861",
+    "cp863", "cp865", "hp_roman8"))
 
 # A line that opens a chapter: "Chapter 12", "CHAPTER IV. The Sea", "Part two",
 # "第十二章", "第3回" (Chinese and Japanese novels).
@@ -37,6 +47,13 @@ CHAPTER_LINE = re.compile(
     r"^((chapter|book|part)\s+([0-9]+|[ivxlcdm]+|[a-z]+)\b.{0,70}"
     r"|第[0-9０-９一二三四五六七八九十百千零〇]+[章回節节卷部話话].{0,40})$",
     re.IGNORECASE)
+
+
+def _is_latin_single_byte(name: str) -> bool:
+  try:
+    return codecs.lookup(name).name in _LATIN_SINGLE_BYTE
+  except LookupError:
+    return False
 
 
 def detect_encoding(sample: bytes, complete: bool = True) -> str:
@@ -53,7 +70,7 @@ def detect_encoding(sample: bytes, complete: bool = True) -> str:
 
   best = from_bytes(sample).best()
   name = best.encoding if best is not None else "latin-1"
-  if _LATIN_SINGLE_BYTE.match(name):
+  if _is_latin_single_byte(name):
     try:
       sample.decode("cp1252")
       return "cp1252"
