@@ -63,7 +63,12 @@ def generate(model, prompt_BL, max_new_tokens: int, *, temperature: float = 0.8,
   seconds covering prefill + generation after compilation.
   """
   prompt_BL = jnp.asarray(prompt_BL, jnp.int32)
+  if prompt_BL.ndim != 2:
+    raise ValueError(f"prompt_BL must be [batch, length] token ids, got shape {prompt_BL.shape}")
   b, l = prompt_BL.shape
+  if max_len is not None and max_len < l + max_new_tokens:
+    raise ValueError(f"max_len={max_len} is shorter than the prompt ({l}) plus max_new_tokens "
+                     f"({max_new_tokens}): an attention block's cache would overflow")
   graphdef, state = nnx.split(model)
   run = _runner(graphdef, b, l, max_new_tokens, float(temperature), int(top_k), float(top_p),
                 max_len or l + max_new_tokens)

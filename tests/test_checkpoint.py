@@ -175,6 +175,9 @@ def test_restore_takes_the_model_section_or_a_model_config(tmp_path):
   assert "num_layers" not in str(err.value)
   with pytest.raises(TypeError, match="a run config, its model section or a ModelConfig"):
     ck.restore(path, 42)
+  # A mapping that is neither (it used to report every model key as "<missing>").
+  with pytest.raises(TypeError, match="keys that are not model keys: foo"):
+    ck.restore(path, {"foo": 1})
 
 
 def test_model_key_newer_than_the_checkpoint_matches_only_at_its_default(tmp_path):
@@ -270,6 +273,15 @@ def test_a_truncated_array_is_one_quiet_line(tmp_path):
   assert proc.stdout.startswith(f"Failed to load checkpoint: {manifest}: ")
   assert "is not valid for value of size 100" in proc.stdout  # TensorStore's own cause.
   assert "See full TensorStore details" not in proc.stdout and proc.stdout.count("\n") == 1
+
+
+def test_latest_says_why_there_is_nothing_to_restore(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "a_file.json").write_text("{}")
+  for name, reason in (("empty", "no checkpoint found"), ("missing", "directory does not exist"),
+                       ("a_file.json", "is a file, not a checkpoint directory")):
+    with pytest.raises(CheckpointError, match=reason):
+      ck.restore_latest(str(tmp_path / name))
 
 
 def test_latest_skips_a_broken_newest_with_a_warning(tmp_path, absl_log):

@@ -189,6 +189,11 @@ def test_a_diverged_run_is_one_line_and_its_metrics_stay_json(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("hope_jax.train: error: training loss is nan at step ")
   assert "lower training.learning_rate" in last and "Traceback" not in proc.stderr
+  from hope_jax.checkpoint import list_checkpoints
+
+  saved = [e.step for e in list_checkpoints(str(tmp_path)) if e.valid]
+  assert (f"resumes from the last checkpoint, step {saved[-1]}" in last if saved else
+          "no checkpoint was saved yet, so a rerun starts afresh" in last), last
   assert "step 1/30 | " in proc.stderr and "first step, no rate yet" in proc.stderr
 
   def strict(text):

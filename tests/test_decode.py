@@ -171,3 +171,16 @@ def test_decoding_updates_the_kv_cache_in_place(overrides):
   # A bfloat16 model reads its float32 cache as it is: no token casts a whole cache down (and
   # XLA:CPU widened a bfloat16 cache back to float32 for its update, so one is no better).
   assert not any(s.replace("f32", "bf16") in hlo for s in shapes)
+
+
+def test_decoding_past_max_len_is_nan_not_silently_wrong():
+  # The KV cache's update would be clamped onto its last slot: plausible, wrong logits.
+  model = hope_jax.build_model(tiny(block="transformer_pp"), seed=0)
+  tokens_BL = jax.random.randint(jax.random.key(1), (2, 6), 0, 32)
+  streamed_BLV, _ = _stream(model, tokens_BL, max_len=4)
+  assert np.isfinite(np.asarray(streamed_BLV[:, :4])).all()
+  assert np.isnan(np.asarray(streamed_BLV[:, 4:])).all()
+  with pytest.raises(ValueError, match="max_len=4 is shorter than the prompt"):
+    sample.generate(model, np.asarray(tokens_BL[:, :3]), 2, max_len=4)
+  with pytest.raises(ValueError, match=r"must be \[batch, length\] token ids, got shape \(3,\)"):
+    sample.generate(model, np.asarray(tokens_BL[0, :3]), 2)

@@ -106,7 +106,9 @@ def restore_latest(directory: str, config: Any = None, **kwargs) -> Restored:
     except CheckpointError as err:
       logging.warning("Skipping unreadable checkpoint: %s", err)
   reason = (f"none of its {len(entries)} checkpoint(s) is readable" if entries else
-            "no checkpoint found" if os.path.isdir(directory) else "directory does not exist")
+            "no checkpoint found" if os.path.isdir(directory) else
+            "is a file, not a checkpoint directory (restore() takes a manifest)"
+            if os.path.isfile(directory) else "directory does not exist")
   raise CheckpointError(f"Failed to load checkpoint: {directory}: {reason}")
 
 

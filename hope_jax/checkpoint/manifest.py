@@ -107,9 +107,12 @@ def _model_section(config: Any) -> Any:
                     f"{type(config).__name__}")
   if "model" in config:
     return config["model"]
-  if "block" in config:  # The model section alone.
+  unknown = sorted(set(config) - set(ModelConfig().to_dict()))
+  if not unknown:  # The model section alone (keys it leaves out take their defaults).
     return config
-  return {}
+  raise TypeError(f"config must be a run config, its model section or a ModelConfig; this "
+                  f"mapping has no 'model' section and keys that are not model keys: "
+                  f"{', '.join(map(str, unknown[:8]))}")
 
 
 def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:

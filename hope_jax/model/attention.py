@@ -70,5 +70,8 @@ class Attention(nnx.Module):
     # saves a pass over every layer's cache per token (docs/performance.md, generation).
     y_BLHK = attn_ops.cached_attention(q.astype(k_cache.dtype), k_cache, v_cache, q_offset=pos,
                                        kv_len=new_pos, probs_dtype=q.dtype)
+    # Past the cache's `max_len` the update above is clamped onto its last slots, which would
+    # give plausible but wrong outputs: NaN instead, so the misuse shows.
+    y_BLHK = jnp.where(new_pos <= cache["k"].shape[2], y_BLHK, jnp.nan)
     return (self.o(y_BLHK.astype(q.dtype).reshape(u_BLD.shape)),
             {"k": k_cache, "v": v_cache, "pos": new_pos})

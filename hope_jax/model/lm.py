@@ -485,8 +485,8 @@ class LanguageModel(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int = 2048):
     """Every recurrent state of spec §5 for `batch_size` sequences, as a pytree of arrays.
 
-    `max_len` bounds the KV cache of attention blocks (decoding past it is not supported);
-    the `hope` and `titans_lmm` states do not depend on it.
+    `max_len` bounds the KV cache of attention blocks: past it their outputs, and so the
+    logits, are NaN; the `hope` and `titans_lmm` states do not depend on it.
     """
     mixers, fast = self._init_states(batch_size, max_len)
     cache = {"pos": jnp.zeros((), jnp.int32), "mixer": mixers}

@@ -318,10 +318,11 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       log_line(step, end_step, mean, mean / LN2, lr, tok_s, eta, unit)
     writer.write(step, row)
     if not math.isfinite(m["loss"]):
+      where = ("no checkpoint was saved yet, so a rerun starts afresh" if ckpt.latest_step is None
+               else f"a rerun resumes from the last checkpoint, step {ckpt.latest_step}")
       raise FloatingPointError(
-          f"training loss is {m['loss']} at step {step} (the last checkpoint is step "
-          f"{ckpt.latest_step}): lower training.learning_rate or training.grad_clip, or look "
-          "for bad data; a rerun resumes from that checkpoint")
+          f"training loss is {m['loss']} at step {step}: lower training.learning_rate or "
+          f"training.grad_clip, or look for bad data ({where})")
     progress.tick(step, {"loss": f"{m['loss']:.3f}"})
 
   # The replay that measures it is not written for several processes' global arrays.
@@ -387,7 +388,9 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
     except KeyboardInterrupt:
       interrupted = True
       if any(x.is_deleted() for x in jax.tree.leaves(state)):  # Interrupted inside a donated step.
-        logging.warning("Interrupted mid-step; the last checkpoint is step %s.", ckpt.latest_step)
+        logging.warning("Interrupted mid-step; %s.", "no checkpoint was saved yet"
+                        if ckpt.latest_step is None else
+                        f"the last checkpoint is step {ckpt.latest_step}")
       else:
         logging.warning("Interrupted at step %d; saving a checkpoint and stopping cleanly.",
                         int(state["step"]))
