@@ -352,3 +352,11 @@ def test_a_book_file_name_that_is_not_utf8_is_recorded(tmp_path):
     (row,) = [json.loads(line) for line in f]
   assert row["source"] == "caf\udce9.txt" and row["text"].startswith("A small book")
   json.load(open(tmp_path / "out" / "metadata.json", encoding="utf-8"))
+
+
+def test_a_file_named_pdf_that_is_no_pdf_says_so(tmp_path):
+  # A web page saved as .pdf used to be reported as a corrupt PDF by the parser's first error.
+  path = tmp_path / "page.pdf"
+  path.write_text("<!DOCTYPE html><html><body><p>Not a book.</p></body></html>")
+  with pytest.raises(BookSkipped, match=r"not a PDF \(no %PDF- header"):
+    read_book(str(path), ReadOptions())

@@ -102,6 +102,10 @@ def read_pdf(path: str, options: ReadOptions, source: str | None = None) -> Docu
   logging.getLogger("pypdf").setLevel(logging.ERROR)
   name = source or os.path.basename(path)
   try:
+    with open(path, "rb") as f:  # The header may follow up to 1 KiB of junk (PDF 1.7, 7.5.2).
+      if b"%PDF-" not in f.read(1024):
+        raise BookSkipped("not a PDF (no %PDF- header in its first 1024 bytes; a web page or "
+                          "another format saved as .pdf?)")
     reader = PdfReader(path, strict=False)
     if reader.is_encrypted:
       try:
