@@ -98,14 +98,16 @@ def test_layout_manifest_and_exact_roundtrip(tmp_path):
         assert not fh.read(2).startswith(b"\x80"), f"pickle-like file {f}"
 
 
-def test_startup_log_lines(tmp_path, absl_log):
-  _save(tmp_path, [5, 10])
-  mgr = CheckpointManager(_config(tmp_path))
+def test_startup_log_lines(tmp_path, absl_log, monkeypatch):
+  # A relative checkpoint_dir is shown as given, as the contract's example shows it.
+  monkeypatch.chdir(tmp_path)
+  _save("run", [5, 10])
+  mgr = CheckpointManager(_config("run"))
   mgr.restore_for_training(jax.eval_shape(lambda: _state(10)))
   mgr.close()
   msgs = [m for _, m in absl_log]
-  manifest = ck.list_checkpoints(str(tmp_path))[-1].manifest_path
-  for line in (f'Found 2 existing checkpoint(s) in "{tmp_path}"', "Latest checkpoint at step: 10",
+  manifest = os.path.join("run", os.path.basename(ck.list_checkpoints("run")[-1].manifest_path))
+  for line in ('Found 2 existing checkpoint(s) in "run"', "Latest checkpoint at step: 10",
                f'Resuming training from checkpoint: "{manifest}"', "Resumed from step 10",
                "20 step(s) remain: training ends at step 30 (training.num_steps)"):
     assert line in msgs, (line, msgs)
@@ -299,6 +301,45 @@ def test_latest_skips_a_broken_newest_with_a_warning(tmp_path, absl_log):
   assert os.listdir(tmp_path / "unreadable")
   assert [e.step for e in ck.list_checkpoints(str(tmp_path)) if e.valid] == [5, 10]
   assert ck.restore_latest(str(tmp_path)).step == 10
+
+
+def _orphan(directory, step):
+  """Step `step`'s payload without its manifest and with its inner copy unreadable (a crash
+  right after Orbax's commit, then a damaged disk)."""
+  for e in ck.list_checkpoints(str(directory)):
+    if e.step == step:
+      os.remove(e.manifest_path)
+  with open(os.path.join(directory, f"checkpoint_step_{step}", "manifest", "metadata"), "w") as f:
+    f.write("{cut sho")
+
+
+def test_a_payload_without_any_manifest_counts_as_broken(tmp_path, absl_log):
+  # It used to stay in Orbax's list unlisted: "latest" resumed from step 5 and then refused
+  # over the "newer checkpoint" 10, and alone it gave a silent fresh start beside it.
+  abstract = jax.eval_shape(lambda: _state(5))
+  _save(tmp_path, [5, 10])
+  for again in range(2):  # The same step breaking twice must not nest the moved folders.
+    _orphan(tmp_path, 10)
+    mgr = CheckpointManager(_config(tmp_path))
+    state, _, manifest = mgr.restore_for_training(abstract)
+    assert manifest["step"] == 5 and int(state["step"]) == 5
+    assert mgr.save(10, _state(10, seed=10), {"step": 10}, force=True)
+    mgr.close()
+    moved = sorted(os.listdir(tmp_path / "unreadable"))
+    assert moved == ["checkpoint_step_10", "checkpoint_step_10.1"][:again + 1], moved
+  assert any("Skipping unreadable checkpoint" in m and "without a manifest" in m
+             for _, m in absl_log)
+  assert ck.restore_latest(str(tmp_path)).step == 10
+  # Alone, it is an error that moves nothing, like any unreadable checkpoint.
+  only = tmp_path / "only"
+  _save(only, [10])
+  _orphan(only, 10)
+  for _ in range(2):
+    mgr = CheckpointManager(_config(only))
+    with pytest.raises(CheckpointError, match="none of its 1 checkpoint.s. is readable"):
+      mgr.restore_for_training(abstract)
+    mgr.close()
+  assert (only / "checkpoint_step_10").is_dir() and not (only / "unreadable").exists()
 
 
 def test_latest_with_nothing_readable_fails_every_time_and_moves_nothing(tmp_path):

@@ -211,6 +211,16 @@ class CheckpointManager:
     return state, loader_state, manifest
 
   def _restore_latest(self, entries, abstract_state):
+    # A committed payload whose manifest could not be rebuilt (`_reconcile` warned) counts as
+    # a broken checkpoint: skipped, and set aside once an older one loads; were it left out,
+    # "latest" would resume from an older step and then refuse over the newer payload, or
+    # start afresh beside it when it is the only one.
+    listed = {e.step for e in entries}
+    orphans = [mf.CheckpointInfo(
+        step, 0, os.path.join(self._abs, mf.payload_name(step)), False,
+        "a saved payload without a manifest or a readable copy of one")
+        for step in self._mngr.all_steps() if step not in listed]
+    entries = sorted(entries + orphans, key=lambda c: (c.step, c.timestamp))
     broken = []
     for e in reversed(entries):
       try:
@@ -243,15 +253,22 @@ class CheckpointManager:
     payload = os.path.join(self._abs, mf.payload_name(entry.step))
     if self._primary:
       os.makedirs(dest, exist_ok=True)
-      for path in (entry.manifest_path, payload):
+      for path in dict.fromkeys((entry.manifest_path, payload)):
         if os.path.exists(path) and os.path.dirname(os.path.abspath(path)) == self._abs:
-          shutil.move(path, os.path.join(dest, os.path.basename(path)))
+          # The same step may break again after it was saved anew: never move into (or over)
+          # what an earlier move left there.
+          target, n = os.path.join(dest, os.path.basename(path)), 1
+          while os.path.exists(target):
+            target, n = os.path.join(dest, f"{os.path.basename(path)}.{n}"), n + 1
+          shutil.move(path, target)
     store.barrier(f"set_aside_{entry.step}")
     self._mngr.reload()
     logging.warning("Moved the unreadable checkpoint of step %d to %s", entry.step, dest)
 
   def _restore(self, path: str, abstract_state: Any):
-    logging.info('Resuming training from checkpoint: "%s"', path)
+    shown = (os.path.join(self.directory, os.path.basename(path))
+             if os.path.dirname(os.path.abspath(path)) == self._abs else path)
+    logging.info('Resuming training from checkpoint: "%s"', shown)
     manifest, payload = mf.read_manifest(path)
     mf.check_model_config(manifest["config"], self.config, path)
     train_target = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}

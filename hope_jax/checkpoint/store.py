@@ -179,8 +179,12 @@ def verify_checksums(tree: Any, expected: dict[str, int], *, require_all: bool,
 # -------------------------------------------------------------------- restore
 
 def with_shardings(abstract: Any) -> Any:
-  """ShapeDtypeStructs with explicit shardings for this process (Orbax needs them)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  """ShapeDtypeStructs with explicit shardings for this process (Orbax needs them).
+
+  Arrays without a sharding go to this process's first device: `jax.devices()[0]` belongs to
+  process 0, and other processes cannot place arrays there.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def fix(x):
     sharding = getattr(x, "sharding", None)
@@ -191,7 +195,7 @@ def with_shardings(abstract: Any) -> Any:
 
 def _target_from_metadata(metadata_tree: Any) -> Any:
   """An abstract target from what the payload says it holds ("0" keys become 0)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def build(node):
     if isinstance(node, dict):
