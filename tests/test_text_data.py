@@ -238,15 +238,20 @@ def _dtype_foo(record):
   record.write_text(json.dumps({**rec, "dtype": "foo"}), encoding="utf-8")
 
 
-@pytest.mark.parametrize("damage,problem", [
-    (_cut_short, "Unterminated string"), (_without_dtype, "missing key 'dtype'"),
-    (_dtype_foo, "unsupported token dtype 'foo'")])
-def test_damaged_cache_record_is_stale_and_rewritten(tmp_path, caplog, damage, problem):
+def _cached_corpus(tmp_path):
+  """(config, vocab size, corpus) of a small text corpus loaded through the token cache."""
   path = tmp_path / "one.txt"
   path.write_text(MIXED * 10, encoding="utf-8")
   cfg = _cfg(path, memmap_min_mb=0.0, cache_dir=str(tmp_path / "c"))
   vocab = CharTokenizer.build([MIXED.replace("\r\n", "\n"), "\n\n"]).vocab_size
-  first = load_corpus(cfg, vocab)
+  return cfg, vocab, load_corpus(cfg, vocab)
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (_cut_short, "Unterminated string"), (_without_dtype, "missing key 'dtype'"),
+    (_dtype_foo, "unsupported token dtype 'foo'")])
+def test_damaged_cache_record_is_stale_and_rewritten(tmp_path, caplog, damage, problem):
+  cfg, vocab, first = _cached_corpus(tmp_path)
   (record,) = (tmp_path / "c").glob("text-*-*.json")
   good = json.loads(record.read_text(encoding="utf-8"))
   damage(record)
@@ -260,11 +265,7 @@ def test_damaged_cache_record_is_stale_and_rewritten(tmp_path, caplog, damage, p
 
 
 def test_damaged_cached_vocabulary_is_counted_again(tmp_path, caplog):
-  path = tmp_path / "one.txt"
-  path.write_text(MIXED * 10, encoding="utf-8")
-  cfg = _cfg(path, memmap_min_mb=0.0, cache_dir=str(tmp_path / "c"))
-  vocab = CharTokenizer.build([MIXED.replace("\r\n", "\n"), "\n\n"]).vocab_size
-  first = load_corpus(cfg, vocab)
+  cfg, vocab, first = _cached_corpus(tmp_path)
   (vocab_file,) = (tmp_path / "c").glob("*.vocab.json")
   vocab_file.write_text("{not json", encoding="utf-8")
   with caplog.at_level("WARNING"):
