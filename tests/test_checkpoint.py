@@ -431,3 +431,11 @@ def test_failed_save_reports_directory_and_reason_and_keeps_earlier(tmp_path):
   assert "File too large" in out or "EFBIG" in out or "too large" in out.lower(), out
   assert [e.step for e in ck.list_checkpoints(str(tmp_path))] == [1]
   assert ck.restore_latest(str(tmp_path), with_opt_state=True).step == 1
+
+
+def test_a_manifest_that_contradicts_its_file_name_is_unreadable(tmp_path):
+  _save(tmp_path, [5])
+  path = ck.list_checkpoints(str(tmp_path))[0].manifest_path
+  _edit(path, timestamp=1)
+  (info,) = ck.list_checkpoints(str(tmp_path))
+  assert not info.valid and info.reason == "manifest timestamp 1 does not match its file name"

@@ -234,6 +234,9 @@ def scan(directory: str) -> list[CheckpointInfo]:
       ok, reason = True, ""
       if manifest["step"] != int(m.group(1)):
         ok, reason = False, f"manifest step {manifest['step']} does not match its file name"
+      elif manifest["timestamp"] != int(m.group(2)):
+        ok, reason = False, (f"manifest timestamp {manifest['timestamp']} does not match its "
+                             "file name")
     except CheckpointError as e:
       ok, reason = False, str(e).split(": ", 2)[-1]
     found.append(CheckpointInfo(int(m.group(1)), int(m.group(2)), path, ok, reason))
