@@ -358,3 +358,16 @@ def _traced_forward(cfg, tokens):
     traced = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).trace(state, tokens)
     _TRACED[cfg] = (str(traced.jaxpr), traced.lower().compile()(state, tokens))
   return _TRACED[cfg]
+
+
+def test_token_ids_outside_the_vocabulary_give_nan_not_another_token():
+  # jnp.take read id -1 as the last token of the table: plausible logits for a wrong input.
+  model = hope_jax.build_model(tiny(block="transformer_pp"), seed=0)
+  tokens_BL = jnp.array([[1, 2, 3, 4, 5, 6], [1, 2, -1, 4, 5, 6], [1, 2, 32, 4, 5, 6]])
+  logits_BLV = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens_BL))
+  assert np.isfinite(logits_BLV[0]).all()
+  # The bad id's position and every later one (earlier ones too here: the attention's masked
+  # products multiply the NaN values by zero); the other sequence is untouched.
+  assert np.isnan(logits_BLV[1:, 2:]).all()
+  with pytest.raises(ValueError, match=r"tokens must be \[batch, length\] ids, got shape \(6,\)"):
+    model(tokens_BL[0])

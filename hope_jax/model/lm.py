@@ -188,7 +188,15 @@ class LanguageModel(nnx.Module):
     self.fast_cms = has_fast_weights(cfg)
 
   def embed_tokens(self, tokens_BL):
-    return jnp.take(self.embed[...], tokens_BL, axis=0).astype(DTYPES[self.cfg.dtype])
+    """Embeddings `[B, L, D]` of token ids `[B, L]`; an id outside [0, vocab_size) gives a
+    NaN row (jnp.take would read a negative id from the end of the table)."""
+    if tokens_BL.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length] ids, got shape {tokens_BL.shape}")
+    table_VD = self.embed[...]
+    v = table_VD.shape[0]
+    ids_BL = jnp.where((tokens_BL >= 0) & (tokens_BL < v), tokens_BL, v)
+    return jnp.take(table_VD, ids_BL, axis=0, mode="fill", fill_value=jnp.nan).astype(
+        DTYPES[self.cfg.dtype])
 
   def logits(self, h_BLD):
     h_BLD = self.final_norm(h_BLD)
