@@ -1,5 +1,7 @@
 """Every bad input ends the CLI with one stderr line, exit status 2, no traceback."""
 
+import re
+
 import pytest
 
 from tests.conftest import run_cli
@@ -184,16 +186,28 @@ def test_a_diverged_run_is_one_line_and_its_metrics_stay_json(tmp_path):
 
   proc = run_cli(["-m", "hope_jax.train", TINY, f"--config.training.checkpoint_dir={tmp_path}",
                   "--config.training.learning_rate=1e30", "--config.training.grad_clip=1e30",
-                  "--config.training.log_every=1", "--config.training.num_steps=30"])
+                  "--config.training.log_every=1", "--config.training.num_steps=30",
+                  "--config.training.save_every=1"])
   assert proc.returncode == 2, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("hope_jax.train: error: training loss is nan at step ")
+  # Whichever turns non-finite first, the loss or the gradient (the update, so its checkpoint).
+  assert re.match(r"hope_jax\.train: error: (training loss is nan|the gradient norm is nan "
+                  r"\(training loss [\d.]+\)) at step \d+: ", last), last
   assert "lower training.learning_rate" in last and "Traceback" not in proc.stderr
   from hope_jax.checkpoint import list_checkpoints
 
   saved = [e.step for e in list_checkpoints(str(tmp_path)) if e.valid]
   assert (f"resumes from the last checkpoint, step {saved[-1]}" in last if saved else
           "no checkpoint was saved yet, so a rerun starts afresh" in last), last
+  # Saving every step, none of them holds the diverged parameters: the run stops first.
+  import jax
+  import numpy as np
+
+  from hope_jax.checkpoint import restore
+
+  for e in list_checkpoints(str(tmp_path)):
+    params = restore(e.manifest_path).params
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), e.step
   assert "step 1/30 | " in proc.stderr and "first step, no rate yet" in proc.stderr
 
   def strict(text):
@@ -201,7 +215,7 @@ def test_a_diverged_run_is_one_line_and_its_metrics_stay_json(tmp_path):
 
   rows = [json.loads(line, parse_constant=strict)
           for line in open(tmp_path / "logs" / "metrics.jsonl")]
-  assert any(r.get("train/loss") is None for r in rows)
+  assert any(r.get("train/loss") is None or r.get("train/grad_norm") is None for r in rows)
   assert "train/tokens_per_s" not in rows[0] and "train/tokens_per_s" in rows[1]
 
 

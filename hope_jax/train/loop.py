@@ -317,12 +317,16 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
         row["train/tokens_per_s"] = tok_s
       log_line(step, end_step, mean, mean / LN2, lr, tok_s, eta, unit)
     writer.write(step, row)
-    if not math.isfinite(m["loss"]):
+    # A non-finite gradient makes this step's update, and so its checkpoint, non-finite too:
+    # stop before it is saved (the loop records a step's metrics before saving it).
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      what = (f"training loss is {m['loss']}" if not math.isfinite(m["loss"]) else
+              f"the gradient norm is {m['grad_norm']} (training loss {m['loss']:.4f})")
       where = ("no checkpoint was saved yet, so a rerun starts afresh" if ckpt.latest_step is None
                else f"a rerun resumes from the last checkpoint, step {ckpt.latest_step}")
       raise FloatingPointError(
-          f"training loss is {m['loss']} at step {step}: lower training.learning_rate or "
-          f"training.grad_clip, or look for bad data ({where})")
+          f"{what} at step {step}: lower training.learning_rate or training.grad_clip, or look "
+          f"for bad data ({where})")
     progress.tick(step, {"loss": f"{m['loss']:.3f}"})
 
   # The replay that measures it is not written for several processes' global arrays.
@@ -377,6 +381,9 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
           logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                        unit, last_eval["eval/bits_per_token"])
         if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
+          if pending is not None:  # A non-finite loss or gradient stops the run before the save.
+            record(*pending)
+            pending = None
           jax.block_until_ready(state)  # The step's own time counts; the save's does not.
           with progress.paused():
             save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
