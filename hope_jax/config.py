@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
+import re
 from typing import Any, Mapping
 
 BLOCKS = ("transformer_pp", "hope", "hope_attention", "titans_lmm")
@@ -318,16 +320,36 @@ def validate_run_config(cfg: Any) -> ModelConfig:
     try:
       check(cfg[section])
     except (AttributeError, KeyError) as e:  # ml_collections' error for an absent key.
-      key = str(e.args[0] if e.args else e).strip("'\"")
-      raise ConfigError(f"the run config has no {section}.{key}: a config file must define every "
-                        "key of experiments/base.py (start from a copy of it)") from None
-  if cfg.data.tokenizer_path and cfg.data.get("tokenizer", "byte") == "byte" and (
-      cfg.data.data_type != "books"):
-    raise ConfigError(
-        f"data.tokenizer_path={cfg.data.tokenizer_path} is set, but data.tokenizer='byte' does "
-        "not read it: set --config.data.tokenizer=char to use that vocabulary, or leave "
-        "data.tokenizer_path unset")
+      # Its message may go on with a "Did you mean" line about a similar key (and quotes
+      # escaped): the first name in it is the absent one.
+      found = re.search(r"[A-Za-z_]\w*", str(e.args[0] if e.args else e))
+      key = found.group(0) if found else "?"
+      raise ConfigError(f"the run config has no {section}.{key}: start from a copy of "
+                        "experiments/base.py, which defines every key") from None
+  _check_tokenizer_path(cfg.data)
   return model
+
+
+def _check_tokenizer_path(d: Any) -> None:
+  """A vocabulary file the run would silently not read is an error (ConfigError)."""
+  if not d.tokenizer_path or d.get("tokenizer", "byte") != "byte":
+    return
+  if d.data_type == "books":
+    import os
+
+    from hope_jax.data.books import is_preprocessed
+
+    path = d.data_path or ""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if is_preprocessed(folder):
+      return  # Checked against the folder's own vocabulary when it is loaded.
+  if d.data_type in ("default", "text", "books"):
+    raise ConfigError(
+        f"data.tokenizer_path={d.tokenizer_path} is set, but data.tokenizer='byte' does not "
+        "read it: set --config.data.tokenizer=char to use that vocabulary, or leave "
+        "data.tokenizer_path unset")
+  raise ConfigError(f"data.tokenizer_path={d.tokenizer_path} is set, but "
+                    f"data.data_type={d.data_type!r} reads no vocabulary file: leave it unset")
 
 
 def _validate_training(t: Any) -> None:
@@ -385,7 +407,7 @@ def validate_data_config(d: Any) -> None:
     if not os.path.isfile(d.tokenizer_path):
       raise ConfigError(f"data.tokenizer_path: no such file: {d.tokenizer_path}")
   seed = d.get("task_seed", 0)  # Absent from configs saved before the tasks existed.
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
     raise ConfigError(f"data.task_seed must be an integer >= 0, got {seed!r}")
   depth = d.get("passkey_depth")
   if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float))):

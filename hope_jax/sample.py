@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from hope_jax.config import ConfigError
+from hope_jax.model.attention import Attention
 
 
 def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
@@ -66,7 +67,8 @@ def generate(model, prompt_BL, max_new_tokens: int, *, temperature: float = 0.8,
   if prompt_BL.ndim != 2:
     raise ValueError(f"prompt_BL must be [batch, length] token ids, got shape {prompt_BL.shape}")
   b, l = prompt_BL.shape
-  if max_len is not None and max_len < l + max_new_tokens:
+  if max_len is not None and max_len < l + max_new_tokens and any(
+      isinstance(b.mixer, Attention) for b in model.blocks):
     raise ValueError(f"max_len={max_len} is shorter than the prompt ({l}) plus max_new_tokens "
                      f"({max_new_tokens}): an attention block's cache would overflow")
   graphdef, state = nnx.split(model)

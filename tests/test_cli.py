@@ -68,8 +68,8 @@ def test_bad_input_is_one_line_exit_2(args, expected):
 CONFIG_FILES = [
     ("from experiments import tiny\n\ndef get_config():\n  cfg = tiny.get_config()\n"
      "  del cfg.training['seed']\n  return cfg\n",
-     "the run config has no training.seed: a config file must define every key of "
-     "experiments/base.py"),
+     "the run config has no training.seed: start from a copy of experiments/base.py, which "
+     "defines every key"),
     ("def get_config():\n  return {'model': 1}\n",
      "the run config has no 'model' section (a ConfigDict of keys), got 1"),
 ]
@@ -242,3 +242,26 @@ def test_a_full_disk_is_one_error_line_without_tracebacks(tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("hope_jax.train: error: ")]
   assert len(errors) == 1 and "Failed to save checkpoint for step 10" in errors[0]
   assert len(proc.stderr.splitlines()) < 40
+
+
+def test_config_checks_in_process():
+  # The cases above in one process, where a subprocess each would cost seconds.
+  import numpy as np
+
+  from experiments import tiny
+  from hope_jax.config import ConfigError, validate_run_config
+
+  cfg = tiny.get_config()
+  del cfg.training["keep_best"]  # ml_collections suggests keep_best_mode: not the message.
+  with pytest.raises(ConfigError) as err:
+    validate_run_config(cfg)
+  assert str(err.value) == ("the run config has no training.keep_best: start from a copy of "
+                            "experiments/base.py, which defines every key")
+  cfg = tiny.get_config()
+  del cfg.data["task_seed"]  # A config file that wrote it as a numpy integer.
+  cfg.data.task_seed = np.int64(3)
+  validate_run_config(cfg)
+  cfg.data.tokenizer_path = "README.md"
+  cfg.data.data_type = "mqar"
+  with pytest.raises(ConfigError, match="data.data_type='mqar' reads no vocabulary file"):
+    validate_run_config(cfg)

@@ -184,3 +184,11 @@ def test_decoding_past_max_len_is_nan_not_silently_wrong():
     sample.generate(model, np.asarray(tokens_BL[:, :3]), 2, max_len=4)
   with pytest.raises(ValueError, match=r"must be \[batch, length\] token ids, got shape \(3,\)"):
     sample.generate(model, np.asarray(tokens_BL[0, :3]), 2)
+
+
+@needs_titans
+def test_max_len_binds_only_models_with_an_attention_cache():
+  # A titans_lmm cache has no length: a max_len shorter than the output is not an error.
+  model = hope_jax.build_model(tiny(block="titans_lmm"), seed=0)
+  out = sample.generate(model, np.array([[1, 2, 3]], np.int32), 3, max_len=4)
+  assert out.shape == (1, 3)

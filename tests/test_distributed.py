@@ -410,6 +410,15 @@ def test_launch_settings_from_config_or_environment(monkeypatch, tiny_config):
     distributed.launch_settings(t)
   t.distributed = "off"
   assert distributed.launch_settings(t) is None
+  # Any host jax.distributed takes (IPv6 with a zone, a gRPC target) with a port after it.
+  t.distributed, t.process_id = "auto", 0
+  for good in ("[fe80::1%eth0]:1234", "dns:///head-node:1234", "head-node:1234"):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", good)
+    assert distributed.launch_settings(t)["coordinator_address"] == good
+  for bad in ("head-node", "head-node:", "head-node:port"):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", bad)
+    with pytest.raises(ConfigError, match="JAX_COORDINATOR_ADDRESS must be host:port"):
+      distributed.launch_settings(t)
 
 
 def test_cli_reports_a_mesh_that_does_not_fit_in_one_line(tmp_path):

@@ -23,8 +23,9 @@ from absl import logging
 from hope_jax.config import ConfigError
 
 MODES = ("auto", "on", "off")
-# host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):[0-9]{1,5}")
+# What jax.distributed takes: a port after the last colon, and anything before it (a name, an
+# IPv4 address, a bracketed IPv6 one, a gRPC target such as dns:///host) as the host.
+_HOST_PORT = re.compile(r"\S+:[0-9]{1,5}")
 
 
 def _int_setting(t: Any, key: str, env: str) -> int | None:
