@@ -38,17 +38,9 @@ CASES = [
      "data.data_path: no such file or directory: does/not/exist.txt"),
     ([TINY, "--config.data.data_type=csv"], "data.data_type='csv' is not one of"),
     ([TINY, "--config.model.vocab_size=100"], "vocab size mismatch: the tokenizer has 256 tokens"),
-    ([TINY, "--config.training.learning_rate=inf"],
-     "training.learning_rate must be a positive number, got inf"),
-    ([TINY, "--config.data.task_seed=-1"], "data.task_seed must be an integer >= 0, got -1"),
-    ([TINY, "--config.data.data_type=mqar", "--config.data.mqar_gap=-3"],
-     "data.mqar_gap must be >= 0 or None (the longest gap that fits), got -3"),
     # A byte tokenizer never reads a vocabulary: training on bytes instead would be silent.
     ([TINY, "--config.data.tokenizer_path=README.md"],
      "data.tokenizer_path=README.md is set, but data.tokenizer='byte' does not read it"),
-    ([TINY, "--config.training.coordinator_address=nohostport",
-      "--config.training.num_processes=1", "--config.training.process_id=0"],
-     "training.coordinator_address must be host:port (e.g. 10.0.0.1:1234), got 'nohostport'"),
     (["--config=experiments/missing.py"], "cannot load config file 'experiments/missing.py'"),
     ([], "--config is required"),
 ]
@@ -245,11 +237,28 @@ def test_a_full_disk_is_one_error_line_without_tracebacks(tmp_path):
 
 
 def test_config_checks_in_process():
-  # The cases above in one process, where a subprocess each would cost seconds.
+  # More cases like those above, in one process: a CLI process each would cost seconds, and
+  # the CLI turns every ConfigError into one line alike.
   import numpy as np
 
   from experiments import tiny
   from hope_jax.config import ConfigError, validate_run_config
+  from hope_jax.train import distributed
+
+  for key, value, message in (
+      ("training.learning_rate", float("inf"),
+       "training.learning_rate must be a positive number, got inf"),
+      ("data.task_seed", -1, "data.task_seed must be an integer >= 0, got -1"),
+      ("training.coordinator_address", "nohostport",
+       "training.coordinator_address must be host:port (e.g. 10.0.0.1:1234), got 'nohostport'")):
+    cfg = tiny.get_config()
+    section, leaf = key.split(".")
+    cfg[section][leaf] = value
+    cfg.training.num_processes, cfg.training.process_id = 1, 0
+    with pytest.raises(ConfigError) as err:
+      validate_run_config(cfg)
+      distributed.launch_settings(cfg.training)
+    assert str(err.value) == message
 
   cfg = tiny.get_config()
   del cfg.training["keep_best"]  # ml_collections suggests keep_best_mode: not the message.

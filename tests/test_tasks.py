@@ -86,6 +86,7 @@ def test_task_corpus_windows_are_whole_examples(tiny_config):
 @pytest.mark.parametrize("change,match", [
     ({"mqar_pairs": 200}, "distinct keys"),
     ({"mqar_pairs": 12, "mqar_gap": 30}, "mqar_pairs/mqar_gap"),
+    ({"mqar_gap": -3}, r"data.mqar_gap must be >= 0 or None \(the longest gap that fits\), got -3"),
     ({"mqar_queries": 9}, "mqar_queries"),
     ({"data_type": "passkey", "seq_len": 20}, "passkey with 5 digits needs data.seq_len"),
     ({"data_type": "passkey", "passkey_depth": 1.5}, "passkey_depth"),
