@@ -387,3 +387,21 @@ def test_steps_of_one_config_share_one_trace_of_the_model(monkeypatch, tiny_conf
   assert other != ModelDef(model_cfg)
   jax.jit(make_eval_step(other)).trace(other.abstract_params(), batch)
   assert len(traced) == 2  # Another config is another trace.
+
+
+def test_a_stop_right_after_a_diverged_step_saves_nothing(tmp_path, monkeypatch):
+  # The stop signal's save used to write the last step's state without reading its metrics:
+  # after a diverged step, a checkpoint of non-finite parameters for the rerun to resume.
+  from experiments import tiny
+  from hope_jax.checkpoint import list_checkpoints
+  from hope_jax.train import loop
+
+  cfg = tiny.get_config()
+  cfg.training.update(checkpoint_dir=str(tmp_path), num_steps=30, save_every=1000,
+                      eval_every=1000, learning_rate=1e30, grad_clip=1e30, progress_bar=False)
+  # Step 2's update of size ~1e30 leaves step 3's gradient non-finite (as in test_cli's
+  # diverged run); the stop comes before step 4, with step 3's metrics still unread.
+  monkeypatch.setattr(loop._StopRequest, "should_stop", lambda self, step: step == 3)
+  with pytest.raises(FloatingPointError, match="at step 3: lower training.learning_rate"):
+    train(cfg)
+  assert list_checkpoints(str(tmp_path)) == []

@@ -253,6 +253,7 @@ class CheckpointManager:
     payload = os.path.join(self._abs, mf.payload_name(entry.step))
     if self._primary:
       os.makedirs(dest, exist_ok=True)
+      # (An entry for a payload without a manifest names the payload twice.)
       for path in dict.fromkeys((entry.manifest_path, payload)):
         if os.path.exists(path) and os.path.dirname(os.path.abspath(path)) == self._abs:
           # The same step may break again after it was saved anew: never move into (or over)

@@ -318,7 +318,7 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       log_line(step, end_step, mean, mean / LN2, lr, tok_s, eta, unit)
     writer.write(step, row)
     # A non-finite gradient makes this step's update, and so its checkpoint, non-finite too:
-    # stop before it is saved (the loop records a step's metrics before saving it).
+    # stop before it is saved (`save` records a step's metrics first).
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
       what = (f"training loss is {m['loss']}" if not math.isfinite(m["loss"]) else
               f"the gradient norm is {m['grad_norm']} (training loss {m['loss']:.4f})")
@@ -349,14 +349,27 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       writer.write(step, health)
       logging.info("health at step %d | %s", step, diagnostics.format_health(health))
 
+  # The last step's (step, metrics), recorded once the next step is dispatched, so that
+  # reading them back does not stall the device.
+  pending = None
+
+  def flush() -> None:
+    """Records the pending step's metrics; raises if its loss or gradient is non-finite."""
+    nonlocal pending
+    if pending is not None:
+      last, pending = pending, None
+      record(*last)
+
   def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
+    # Every save, the one of a stop signal included, checks its step's metrics first: a
+    # diverged step stops the run instead of becoming the checkpoint a rerun resumes from.
+    flush()
     # Donating `state` into the next step is safe once save() returns: Orbax then
     # holds host copies (on CPU, numpy views that make JAX skip the donation).
     ckpt.save(step, state, {**sampler.state(step), **vocab_record}, metrics=metrics,
               force=force)
 
   t0 = time.perf_counter()
-  pending = None
   # The signal handlers stay until the final checkpoint is written: a signal during the
   # final eval only sets the flag, so the finished run is still saved.
   with _StopRequest(_shared_stop()) as stop:
@@ -367,13 +380,11 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
         # Each process reads only the rows its devices hold.
         batch = placement.put_batch(lambda a, z, s=s: sampler.rows(s, a, z), batch_shape)
         state, metrics = train_step(state, batch)
-        if pending is not None:
-          record(*pending)
+        flush()
         pending = (s + 1, metrics)
         evaluate_now = (s + 1) % t.eval_every == 0 and s + 1 < end_step
         if evaluate_now:
-          record(*pending)
-          pending = None
+          flush()
           with progress.paused():
             last_eval = evaluate(eval_step, state["params"], corpus.val, t, d.seq_len, placement)
           last_eval_step = s + 1
@@ -381,17 +392,12 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
           logging.info("eval at step %d | loss %.4f | %s %.4f", s + 1, last_eval["eval/loss"],
                        unit, last_eval["eval/bits_per_token"])
         if ckpt.should_save(s + 1) and s + 1 < end_step:  # The last one follows the final eval.
-          if pending is not None:  # A non-finite loss or gradient stops the run before the save.
-            record(*pending)
-            pending = None
           jax.block_until_ready(state)  # The step's own time counts; the save's does not.
           with progress.paused():
             save(s + 1, last_eval if (s + 1) % t.eval_every == 0 else None)
         if evaluate_now:
           log_health(s + 1)
-      if pending is not None:
-        record(*pending)
-        pending = None
+      flush()
     except KeyboardInterrupt:
       interrupted = True
       if any(x.is_deleted() for x in jax.tree.leaves(state)):  # Interrupted inside a donated step.
