@@ -439,3 +439,25 @@ def test_a_manifest_that_contradicts_its_file_name_is_unreadable(tmp_path):
   _edit(path, timestamp=1)
   (info,) = ck.list_checkpoints(str(tmp_path))
   assert not info.valid and info.reason == "manifest timestamp 1 does not match its file name"
+
+
+def test_a_leftover_that_cannot_be_removed_is_one_error_and_frees_the_lock(tmp_path):
+  leftover = tmp_path / "checkpoint_step_3_ts_1795000000.json.tmp.99"
+  leftover.mkdir()  # A folder where an interrupted manifest write's temporary file would be.
+  with pytest.raises(CheckpointError, match=r'Cannot clean up checkpoint_dir ".*" \(left over '
+                     r"by an interrupted save\): .*json\.tmp\.99"):
+    CheckpointManager(_config(tmp_path))
+  leftover.rmdir()
+  CheckpointManager(_config(tmp_path)).close()  # The failed start released the lock.
+
+
+def test_a_broken_newest_that_cannot_be_moved_aside_is_one_error(tmp_path):
+  _save(tmp_path, [5, 10])
+  _flip(_data_file(os.path.join(tmp_path, "checkpoint_step_10", "params")))
+  (tmp_path / "unreadable").write_text("a file where the folder would go")
+  mgr = CheckpointManager(_config(tmp_path))
+  with pytest.raises(CheckpointError, match=r"Cannot move the unreadable checkpoint of step 10 "
+                     r'to ".*unreadable" \(it would block saving that step again\): '):
+    mgr.restore_for_training(jax.eval_shape(lambda: _state(5)))
+  mgr.close()
+  assert (tmp_path / "checkpoint_step_10").is_dir()  # Left where it was.

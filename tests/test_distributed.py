@@ -190,19 +190,33 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_two_processes(d, steps: int, stderr) -> list[subprocess.Popen]:
+def _start_two_processes(d, steps: int, stderr, **overrides) -> list[subprocess.Popen]:
   """The CLI in two processes joined on a loopback port, 2 devices each, a 2 x 2 mesh."""
   port = _free_port()
+  overrides = {"training.mesh.data": 2, "training.mesh.fsdp": 2, **overrides}
   procs = []
   for pid in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid), **devices_env(2))
     procs.append(subprocess.Popen(
-        [sys.executable, *cli_args(d, steps, **{"training.mesh.data": 2,
-                                                "training.mesh.fsdp": 2})],
+        [sys.executable, *cli_args(d, steps, **overrides)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True))
   return procs
+
+
+def _run_two_processes(d, steps: int, timeout: int = 120, **overrides) -> tuple[list, list[str]]:
+  """Both processes to the end, or killed after `timeout` s: (return codes, outputs)."""
+  procs = _start_two_processes(d, steps, stderr=subprocess.STDOUT, **overrides)
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    outs = [p.communicate()[0] for p in procs]
+    pytest.fail("the processes did not finish; their output:\n" +
+                "\n".join(o[-3000:] for o in outs))
+  return [p.returncode for p in procs], outs
 
 
 def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path, reference):
@@ -225,6 +239,56 @@ def test_two_processes_train_and_save_a_checkpoint_one_process_restores(tmp_path
     # Adam moved each weight by ~1e-2 per step; the layouts differ by summation order only.
     assert x.shape == y.shape and x.dtype == y.dtype
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=TOL)
+
+
+def test_a_shard_only_one_process_cannot_read_is_skipped_by_both(tmp_path, reference):
+  """FSDP over both processes: each reads its own shards. Damage only process 1's shards.
+
+  Both must skip that checkpoint together and resume from the older one. Before, process 1
+  alone went back a step: its checksum collectives met process 0's of the newer step, it
+  declared the good older checkpoint corrupt, and process 0 waited for it forever.
+  """
+  d = tmp_path / "shard"
+  fsdp = {"training.mesh.data": 1, "training.mesh.fsdp": 4, "training.save_every": 2}
+  codes, outs = _run_two_processes(d, 4, **fsdp)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  damaged = list((d / "checkpoint_step_4" / "params" / "ocdbt.process_1").rglob("d/*"))
+  assert damaged
+  for f in damaged:
+    data = bytearray(f.read_bytes())
+    data[::7] = bytes(b ^ 0x5A for b in data[::7])
+    f.write_bytes(bytes(data))
+  codes, outs = _run_two_processes(d, 6, **fsdp)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  # Process 0 read its shards: it learns of process 1's failure rather than finding one.
+  assert "checkpoint_step_4_ts_" in outs[0] and ("process(es) 1 could not read their part of "
+                                                 "the payload") in outs[0], outs[0][-3000:]
+  assert "Encountered error while reading" in outs[1], outs[1][-3000:]
+  for out in outs:
+    assert "Moved the unreadable checkpoint of step 4" in out
+  assert "Resumed from step 2" in outs[0]
+  listed = ck.list_checkpoints(str(d))
+  assert [e.step for e in listed] == [2, 4, 6] and all(e.valid for e in listed)
+  assert (d / "unreadable" / "checkpoint_step_4").is_dir()
+  assert_losses_close(losses(d), losses(reference), range(1, 7))
+
+
+def test_a_directory_process_0_cannot_lock_stops_both_processes(tmp_path):
+  """Process 0 alone takes the directory's lock; when it cannot, process 1 must stop too."""
+  import fcntl
+
+  from hope_jax.checkpoint.manager import LOCK_NAME
+
+  d = tmp_path / "locked"
+  d.mkdir()
+  with open(d / LOCK_NAME, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # As another run holding it would.
+    codes, outs = _run_two_processes(d, 2)
+  assert codes == [2, 2], outs[0][-3000:] + outs[1][-3000:]
+  errors = [[l for l in out.splitlines() if l.startswith("hope_jax.train: error: ")]
+            for out in outs]
+  assert len(errors[0]) == 1 and "is in use by another training process" in errors[0][0], outs[0]
+  assert len(errors[1]) == 1 and "could not be locked by process 0" in errors[1][0], outs[1]
 
 
 def _two_processes_with_sigterm(d, watch: int, when: str) -> list[str]:

@@ -73,15 +73,30 @@ class CheckpointManager:
     except OSError as e:
       raise CheckpointError(f'Cannot create checkpoint_dir "{self.directory}": {e}') from None
     self._primary = store.is_primary()
-    self._lock_fd = self._acquire_lock() if self._primary else None
+    self._lock_fd, error = None, None
     self._pending: dict[str, Any] | None = None
     self._closed = False
+    if self._primary:
+      try:
+        self._lock_fd = self._acquire_lock()
+      except CheckpointError as e:
+        error = e
+    # Process 0 locks and cleans the directory; every process stops if it could not (alone,
+    # it would leave the others waiting in their first collective).
+    store.raise_if_any_failed(error, f'checkpoint_dir "{self.directory}" could not be locked '
+                              "by process {failed} (its log gives the reason)")
     try:
       self._mngr = store.make_manager(self._abs, keep_last=keep_last, keep_best=self.keep_best,
                                       keep_best_mode=mode)
       if self._primary:
-        self._reconcile()
-      store.barrier("reconciled")  # The others list the directory only once it is clean.
+        try:
+          self._reconcile()
+        except OSError as e:
+          error = CheckpointError(f'Cannot clean up checkpoint_dir "{self.directory}" (left '
+                                  f"over by an interrupted save): {e}")
+      # Also the barrier after which the others list the directory: only once it is clean.
+      store.raise_if_any_failed(error, f'checkpoint_dir "{self.directory}" could not be '
+                                "cleaned up by process {failed} (its log gives the reason)")
       if not self._primary:
         self._mngr.reload()
     except BaseException:
@@ -251,18 +266,24 @@ class CheckpointManager:
     """Moves a broken checkpoint to `unreadable/` so that its step can be saved again."""
     dest = os.path.join(self._abs, UNREADABLE_DIR)
     payload = os.path.join(self._abs, mf.payload_name(entry.step))
+    error = None
     if self._primary:
-      os.makedirs(dest, exist_ok=True)
-      # (An entry for a payload without a manifest names the payload twice.)
-      for path in dict.fromkeys((entry.manifest_path, payload)):
-        if os.path.exists(path) and os.path.dirname(os.path.abspath(path)) == self._abs:
-          # The same step may break again after it was saved anew: never move into (or over)
-          # what an earlier move left there.
-          target, n = os.path.join(dest, os.path.basename(path)), 1
-          while os.path.exists(target):
-            target, n = os.path.join(dest, f"{os.path.basename(path)}.{n}"), n + 1
-          shutil.move(path, target)
-    store.barrier(f"set_aside_{entry.step}")
+      try:
+        os.makedirs(dest, exist_ok=True)
+        # (An entry for a payload without a manifest names the payload twice.)
+        for path in dict.fromkeys((entry.manifest_path, payload)):
+          if os.path.exists(path) and os.path.dirname(os.path.abspath(path)) == self._abs:
+            # The same step may break again after it was saved anew: never move into (or
+            # over) what an earlier move left there.
+            target, n = os.path.join(dest, os.path.basename(path)), 1
+            while os.path.exists(target):
+              target, n = os.path.join(dest, f"{os.path.basename(path)}.{n}"), n + 1
+            shutil.move(path, target)
+      except OSError as e:
+        error = CheckpointError(f"Cannot move the unreadable checkpoint of step {entry.step} "
+                                f'to "{dest}" (it would block saving that step again): {e}')
+    store.raise_if_any_failed(error, f"The unreadable checkpoint of step {entry.step} could "
+                              "not be moved aside by process {failed} (its log gives the reason)")
     self._mngr.reload()
     logging.warning("Moved the unreadable checkpoint of step %d to %s", entry.step, dest)
 

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from hope_jax.checkpoint.manifest import PAYLOAD_PREFIX, canonical, load_error
+from hope_jax.checkpoint.manifest import PAYLOAD_PREFIX, CheckpointError, canonical, load_error
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -112,12 +112,36 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-  """Waits until every process of a multi-process run gets here (a no-op with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+def failed_processes(error: BaseException | None) -> list[int]:
+  """The indices of the processes whose `error` is set: every process learns the same list.
 
-    multihost_utils.sync_global_devices(f"hope_jax_checkpoint_{name}")
+  A collective that every process of a multi-process run must enter, which also makes it a
+  barrier; with one process it is `[0]` or `[]`. Used wherever only some processes may fail
+  (process 0 cleaning the directory, each process reading its own shards): a process that
+  raised alone would leave the others waiting in the next collective, or pair their
+  collectives with different ones of its own (a checksum of another step).
+  """
+  if jax.process_count() == 1:
+    return [] if error is None else [0]
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.int32(error is not None))
+  return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
+
+
+def raise_if_any_failed(error: BaseException | None, elsewhere: str) -> None:
+  """Raises `error` where it happened and a CheckpointError on the other processes.
+
+  Args:
+    error: this process's error, or None.
+    elsewhere: what went wrong, for the processes where it did not happen; `{failed}` in it
+      becomes the failed processes' indices.
+  """
+  failed = failed_processes(error)
+  if error is not None:
+    raise error
+  if failed:
+    raise CheckpointError(elsewhere.replace("{failed}", ", ".join(map(str, failed))))
 
 
 def _metric(name: str, worst: float, metrics: Any) -> float:
@@ -211,34 +235,27 @@ def _target_from_metadata(metadata_tree: Any) -> Any:
 
 
 def _checkpointer() -> ocp.Checkpointer:
+  """A reader for this process alone: its restore waits for no other process.
+
+  Orbax's restore ends in a barrier of all processes, which a process whose read failed
+  never reaches; `read_payload` agrees on the outcome itself instead.
+  """
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
+  me = jax.process_index()
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers),
+                          multiprocessing_options=ocp.options.MultiprocessingOptions(
+                              primary_host=me, active_processes={me}))
 
 
-def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = None,
-                 train_target: Any = None, with_train: bool = True) -> dict[str, Any]:
-  """Restores a payload and checks it against its checksums.
-
-  Args:
-    payload_dir: the committed Orbax step directory.
-    manifest_path: named in error messages.
-    params_target, train_target: abstract trees (ShapeDtypeStruct) to restore into; None
-      reads the structure from the payload's own metadata.
-    with_train: also restore the optimizer state, step and RNG.
-
-  Returns:
-    `{"params", "train" (or None), "loader", "manifest"}`.
-
-  Raises:
-    CheckpointError: "Failed to load checkpoint: <manifest_path>: <reason>".
-  """
+def _read_items(payload_dir: str, manifest_path: str, params_target: Any, train_target: Any,
+                with_train: bool) -> dict[str, Any]:
+  """`read_payload`'s part that touches only this process's files and devices."""
   if payload_dir.endswith(".orbax-checkpoint-tmp") or ".orbax-checkpoint-tmp" in payload_dir:
     raise load_error(manifest_path, "payload was never committed (interrupted save)")
   for name in ITEMS:
     if not os.path.isdir(os.path.join(payload_dir, name)):
       raise load_error(manifest_path, f"payload item '{name}' is missing in {payload_dir}")
-  exact = params_target is not None and (train_target is not None or not with_train)
   ckptr = _checkpointer()
   try:
     meta = ckptr.metadata(payload_dir).item_metadata
@@ -259,6 +276,44 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
   finally:
     ckptr.close()
   out.setdefault("train", None)
+  return out
+
+
+def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = None,
+                 train_target: Any = None, with_train: bool = True) -> dict[str, Any]:
+  """Restores a payload and checks it against its checksums.
+
+  Args:
+    payload_dir: the committed Orbax step directory.
+    manifest_path: named in error messages.
+    params_target, train_target: abstract trees (ShapeDtypeStruct) to restore into; None
+      reads the structure from the payload's own metadata.
+    with_train: also restore the optimizer state, step and RNG.
+
+  Returns:
+    `{"params", "train" (or None), "loader", "manifest"}`.
+
+  Raises:
+    CheckpointError: "Failed to load checkpoint: <manifest_path>: <reason>".
+  """
+  exact = params_target is not None and (train_target is not None or not with_train)
+  targets = [params_target, train_target if with_train else None]
+  error, out = None, None
+  try:
+    out = _read_items(payload_dir, manifest_path, params_target, train_target, with_train)
+  except CheckpointError as e:
+    error = e
+  # Each process reads only its own shards, so a read may fail on some processes alone; all
+  # must then reject the payload together, before the checksums' collectives (and before
+  # "latest" tries an older step on some processes only). Targets on this process's devices
+  # (no target given, or a one-process restore) make the read this process's own business.
+  if any(not x.sharding.is_fully_addressable for x in jax.tree.leaves(targets)
+         if getattr(x, "sharding", None) is not None):
+    raise_if_any_failed(error, f'Failed to load checkpoint: {manifest_path}: process(es) '
+                        '{failed} could not read their part of the payload (their logs give '
+                        'the reason)')
+  elif error is not None:
+    raise error
   if not isinstance(out["checksums"], dict):
     raise load_error(manifest_path, "payload item 'checksums' is unreadable")
   tree = {"params": out["params"]}
