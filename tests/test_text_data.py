@@ -11,7 +11,7 @@ from ml_collections import config_dict
 from hope_jax.config import ConfigError
 from hope_jax.data import load_corpus, text_corpus, token_store
 from hope_jax.data.corpus import text_files
-from hope_jax.data.readers.text import iter_text_chunks, read_text_file
+from hope_jax.data.readers.text import is_binary_file, iter_text_chunks, read_text_file
 from hope_jax.data.sampler import BatchSampler
 from hope_jax.data.tokenizers import ByteTokenizer, CharTokenizer
 
@@ -59,6 +59,22 @@ def test_text_files_in_common_encodings(tmp_path, encoding):
   assert read_text_file(str(path)) == text
   # Streaming in tiny chunks splits multibyte characters and "\r\n"; same text.
   assert "".join(iter_text_chunks(str(path), chunk_bytes=3)) == text
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("text", ["Plain ASCII text, twice as wide.\n" * 20,
+                                  "Le café était très agréable, près de la forêt.\n" * 20])
+def test_utf16_without_a_byte_order_mark_is_text(tmp_path, encoding, text):
+  # Some Windows tools write UTF-16 without a BOM. Its ASCII is valid UTF-8 too, with a NUL
+  # character after every letter, which made such a file "binary".
+  path = tmp_path / "t.txt"
+  path.write_bytes(text.encode(encoding))
+  assert not is_binary_file(str(path))
+  assert read_text_file(str(path)) == text
+  assert "".join(iter_text_chunks(str(path), chunk_bytes=3)) == text
+  # Two-byte numbers with NUL high bytes are no such text: control characters, still binary.
+  (tmp_path / "n.txt").write_bytes((np.arange(1000, dtype="<u2") % 50).astype("<u2").tobytes())
+  assert is_binary_file(str(tmp_path / "n.txt"))
 
 
 RUSSIAN = (

@@ -56,11 +56,40 @@ def _is_latin_single_byte(name: str) -> bool:
     return False
 
 
+def _utf16_without_bom(sample: bytes, complete: bool) -> str | None:
+  """"utf-16-le" or "utf-16-be" for UTF-16 text written without a byte-order mark, else None.
+
+  Told by its NUL bytes, so Latin-script text (every character below U+0100 has a NUL high
+  byte): NULs in at least half of one parity's bytes and in almost none of the other's, the
+  whole sample decoding strictly, and nearly every character printable. (Such bytes are also
+  valid UTF-8, decoding to NUL characters, which would otherwise make the file "binary".)
+  """
+  head = sample[:BINARY_CHECK_BYTES]
+  n = len(head) // 2
+  if n < 8 or b"\x00" not in head:
+    return None
+  even, odd = head[0:2 * n:2].count(0), head[1:2 * n:2].count(0)
+  for nuls, others, name in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+    if nuls < n // 2 or others > n // 100:
+      continue
+    try:
+      text = codecs.getincrementaldecoder(name)().decode(sample, final=complete)
+    except UnicodeDecodeError:
+      continue
+    shown = sum(c.isprintable() or c in "\n\r\t" for c in text[:n])
+    if shown >= 0.95 * min(len(text), n):
+      return name
+  return None
+
+
 def detect_encoding(sample: bytes, complete: bool = True) -> str:
   """The encoding of `sample` (`complete=False`: it may end mid-character)."""
   for bom, name in _BOMS:
     if sample.startswith(bom):
       return name
+  utf16 = _utf16_without_bom(sample, complete)
+  if utf16:
+    return utf16
   try:
     codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
     return "utf-8"
