@@ -130,6 +130,9 @@ def check_flags(F: Any) -> None:
   from hope_jax.cli import check_output_file
 
   check_output_file("--output", F.output)
+  if os.path.isdir(F.output + ".json"):
+    raise ConfigError(f"--output: {F.output}.json, where the artifact's JSON sidecar goes, is a "
+                      "folder; give another --output")
   # 0 would count as "unset" in a truthiness test; None is the only "unset".
   for name in ("batch_size", "seq_len"):
     value = getattr(F, name)

@@ -53,3 +53,15 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     export.load_exported(str(bad))
   with pytest.raises(ConfigError, match="cannot read exported model"):
     export.load_exported(os.path.join(str(tmp_path), "missing"))
+
+
+def test_an_output_whose_sidecar_path_is_a_folder_is_refused_before_the_export(tmp_path):
+  import types
+
+  flags = dict(checkpoint_dir=str(tmp_path), checkpoint=None, batch_size=None, seq_len=None,
+               dynamic_length=False)
+  (tmp_path / "model.bin.json").mkdir()
+  with pytest.raises(ConfigError, match=r"--output: .*model\.bin\.json, where the artifact's "
+                     r"JSON sidecar goes, is a folder"):
+    export.check_flags(types.SimpleNamespace(output=str(tmp_path / "model.bin"), **flags))
+  export.check_flags(types.SimpleNamespace(output=str(tmp_path / "other.bin"), **flags))
