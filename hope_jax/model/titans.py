@@ -218,7 +218,7 @@ class SelfModTitans(nnx.Module):
     if cfg.adaptive_q and cfg.conv_position == "post_memory":
       q_BHLD = l2norm(self._heads(self._conv("q", flat(gen["q"]), conv)))
     elif cfg.adaptive_q:
-      q_BHLD = l2norm(gen["q"])
+      q_BHLD = gen["q"]  # Unit length already: phase A normalises its q read (spec §2.3).
     else:
       q_BHLD = self._static_query(u_BLD, conv, padt)
 
