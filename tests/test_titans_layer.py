@@ -175,6 +175,36 @@ def test_chunked_equals_reference_variants(overrides):
   chex.assert_trees_all_close(y_c, y_r, atol=1e-5, rtol=1e-5)
 
 
+# ------------------------------------------- against a literal reading of the spec
+
+
+SPEC_CASES = {
+    "default": ({}, 32),
+    "c_o_above_c_m": (dict(chunk_other=16), 32),
+    "dual-per_layer": (dict(read_mode="dual", dgd_precond="per_layer"), 24),
+    "v_target-adaptive_q-no_dgd": (dict(memory_target="v", adaptive_q=True, dgd_precond="none"),
+                                   24),
+    "no_momentum-no_alpha": (dict(momentum=False, use_alpha=False), 24),
+    # The spec's own chunks, whose C_m = 64 goes through the blocked DGD solve.
+    "spec_chunks": (dict(chunk_other=16, chunk_mem=64), 128),
+}
+
+
+@pytest.mark.parametrize("overrides,length", SPEC_CASES.values(), ids=SPEC_CASES.keys())
+def test_sublayer_equals_a_literal_float64_reading_of_the_spec(overrides, length):
+  """Both paths share the model's equations; tests/spec_literal.py has none of its code."""
+  from tests import spec_literal
+
+  model, u = make(**overrides), inputs(length=length)
+  got, want = np.asarray(jit_forward(model)(u)), spec_literal.sublayer(model, u)
+  # float32 against float64: outputs up to ~0.4 differ by ~1.1e-7 in every case; a wrong
+  # update rule, target or read moves them by more than 1e-4 (checked below for one).
+  np.testing.assert_allclose(got, want, rtol=0, atol=5e-7)
+  if not overrides:  # The comparison can tell one rule from another.
+    model.cfg = dataclasses.replace(model.cfg, memory_target="v")
+    assert np.abs(got - spec_literal.sublayer(model, u)).max() > 1e-4
+
+
 # ------------------------------------------------- read_mode="dual" (Eq. 86)
 
 
