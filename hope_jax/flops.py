@@ -55,7 +55,10 @@ def titans_fwd_parts(cfg: ModelConfig) -> TitansFlops:
   cc_terms = lambda c: 2 * c * d + 5 * h * c * c  # A = K K^T, T, Gamma, (A*Gamma) T^T.
   n_static = (cfg.memory_input == "proj") + (not cfg.adaptive_q) + 2  # W_in, W_q, W_g, W_o.
   static = 2.0 * n_static * d * d
-  static += (2 * d * h if cfg.momentum else 0) + 2 * 2 * cfg.conv_width * d  # beta proj, convs.
+  # The convs the sublayer runs: on x~ and q before the memories (x~ alone with adaptive q),
+  # or on the generated k, v and q after them.
+  convs = 3 if cfg.conv_position == "post_memory" else 1 + (not cfg.adaptive_q)
+  static += (2 * d * h if cfg.momentum else 0) + 2 * convs * cfg.conv_width * d  # beta, convs.
   if cfg.uses_static_projections:  # Titans-LMM: k, v, (q counted above) and eta/alpha maps.
     static += 2 * 2 * d * d + 2 * d * h * (1 + cfg.use_alpha)
   phase_a = p * (4 + 4 + 6 + upd) * d * e_p + 4 * d * p_frozen * e_p

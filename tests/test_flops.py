@@ -180,6 +180,13 @@ def test_titans_flops_split_by_phase():
   # Freezing a memory leaves only its reads (4 D E_p) in phase A.
   frozen = flops.titans_fwd_parts(ModelConfig(**{**hope.to_dict(), "frozen_memories": ("eta",)}))
   assert 0 < p_hope.phase_a - frozen.phase_a < p_hope.phase_a / 4
+  # Switches count what the sublayer runs: adaptive q has no W_q and no q conv; post-memory
+  # convs run on k, v and q (three, not two); without momentum there is no beta projection.
+  static = lambda **kw: flops.titans_fwd_parts(ModelConfig(**{**hope.to_dict(), **kw})).static
+  conv = 2 * 4 * 64
+  assert p_hope.static - static(adaptive_q=True) == 2 * 64**2 + conv
+  assert static(conv_position="post_memory") - p_hope.static == conv
+  assert p_hope.static - static(momentum=False) == 2 * 64 * 2
 
 
 def test_inner_products_benchmark_bounds_the_mfu(tmp_path):
