@@ -28,6 +28,8 @@ def get_config() -> config_dict.ConfigDict:
   # (python benchmarks/read_modes.py; docs/results.md).
   cfg.model.chunk_mem = 16
   cfg.model.read_mode = "dual"
+  # C_K = seq_len, as the spec's C_4 = L = 4096: no training token reads the slowest level's
+  # writes, so it trains as a static SwiGLU (docs/architecture.md, "Levels nobody reads").
   cfg.model.cms_chunks = (32, 64, 128)
 
   cfg.training = config_dict.ConfigDict()
