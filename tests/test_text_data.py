@@ -369,3 +369,16 @@ def test_text_folders_skip_preprocessed_book_corpora(tmp_path):
   assert text_files(str(tmp_path)) == [str(tmp_path / "a.txt")]
   (out / "metadata.json").write_text(json.dumps({"format": "something else"}))
   assert len(text_files(str(tmp_path))) == 2
+
+
+def test_utf16_without_a_byte_order_mark_damaged_past_its_head_is_still_utf16(tmp_path):
+  # An odd last byte, or a lone surrogate: U+FFFD there, not NUL characters everywhere.
+  body = "Plain ASCII text, twice as wide.\n" * 4000
+  for name, raw in (("odd.txt", body.encode("utf-16-le") + b"x"),
+                    ("surrogate.txt", body.encode("utf-16-le") + b"\x00\xd8" + body.encode(
+                        "utf-16-le"))):
+    path = tmp_path / name
+    path.write_bytes(raw)
+    assert not is_binary_file(str(path))
+    for text in (read_text_file(str(path)), "".join(iter_text_chunks(str(path)))):
+      assert "\x00" not in text and text.startswith(body) and "\ufffd" in text

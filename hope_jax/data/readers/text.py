@@ -1,6 +1,7 @@
 """Plain text in any common encoding, and the TXT book reader.
 
-Encoding: a byte-order mark wins; then strict UTF-8; then charset-normalizer's
+Encoding: a byte-order mark wins; then UTF-16 without one (Latin-script text, told by
+its NUL bytes); then strict UTF-8; then charset-normalizer's
 best guess (GB18030, Big5, Shift-JIS, EUC-KR, Windows code pages, ...). Among
 single-byte Latin-script code pages the guess is unreliable on short texts
 (French comes back as Central European cp1250), so Windows-1252 (Western
@@ -56,13 +57,15 @@ def _is_latin_single_byte(name: str) -> bool:
     return False
 
 
-def _utf16_without_bom(sample: bytes, complete: bool) -> str | None:
+def _utf16_without_bom(sample: bytes) -> str | None:
   """"utf-16-le" or "utf-16-be" for UTF-16 text written without a byte-order mark, else None.
 
   Told by its NUL bytes, so Latin-script text (every character below U+0100 has a NUL high
   byte): NULs in at least half of one parity's bytes and in almost none of the other's, the
-  whole sample decoding strictly, and nearly every character printable. (Such bytes are also
-  valid UTF-8, decoding to NUL characters, which would otherwise make the file "binary".)
+  head decoding strictly, and nearly every character printable. (Such bytes are also valid
+  UTF-8, decoding to NUL characters, which would otherwise make the file "binary".) Only the
+  head decides, as `is_binary_file` sees it: a damaged code unit further on (or an odd last
+  byte) becomes U+FFFD, as in any other encoding, not a reason to read the file as UTF-8.
   """
   head = sample[:BINARY_CHECK_BYTES]
   n = len(head) // 2
@@ -73,7 +76,7 @@ def _utf16_without_bom(sample: bytes, complete: bool) -> str | None:
     if nuls < n // 2 or others > n // 100:
       continue
     try:
-      text = codecs.getincrementaldecoder(name)().decode(sample, final=complete)
+      text = codecs.getincrementaldecoder(name)().decode(head[:2 * n], final=False)
     except UnicodeDecodeError:
       continue
     shown = sum(c.isprintable() or c in "\n\r\t" for c in text[:n])
@@ -87,7 +90,7 @@ def detect_encoding(sample: bytes, complete: bool = True) -> str:
   for bom, name in _BOMS:
     if sample.startswith(bom):
       return name
-  utf16 = _utf16_without_bom(sample, complete)
+  utf16 = _utf16_without_bom(sample)
   if utf16:
     return utf16
   try:
