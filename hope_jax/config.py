@@ -95,12 +95,16 @@ class ModelConfig:
   cms_signal: str = "lm_grad"  # "lm_grad" | "static"
   cms_mode: str = "in_context"  # "in_context" | "outer_freq"
   cms_variant: str = "sequential"  # "sequential" | "nested" | "independent"
-  cms_meta_grad: str = "first_order"  # Stop-gradient writes, straight-through to the meta-init.
+  # Stop-gradient writes, straight-through to the meta-init. The only value: spec §3.3's "full"
+  # (second order through the LM gradient, which the spec does not recommend) is not implemented.
+  cms_meta_grad: str = "first_order"
   cms_lr: float = 1e-4  # Learning rate of the in-context CMS writes.
   lm_grad_fused: bool = True  # lm_grad: one forward per chunk serves the loss and the write.
   lm_grad_remat_every: int = 0  # lm_grad: keep the chunk scan's carry every R chunks, recompute between (0 or 1: off).
   cms_grad_clip: float = 1.0  # Frobenius clip of each level's summed chunk gradient.
-  cms_state_scope: str = "per_sequence"  # Every sequence owns its CMS fast weights.
+  # Every sequence owns its CMS fast weights. The only value: spec §3.3's "batch_shared" (one
+  # copy written with the batch's summed gradient, which leaks across samples) is not implemented.
+  cms_state_scope: str = "per_sequence"
   cms_ablate: str = "none"  # "none" | "single_static" | "static_chain"
   cms_order: str = "fast_first"  # "fast_first" | "slow_first"
 
