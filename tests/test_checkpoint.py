@@ -461,3 +461,12 @@ def test_a_broken_newest_that_cannot_be_moved_aside_is_one_error(tmp_path):
     mgr.restore_for_training(jax.eval_shape(lambda: _state(5)))
   mgr.close()
   assert (tmp_path / "checkpoint_step_10").is_dir()  # Left where it was.
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_error(tmp_path):
+  from hope_jax.checkpoint.manager import LOCK_NAME
+
+  (tmp_path / LOCK_NAME).mkdir()  # A folder where the lock file goes.
+  with pytest.raises(CheckpointError, match=rf'checkpoint_dir ".*": cannot open its lock file '
+                     rf"{LOCK_NAME}: "):
+    CheckpointManager(_config(tmp_path))

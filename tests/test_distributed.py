@@ -261,8 +261,9 @@ def test_a_shard_only_one_process_cannot_read_is_skipped_by_both(tmp_path, refer
   codes, outs = _run_two_processes(d, 6, **fsdp)
   assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   # Process 0 read its shards: it learns of process 1's failure rather than finding one.
-  assert "checkpoint_step_4_ts_" in outs[0] and ("process(es) 1 could not read their part of "
-                                                 "the payload") in outs[0], outs[0][-3000:]
+  assert re.search(r"Skipping unreadable checkpoint .*: Failed to load checkpoint: \S*"
+                   r"checkpoint_step_4_ts_\d+\.json: process\(es\) 1 could not read it",
+                   outs[0]), outs[0][-3000:]
   assert "Encountered error while reading" in outs[1], outs[1][-3000:]
   for out in outs:
     assert "Moved the unreadable checkpoint of step 4" in out
@@ -273,22 +274,29 @@ def test_a_shard_only_one_process_cannot_read_is_skipped_by_both(tmp_path, refer
   assert_losses_close(losses(d), losses(reference), range(1, 7))
 
 
-def test_a_directory_process_0_cannot_lock_stops_both_processes(tmp_path):
-  """Process 0 alone takes the directory's lock; when it cannot, process 1 must stop too."""
+@pytest.mark.parametrize("case", ["locked", "log_dir"])
+def test_what_process_0_alone_cannot_do_stops_both_processes(tmp_path, case):
+  """Process 0 alone locks the checkpoint folder and writes the logs; when it cannot, process 1
+  must stop too (it waited in its next collective, then died of a Gloo timeout 30 s later)."""
   import fcntl
 
   from hope_jax.checkpoint.manager import LOCK_NAME
 
-  d = tmp_path / "locked"
+  d = tmp_path / "run"
   d.mkdir()
+  (tmp_path / "a_file").write_text("")
+  overrides = {"training.log_dir": str(tmp_path / "a_file" / "logs")} if case == "log_dir" else {}
   with open(d / LOCK_NAME, "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # As another run holding it would.
-    codes, outs = _run_two_processes(d, 2)
+    if case == "locked":
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # As another run holding it would.
+    codes, outs = _run_two_processes(d, 2, **overrides)
   assert codes == [2, 2], outs[0][-3000:] + outs[1][-3000:]
   errors = [[l for l in out.splitlines() if l.startswith("hope_jax.train: error: ")]
             for out in outs]
-  assert len(errors[0]) == 1 and "is in use by another training process" in errors[0][0], outs[0]
-  assert len(errors[1]) == 1 and "could not be locked by process 0" in errors[1][0], outs[1]
+  want = {"locked": ("is in use by another training process", "could not be locked by process 0"),
+          "log_dir": ("training.log_dir: cannot write the logs", "process 0 cannot write the logs")}
+  for out, found, message in zip(outs, errors, want[case], strict=True):
+    assert len(found) == 1 and message in found[0], out[-3000:]
 
 
 def _two_processes_with_sigterm(d, watch: int, when: str) -> list[str]:

@@ -20,11 +20,13 @@ import os
 import shutil
 import socket
 import time
+import zlib
 from typing import Any
 
 import jax
 from absl import logging
 
+from hope_jax import processes
 from hope_jax.checkpoint import manifest as mf
 from hope_jax.checkpoint import store
 from hope_jax.checkpoint.manifest import CheckpointError, ConfigMismatchError
@@ -83,20 +85,22 @@ class CheckpointManager:
         error = e
     # Process 0 locks and cleans the directory; every process stops if it could not (alone,
     # it would leave the others waiting in their first collective).
-    store.raise_if_any_failed(error, f'checkpoint_dir "{self.directory}" could not be locked '
-                              "by process {failed} (its log gives the reason)")
+    processes.raise_if_any_failed(
+        error, f'checkpoint_dir "{self.directory}" could not be locked by process {{failed}} '
+        "(its log gives the reason)", CheckpointError)
     try:
       self._mngr = store.make_manager(self._abs, keep_last=keep_last, keep_best=self.keep_best,
                                       keep_best_mode=mode)
       if self._primary:
         try:
           self._reconcile()
-        except OSError as e:
+        except Exception as e:  # Alone, process 0 would leave the others waiting below.
           error = CheckpointError(f'Cannot clean up checkpoint_dir "{self.directory}" (left '
-                                  f"over by an interrupted save): {e}")
+                                  f"over by an interrupted save): {store.reason(e)}")
       # Also the barrier after which the others list the directory: only once it is clean.
-      store.raise_if_any_failed(error, f'checkpoint_dir "{self.directory}" could not be '
-                                "cleaned up by process {failed} (its log gives the reason)")
+      processes.raise_if_any_failed(
+          error, f'checkpoint_dir "{self.directory}" could not be cleaned up by process '
+          "{failed} (its log gives the reason)", CheckpointError)
       if not self._primary:
         self._mngr.reload()
     except BaseException:
@@ -116,7 +120,12 @@ class CheckpointManager:
   def _acquire_lock(self) -> int | None:
     if fcntl is None:
       return None
-    fd = os.open(os.path.join(self._abs, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    path = os.path.join(self._abs, LOCK_NAME)
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise CheckpointError(f'checkpoint_dir "{self.directory}": cannot open its lock file '
+                            f"{LOCK_NAME}: {e.strerror or e}") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -126,8 +135,13 @@ class CheckpointManager:
           f'checkpoint_dir "{self.directory}" is in use by another training process '
           f"({holder}). Two runs cannot share a checkpoint directory: wait for it to finish "
           "or set a different training.checkpoint_dir.") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except OSError as e:
+      os.close(fd)
+      raise CheckpointError(f'checkpoint_dir "{self.directory}": cannot write its lock file '
+                            f"{LOCK_NAME}: {e.strerror or e}") from None
     return fd
 
   def _release_lock(self) -> None:
@@ -195,6 +209,13 @@ class CheckpointManager:
     """
     entries = mf.scan(self._abs)
     steps = sorted(self._mngr.all_steps())
+    # Every process must try the same checkpoints in the same order (each attempt is a
+    # collective): a host whose view of the folder lags would otherwise go its own way.
+    seen = sorted(set(steps) | {e.step for e in entries})
+    if len(set(processes.gather_codes(zlib.crc32(repr(seen).encode()) & 0x7FFFFFFF))) > 1:
+      raise CheckpointError(
+          f'checkpoint_dir "{self.directory}": the processes list different checkpoints in it '
+          f"(this one: steps {seen}); it must be a folder that every host sees alike")
     if self.resume_from is None:
       if steps or entries:
         raise CheckpointError(
@@ -239,9 +260,8 @@ class CheckpointManager:
     broken = []
     for e in reversed(entries):
       try:
-        if not e.valid:
-          raise mf.load_error(e.manifest_path, e.reason)
-        restored = self._restore(e.manifest_path, abstract_state)
+        restored = self._restore(e.manifest_path, abstract_state,
+                                 unreadable=None if e.valid else e.reason)
       except ConfigMismatchError:
         raise
       except CheckpointError as err:
@@ -282,21 +302,58 @@ class CheckpointManager:
       except OSError as e:
         error = CheckpointError(f"Cannot move the unreadable checkpoint of step {entry.step} "
                                 f'to "{dest}" (it would block saving that step again): {e}')
-    store.raise_if_any_failed(error, f"The unreadable checkpoint of step {entry.step} could "
-                              "not be moved aside by process {failed} (its log gives the reason)")
+    processes.raise_if_any_failed(
+        error, f"The unreadable checkpoint of step {entry.step} could not be moved aside by "
+        "process {failed} (its log gives the reason)", CheckpointError)
     self._mngr.reload()
     logging.warning("Moved the unreadable checkpoint of step %d to %s", entry.step, dest)
 
-  def _restore(self, path: str, abstract_state: Any):
-    shown = (os.path.join(self.directory, os.path.basename(path))
-             if os.path.dirname(os.path.abspath(path)) == self._abs else path)
-    logging.info('Resuming training from checkpoint: "%s"', shown)
-    manifest, payload = mf.read_manifest(path)
-    mf.check_model_config(manifest["config"], self.config, path)
-    train_target = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}
-    out = store.read_payload(payload, path, params_target=abstract_state["params"],
-                             train_target=train_target)
-    store.check_inner_manifest(out["manifest"], manifest, path)
+  def _restore(self, path: str, abstract_state: Any, unreadable: str | None = None):
+    """Restores one checkpoint: every process reaches the same outcome.
+
+    Each process reads its own files and shards, so a read can fail on some processes only
+    (a damaged shard, a host whose view of the folder lags); the processes agree on the
+    worst outcome before the checksums' collectives, and act on it together.
+
+    Args:
+      path: the manifest.
+      abstract_state: as in `restore_for_training`.
+      unreadable: the reason this process's listing already found the manifest unreadable.
+
+    Raises:
+      ConfigMismatchError: the model config differs (on any process).
+      CheckpointError: the checkpoint is unreadable (on any process).
+    """
+    error, local = None, None
+    try:
+      if unreadable is not None:
+        raise mf.load_error(path, unreadable)
+      shown = (os.path.join(self.directory, os.path.basename(path))
+               if os.path.dirname(os.path.abspath(path)) == self._abs else path)
+      logging.info('Resuming training from checkpoint: "%s"', shown)
+      manifest, payload = mf.read_manifest(path)
+      mf.check_model_config(manifest["config"], self.config, path)
+      train_target = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}
+      out = store.read_items(payload, path, abstract_state["params"], train_target, True)
+      store.check_inner_manifest(out["manifest"], manifest, path)
+      local = manifest, out
+    except CheckpointError as e:
+      error = e
+    except Exception as e:  # Anything else this process alone hit: unreadable all the same.
+      error = mf.load_error(path, store.reason(e))
+    codes = processes.gather_codes(
+        0 if error is None else 2 if isinstance(error, ConfigMismatchError) else 1)
+    worst = max(codes)
+    where = ", ".join(str(i) for i, c in enumerate(codes) if c == worst)
+    if worst == 2:
+      raise error if isinstance(error, ConfigMismatchError) else ConfigMismatchError(
+          f"{path}: process(es) {where} found its model config different from this run's "
+          "(their logs name the keys)")
+    if worst == 1:
+      raise error if error is not None else mf.load_error(
+          path, f"process(es) {where} could not read it (their logs give the reason)")
+    manifest, out = local
+    store.verify_items(out, path, require_all=True)  # The same verdict on every process.
     state = {"params": out["params"], **out["train"]}
     if int(state["step"]) != manifest["step"]:
       raise mf.load_error(path, f"payload holds step {int(state['step'])}, the manifest says "

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from hope_jax import processes
 from hope_jax.checkpoint.manifest import PAYLOAD_PREFIX, CheckpointError, canonical, load_error
 
 
@@ -110,38 +111,6 @@ def make_manager(directory: str, *, keep_last: int | None, keep_best: str | None
 def is_primary() -> bool:
   """True on the process that writes manifests and JSON items (process 0, Orbax's primary)."""
   return jax.process_index() == 0
-
-
-def failed_processes(error: BaseException | None) -> list[int]:
-  """The indices of the processes whose `error` is set: every process learns the same list.
-
-  A collective that every process of a multi-process run must enter, which also makes it a
-  barrier; with one process it is `[0]` or `[]`. Used wherever only some processes may fail
-  (process 0 cleaning the directory, each process reading its own shards): a process that
-  raised alone would leave the others waiting in the next collective, or pair their
-  collectives with different ones of its own (a checksum of another step).
-  """
-  if jax.process_count() == 1:
-    return [] if error is None else [0]
-  from jax.experimental import multihost_utils
-
-  flags = multihost_utils.process_allgather(np.int32(error is not None))
-  return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
-
-
-def raise_if_any_failed(error: BaseException | None, elsewhere: str) -> None:
-  """Raises `error` where it happened and a CheckpointError on the other processes.
-
-  Args:
-    error: this process's error, or None.
-    elsewhere: what went wrong, for the processes where it did not happen; `{failed}` in it
-      becomes the failed processes' indices.
-  """
-  failed = failed_processes(error)
-  if error is not None:
-    raise error
-  if failed:
-    raise CheckpointError(elsewhere.replace("{failed}", ", ".join(map(str, failed))))
 
 
 def _metric(name: str, worst: float, metrics: Any) -> float:
@@ -248,9 +217,13 @@ def _checkpointer() -> ocp.Checkpointer:
                               primary_host=me, active_processes={me}))
 
 
-def _read_items(payload_dir: str, manifest_path: str, params_target: Any, train_target: Any,
-                with_train: bool) -> dict[str, Any]:
-  """`read_payload`'s part that touches only this process's files and devices."""
+def read_items(payload_dir: str, manifest_path: str, params_target: Any, train_target: Any,
+               with_train: bool) -> dict[str, Any]:
+  """`read_payload`'s part that touches only this process's files and devices (no checksums).
+
+  Raises:
+    CheckpointError: "Failed to load checkpoint: <manifest_path>: <reason>".
+  """
   if payload_dir.endswith(".orbax-checkpoint-tmp") or ".orbax-checkpoint-tmp" in payload_dir:
     raise load_error(manifest_path, "payload was never committed (interrupted save)")
   for name in ITEMS:
@@ -300,28 +273,41 @@ def read_payload(payload_dir: str, manifest_path: str, *, params_target: Any = N
   targets = [params_target, train_target if with_train else None]
   error, out = None, None
   try:
-    out = _read_items(payload_dir, manifest_path, params_target, train_target, with_train)
+    out = read_items(payload_dir, manifest_path, params_target, train_target, with_train)
   except CheckpointError as e:
     error = e
-  # Each process reads only its own shards, so a read may fail on some processes alone; all
-  # must then reject the payload together, before the checksums' collectives (and before
-  # "latest" tries an older step on some processes only). Targets on this process's devices
-  # (no target given, or a one-process restore) make the read this process's own business.
-  if any(not x.sharding.is_fully_addressable for x in jax.tree.leaves(targets)
-         if getattr(x, "sharding", None) is not None):
-    raise_if_any_failed(error, f'Failed to load checkpoint: {manifest_path}: process(es) '
-                        '{failed} could not read their part of the payload (their logs give '
-                        'the reason)')
+  except Exception as e:  # E.g. closing the reader: this process's failure all the same.
+    error = load_error(manifest_path, reason(e))
+  # Targets on this process's devices (none given, or one process) make the read this
+  # process's own business; sharded over several, every process must reject it together.
+  if spans_processes(targets):
+    processes.raise_if_any_failed(
+        error, f"Failed to load checkpoint: {manifest_path}: process(es) {{failed}} could not "
+        "read their part of the payload (their logs give the reason)", CheckpointError)
   elif error is not None:
     raise error
+  verify_items(out, manifest_path, require_all=exact)
+  return out
+
+
+def spans_processes(tree: Any) -> bool:
+  """Whether any abstract array of `tree` is sharded over devices of other processes too."""
+  return any(not x.sharding.is_fully_addressable for x in jax.tree.leaves(tree)
+             if getattr(x, "sharding", None) is not None)
+
+
+def verify_items(out: dict[str, Any], manifest_path: str, *, require_all: bool) -> None:
+  """Checks what `read_items` returned against its checksums (a collective when sharded).
+
+  Every process computes the same global checksums from the same JSON item, so all of them
+  reach the same verdict.
+  """
   if not isinstance(out["checksums"], dict):
     raise load_error(manifest_path, "payload item 'checksums' is unreadable")
   tree = {"params": out["params"]}
   if out["train"] is not None:
     tree.update(out["train"])
-  verify_checksums(tree, out["checksums"], require_all=exact,
-                   path=manifest_path)
-  return out
+  verify_checksums(tree, out["checksums"], require_all=require_all, path=manifest_path)
 
 
 def _drop_stale_io_errors() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hope_jax import diagnostics
+from hope_jax import diagnostics, processes
 from hope_jax.checkpoint import CheckpointManager
 from hope_jax.config import ConfigError, validate_run_config
 from hope_jax.data import load_corpus
@@ -180,12 +180,14 @@ def train(config: Any) -> dict[str, Any]:
   corpus = load_corpus(config.data, model_cfg.vocab_size)
   # Before any compile, each a one-line error: the metrics folder (a default one lies in the
   # checkpoint folder, whose own check names it), the checkpoint directory lock and listing.
-  if distributed.is_primary() and t.log_dir:
-    _check_log_dir(t.log_dir)
+  # Process 0 alone writes the logs; the others stop with it when it cannot (alone, it
+  # would leave them waiting in their next collective).
+  if t.log_dir:
+    _check_log_dir_on_process_0(t.log_dir)
   ckpt = CheckpointManager(config)
-  if distributed.is_primary() and not t.log_dir:
+  if not t.log_dir:
     try:
-      _check_log_dir(os.path.join(t.checkpoint_dir, "logs"))
+      _check_log_dir_on_process_0(os.path.join(t.checkpoint_dir, "logs"))
     except ConfigError:
       ckpt.close()
       raise
@@ -200,6 +202,18 @@ def train(config: Any) -> dict[str, Any]:
     return _train(config, model_cfg, corpus, ckpt, placement)
   finally:
     ckpt.close()  # Waits for a pending async save; raises if it failed.
+
+
+def _check_log_dir_on_process_0(log_dir: str) -> None:
+  """`_check_log_dir` on process 0; every process raises ConfigError if it fails there."""
+  error = None
+  if distributed.is_primary():
+    try:
+      _check_log_dir(log_dir)
+    except ConfigError as e:
+      error = e
+  processes.raise_if_any_failed(error, f"training.log_dir: process {{failed}} cannot write the "
+                                f"logs to {log_dir!r} (its log gives the reason)")
 
 
 def _check_log_dir(log_dir: str) -> None:
