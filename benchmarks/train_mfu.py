@@ -9,6 +9,7 @@ Run (from the repository root):
            repeatable) --json=FILE --dtype=bfloat16 (compute dtype of the outer matmuls)
            --peak_sizes=1024 (matmul sizes of the peak; a GPU needs 4096 or 8192)
            --bandwidth_mib=128 (array size of the memory-bandwidth reading)
+           --peak_seconds=1.0 (timing of each peak reading; the bandwidth's takes half)
            --timeout=SECONDS (per row)
            --devices=N (data parallel; on a CPU, N host devices: 2 suits a 2-core machine)
            --repeat=N (N rounds of all rows, alternated, then each row's median step and the
@@ -149,7 +150,7 @@ def placed_train_step(cfg, batch: int, length: int, devices: int = 1, n_batches:
 
 def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
             peak_sizes: tuple[int, ...] = (1024,), devices: int = 1,
-            bandwidth_mib: int = 128) -> dict:
+            bandwidth_mib: int = 128, peak_seconds: float = 1.0) -> dict:
   """Runs in the child: peak, compile, warm-up, then `steps` timed train steps.
 
   With `devices` > 1 the step runs data parallel over that many devices (on a CPU, host
@@ -167,9 +168,10 @@ def measure(model: str, length: int, batch: int, steps: int, overrides: dict,
   log = lambda what: print(f"[{model} L={length} B={batch}] {time.perf_counter() - t0:7.1f} s "
                            f"{what}", file=sys.stderr, flush=True)
   cfg = model_config(model, overrides)
-  read_peak = lambda dtype: matmul_peak(dtype, sizes=peak_sizes, min_seconds=1.0)["flops_per_s"]
+  read_peak = lambda dtype: matmul_peak(dtype, sizes=peak_sizes,
+                                       min_seconds=peak_seconds)["flops_per_s"]
   readings = {d: [read_peak(d)] for d in ("float32", "bfloat16")}
-  read_bandwidth = lambda: memory_bandwidth(bandwidth_mib, min_seconds=0.5)
+  read_bandwidth = lambda: memory_bandwidth(bandwidth_mib, min_seconds=peak_seconds / 2)
   bandwidth = [read_bandwidth()]
   log(f"peak f32 {readings['float32'][0] / 1e9:.0f}, bf16 {readings['bfloat16'][0] / 1e9:.0f} "
       f"GFLOP/s; memory {bandwidth[0] / 1e9:.1f} GB/s")
@@ -247,6 +249,8 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--batch", type=int, default=None, help="batch size (default: from tokens)")
   ap.add_argument("--peak_sizes", default="1024", help="square matmul sizes of the peak")
+  ap.add_argument("--peak_seconds", type=float, default=1.0,
+                  help="timing of each peak reading (the bandwidth's: half of it)")
   ap.add_argument("--bandwidth_mib", type=int, default=128,
                   help="MiB per array of the memory-bandwidth reading")
   ap.add_argument("--timeout", type=float, default=None, help="seconds per row")
@@ -266,7 +270,7 @@ def main() -> None:
     model, length, batch = args.child.split(":")
     row = measure(model, int(length), int(batch), args.steps, overrides,
                   tuple(int(x) for x in args.peak_sizes.split(",")), args.devices,
-                  args.bandwidth_mib)
+                  args.bandwidth_mib, args.peak_seconds)
     emit(row)
     return
 
@@ -285,7 +289,8 @@ def main() -> None:
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={model}:{length}:{batch}",
            f"--steps={args.steps}", f"--dtype={args.dtype}",
            f"--peak_sizes={args.peak_sizes}", f"--devices={args.devices}",
-           f"--bandwidth_mib={args.bandwidth_mib}"] + [f"--set={s}" for s in args.set]
+           f"--bandwidth_mib={args.bandwidth_mib}", f"--peak_seconds={args.peak_seconds}"
+           ] + [f"--set={s}" for s in args.set]
     # Host devices for a CPU run (other platforms ignore it); it wins over XLA_FLAGS.
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(args.devices))
     tunables = hugepages.tunables_here(env)

@@ -60,7 +60,8 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
   cmd = [sys.executable, "benchmarks/train_mfu.py", "--models=transformer_pp,hope",
          "--lengths=32", "--tokens_per_step=64", "--steps=2", "--set=hidden_size=32",
          "--set=num_layers=1", "--set=num_heads=2", "--set=chunk_other=4",
-         "--set=chunk_mem=8", "--set=cms_chunks=[8,16]", "--bandwidth_mib=16", f"--json={out}"]
+         "--set=chunk_mem=8", "--set=cms_chunks=[8,16]", "--bandwidth_mib=16",
+         "--peak_sizes=256", "--peak_seconds=0.1", f"--json={out}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
@@ -114,7 +115,8 @@ def test_train_mfu_benchmark_runs_data_parallel_on_host_devices(tmp_path):
   out = tmp_path / "mfu.json"
   cmd = [sys.executable, "benchmarks/train_mfu.py", "--models=transformer_pp", "--lengths=32",
          "--tokens_per_step=64", "--steps=1", "--set=hidden_size=32", "--set=num_layers=1",
-         "--set=num_heads=2", "--devices=2", f"--json={out}"]
+         "--set=num_heads=2", "--devices=2", "--bandwidth_mib=16", "--peak_sizes=256",
+         "--peak_seconds=0.1", f"--json={out}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   (row,) = json.loads(out.read_text())["rows"]
