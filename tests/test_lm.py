@@ -239,7 +239,7 @@ def test_levels_written_after_the_last_token_are_frozen_for_the_logits(overrides
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
   assert flops[0] < flops[1], flops  # The frozen levels' gradients are not formed.
   # __call__ (the train and eval steps' call) is the frozen path's forward.
-  cost = lambda f: jax.jit(f).lower(params, tokens_BL).compile().cost_analysis()["flops"]
+  cost = lambda f: jax.jit(f).lower(params, tokens_BL).cost_analysis()["flops"]  # Uncompiled.
   call = cost(lambda p, t: nnx.merge(graphdef, p)(t))
   frozen = cost(lambda p, t: nnx.merge(graphdef, p).forward_with_fast_state(
       t, final_state=False)[0])
