@@ -41,6 +41,7 @@ def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
     cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
     keep_BV = (cum_BV - jax.nn.softmax(sorted_BV, axis=-1)) < top_p
+    keep_BV = keep_BV.at[:, 0].set(True)  # Even where rounding leaves the top token's mass at 0.
     cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
   return logits_BV
@@ -63,9 +64,19 @@ def generate(model, prompt_BL, max_new_tokens: int, *, temperature: float = 0.8,
   (model, prompt, settings, seed). With `timed=True` returns (tokens, seconds), the
   seconds covering prefill + generation after compilation.
   """
+  check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed, min_new_tokens=0, exc=ValueError)
+  prompt_BL = np.asarray(prompt_BL)
+  if prompt_BL.ndim != 2 or 0 in prompt_BL.shape or not np.issubdtype(prompt_BL.dtype,
+                                                                       np.integer):
+    raise ValueError("prompt_BL must be [batch, length] token ids (integers, length >= 1), got "
+                     f"shape {prompt_BL.shape} of {prompt_BL.dtype}")
+  vocab = model.cfg.vocab_size
+  if prompt_BL.min() < 0 or prompt_BL.max() >= vocab:
+    bad = int(prompt_BL.min()) if prompt_BL.min() < 0 else int(prompt_BL.max())
+    raise ValueError(f"prompt_BL holds token id {bad}, outside the model's vocabulary "
+                     f"[0, {vocab})")
   prompt_BL = jnp.asarray(prompt_BL, jnp.int32)
-  if prompt_BL.ndim != 2:
-    raise ValueError(f"prompt_BL must be [batch, length] token ids, got shape {prompt_BL.shape}")
   b, l = prompt_BL.shape
   if max_len is not None and max_len < l + max_new_tokens and any(
       isinstance(b.mixer, Attention) for b in model.blocks):
@@ -75,9 +86,12 @@ def generate(model, prompt_BL, max_new_tokens: int, *, temperature: float = 0.8,
   run = _runner(graphdef, b, l, max_new_tokens, float(temperature), int(top_k), float(top_p),
                 max_len or l + max_new_tokens)
   key = jax.random.key(seed)
-  if "compiled" not in run:  # Shapes are fixed per runner, so one compile serves every call.
-    run["compiled"] = run["jit"].lower(state, prompt_BL, key).compile()
-  compiled = run["compiled"]
+  # One compile per layout of the state: the same structure may come with other dtypes or
+  # devices (a model cast to bfloat16, or moved), which a program compiled for one refuses.
+  layout = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(state))
+  compiled = run["compiled"].get(layout)
+  if compiled is None:
+    compiled = run["compiled"][layout] = run["jit"].lower(state, prompt_BL, key).compile()
   start = time.perf_counter()
   toks_BN = np.asarray(compiled(state, prompt_BL, key))
   secs = time.perf_counter() - start
@@ -104,7 +118,7 @@ def _runner(graphdef, b: int, l: int, max_new_tokens: int, temperature: float, t
     _, toks_NB = jax.lax.scan(body, (logits_BV, cache), keys)
     return toks_NB.swapaxes(0, 1)
 
-  return {"jit": run}
+  return {"jit": run, "compiled": {}}
 
 
 def _raw_books(data_path: str) -> bool:
@@ -192,6 +206,26 @@ def encode_prompt(tok, prompt: str, vocab_size: int) -> np.ndarray:
   return ids_1L
 
 
+def check_settings(*, max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens: int = 1,
+                   prefix: str = "", exc: type[Exception] = ConfigError) -> None:
+  """Raises `exc` naming the first impossible sampling setting (`prefix`: "--" for flags)."""
+  integer = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  number = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+      v, bool)
+  if not integer(max_new_tokens) or max_new_tokens < min_new_tokens:
+    raise exc(f"{prefix}max_new_tokens must be an integer >= {min_new_tokens}, got "
+              f"{max_new_tokens!r}")
+  if not integer(top_k) or top_k < 0:
+    raise exc(f"{prefix}top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+  if not number(top_p) or not 0.0 < top_p <= 1.0:  # Also rejects nan.
+    raise exc(f"{prefix}top_p must be in (0, 1] (1 turns it off), got {top_p!r}")
+  if not number(temperature) or not 0.0 <= temperature < float("inf"):
+    raise exc(f"{prefix}temperature must be a finite number >= 0 (0 is greedy), got "
+              f"{temperature!r}")
+  if not integer(seed):
+    raise exc(f"{prefix}seed must be an integer, got {seed!r}")
+
+
 def check_flags(f) -> None:
   """Rejects impossible settings before anything is loaded or compiled (ConfigError)."""
   if not f.checkpoint_dir:
@@ -199,14 +233,8 @@ def check_flags(f) -> None:
                       "checkpoint_step_*_ts_*.json manifest)")
   if not f.prompt:
     raise ConfigError("--prompt must not be empty")
-  if f.max_new_tokens < 1:
-    raise ConfigError(f"--max_new_tokens must be at least 1, got {f.max_new_tokens}")
-  if f.top_k < 0:
-    raise ConfigError(f"--top_k must be >= 0 (0 keeps every token), got {f.top_k}")
-  if not 0.0 < f.top_p <= 1.0:  # Also rejects nan.
-    raise ConfigError(f"--top_p must be in (0, 1] (1 turns it off), got {f.top_p}")
-  if not 0.0 <= f.temperature < float("inf"):
-    raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {f.temperature}")
+  check_settings(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k,
+                 top_p=f.top_p, seed=f.seed, prefix="--")
 
 
 def load_model(path: str):

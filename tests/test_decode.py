@@ -182,7 +182,7 @@ def test_decoding_past_max_len_is_nan_not_silently_wrong():
   assert np.isnan(np.asarray(streamed_BLV[:, 4:])).all()
   with pytest.raises(ValueError, match="max_len=4 is shorter than the prompt"):
     sample.generate(model, np.asarray(tokens_BL[:, :3]), 2, max_len=4)
-  with pytest.raises(ValueError, match=r"must be \[batch, length\] token ids, got shape \(3,\)"):
+  with pytest.raises(ValueError, match=r"must be \[batch, length\] token ids .*got shape \(3,\)"):
     sample.generate(model, np.asarray(tokens_BL[0, :3]), 2)
 
 
@@ -192,3 +192,41 @@ def test_max_len_binds_only_models_with_an_attention_cache():
   model = hope_jax.build_model(tiny(block="titans_lmm"), seed=0)
   out = sample.generate(model, np.array([[1, 2, 3]], np.int32), 3, max_len=4)
   assert out.shape == (1, 3)
+
+
+def test_generate_refuses_settings_that_would_sample_nonsense():
+  # Each of these used to return a row of token 0 (top_p=0 masked every logit, nan
+  # temperature and out-of-vocabulary ids gave NaN logits) or fail deep inside JAX.
+  model = hope_jax.build_model(tiny(block="transformer_pp"), seed=0)
+  prompt = np.array([[1, 2, 3]], np.int32)
+  for kw, message in ((dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+                      (dict(top_p=2.0), r"top_p must be in \(0, 1\]"),
+                      (dict(temperature=float("nan")), "temperature must be a finite number"),
+                      (dict(temperature=float("inf")), "temperature must be a finite number"),
+                      (dict(top_k=-1), "top_k must be an integer >= 0"),
+                      (dict(seed=None), "seed must be an integer, got None"),
+                      (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+                      (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0")):
+    kw = {"max_new_tokens": 2, **kw}
+    with pytest.raises(ValueError, match=message):
+      sample.generate(model, prompt, **kw)
+  for bad, message in (([[300, 1]], "token id 300, outside the model's vocabulary"),
+                       ([[-5, 3]], "token id -5, outside"), (np.zeros((1, 0), np.int32),
+                                                             r"length >= 1\), got shape \(1, 0\)")):
+    with pytest.raises(ValueError, match=message):
+      sample.generate(model, np.asarray(bad), 2)
+  # The smallest nucleus keeps the top token: greedy, not token 0.
+  tiny_p = sample.generate(model, prompt, 4, temperature=1.0, top_p=1e-9)
+  np.testing.assert_array_equal(tiny_p, sample.generate(model, prompt, 4, temperature=0.0))
+
+
+def test_generate_compiles_again_for_a_state_of_another_dtype():
+  # The compiled program was cached by the model's structure alone: the same model cast to
+  # bfloat16 then failed with "Argument types differ from the types for which this
+  # computation was compiled".
+  model = hope_jax.build_model(tiny(block="transformer_pp"), seed=0)
+  prompt = np.array([[1, 2, 3]], np.int32)
+  sample.generate(model, prompt, 2, temperature=0.0)
+  graphdef, state = nnx.split(model)
+  cast = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
+  assert sample.generate(cast, prompt, 2, temperature=0.0).shape == (1, 2)

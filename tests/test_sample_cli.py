@@ -118,13 +118,13 @@ def _flags(module, folder, manifest, out, **bad):
 
 
 @pytest.mark.parametrize("module,bad,message", [
-    (sample, dict(max_new_tokens=-1), "--max_new_tokens must be at least 1, got -1"),
-    (sample, dict(max_new_tokens=0), "--max_new_tokens must be at least 1, got 0"),
-    (sample, dict(top_k=-3), "--top_k must be >= 0 (0 keeps every token), got -3"),
+    (sample, dict(max_new_tokens=-1), "--max_new_tokens must be an integer >= 1, got -1"),
+    (sample, dict(max_new_tokens=0), "--max_new_tokens must be an integer >= 1, got 0"),
+    (sample, dict(top_k=-3), "--top_k must be an integer >= 0 (0 keeps every token), got -3"),
     (sample, dict(top_p=0.0), "--top_p must be in (0, 1] (1 turns it off), got 0.0"),
     (sample, dict(top_p=1.5), "--top_p must be in (0, 1]"),
     (sample, dict(top_p=float("nan")), "--top_p must be in (0, 1]"),
-    (sample, dict(temperature=-1.0), "--temperature must be >= 0"),
+    (sample, dict(temperature=-1.0), "--temperature must be a finite number >= 0"),
     (sample, dict(prompt=""), "--prompt must not be empty"),
     (sample, dict(checkpoint_dir=None), "--checkpoint_dir is required"),
     (export, dict(batch_size=0), "--batch_size must be at least 1 when given, got 0"),
