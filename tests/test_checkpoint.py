@@ -470,3 +470,25 @@ def test_a_lock_file_that_cannot_be_opened_is_one_error(tmp_path):
   with pytest.raises(CheckpointError, match=rf'checkpoint_dir ".*": cannot open its lock file '
                      rf"{LOCK_NAME}: "):
     CheckpointManager(_config(tmp_path))
+
+
+def test_a_target_of_another_model_is_a_mismatch_not_a_broken_checkpoint(tmp_path):
+  # restore_latest skipped every checkpoint as "unreadable" for the caller's wrong target.
+  _save(tmp_path, [5, 10])
+  wrong = jax.eval_shape(lambda: _state(10, mb=0.5))
+  with pytest.raises(ck.ConfigMismatchError, match=r"parameter 'w' is float32\[4, 1024\] in the "
+                     r"checkpoint and float32\[42, 1024\] in the target"):
+    ck.restore_latest(str(tmp_path), abstract_state=wrong)
+  assert ck.restore_latest(str(tmp_path), abstract_state=jax.eval_shape(_state)).step == 10
+
+
+def test_when_no_checkpoint_is_readable_the_error_gives_the_newest_ones_reason(tmp_path):
+  _save(tmp_path, [5, 10])
+  _flip(_data_file(os.path.join(tmp_path, "checkpoint_step_10", "params")))
+  os.remove(tmp_path / "checkpoint_step_5" / "params" / "_METADATA")
+  with pytest.raises(CheckpointError, match=r"none of its 2 checkpoint\(s\) is readable; the "
+                     r"newest: .*checkpoint_step_10_ts_\d+\.json: array 'params/w' is corrupt "
+                     r"\(checksum mismatch\) \(warnings give the others\)"):
+    ck.load_model(str(tmp_path))
+  with pytest.raises(CheckpointError, match="payload item 'params' has no readable metadata"):
+    ck.restore(ck.list_checkpoints(str(tmp_path))[0].manifest_path)

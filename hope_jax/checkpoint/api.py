@@ -94,10 +94,12 @@ def restore_latest(directory: str, config: Any = None, **kwargs) -> Restored:
   A model config mismatch is not skipped: it raises.
   """
   entries = mf.scan(directory)
+  newest = None  # Why the newest one failed: said in the error, not only in a warning.
   for e in reversed(entries):
     if not e.valid:
       logging.warning("Skipping unreadable checkpoint: Failed to load checkpoint: %s: %s",
                       e.manifest_path, e.reason)
+      newest = newest or f"{e.manifest_path}: {e.reason}"
       continue
     try:
       return restore(e.manifest_path, config, **kwargs)
@@ -105,7 +107,9 @@ def restore_latest(directory: str, config: Any = None, **kwargs) -> Restored:
       raise
     except CheckpointError as err:
       logging.warning("Skipping unreadable checkpoint: %s", err)
-  reason = (f"none of its {len(entries)} checkpoint(s) is readable" if entries else
+      newest = newest or str(err).removeprefix("Failed to load checkpoint: ")
+  reason = (f"none of its {len(entries)} checkpoint(s) is readable; the newest: {newest}"
+            + (" (warnings give the others)" if len(entries) > 1 else "") if entries else
             "no checkpoint found" if os.path.isdir(directory) else
             "is a file, not a checkpoint directory (restore() takes a manifest)"
             if os.path.isfile(directory) else "directory does not exist")

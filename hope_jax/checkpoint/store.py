@@ -30,7 +30,13 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from hope_jax import processes
-from hope_jax.checkpoint.manifest import PAYLOAD_PREFIX, CheckpointError, canonical, load_error
+from hope_jax.checkpoint.manifest import (
+    PAYLOAD_PREFIX,
+    CheckpointError,
+    ConfigMismatchError,
+    canonical,
+    load_error,
+)
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -217,6 +223,27 @@ def _checkpointer() -> ocp.Checkpointer:
                               primary_host=me, active_processes={me}))
 
 
+def _check_target(params_target: Any, saved_tree: Any, manifest_path: str) -> None:
+  """Raises ConfigMismatchError when the target's parameters are not the checkpoint's.
+
+  Orbax would fail on the first differing array with advice about `strict=False`, and a
+  caller's wrong target would read as a damaged checkpoint (skipped by `restore_latest`).
+  """
+  def shapes(tree, leaf):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)[0]
+    return {_path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in flat if x is not None}
+
+  want = shapes(params_target, None)
+  have = shapes(saved_tree, lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  for key in sorted(set(want) | set(have)):
+    if want.get(key) != have.get(key):
+      show = lambda v: "absent" if v is None else f"{v[1]}{list(v[0])}"
+      raise ConfigMismatchError(
+          f"{manifest_path}: parameter '{key}' is {show(have.get(key))} in the checkpoint and "
+          f"{show(want.get(key))} in the target: the abstract_state (or model config) "
+          "describes another model")
+
+
 def read_items(payload_dir: str, manifest_path: str, params_target: Any, train_target: Any,
                with_train: bool) -> dict[str, Any]:
   """`read_payload`'s part that touches only this process's files and devices (no checksums).
@@ -231,11 +258,27 @@ def read_items(payload_dir: str, manifest_path: str, params_target: Any, train_t
       raise load_error(manifest_path, f"payload item '{name}' is missing in {payload_dir}")
   ckptr = _checkpointer()
   try:
-    meta = ckptr.metadata(payload_dir).item_metadata
+    try:
+      meta = ckptr.metadata(payload_dir).item_metadata
+    except Exception as e:
+      raise load_error(manifest_path, reason(e)) from e
+    for name in ARRAY_ITEMS[:1 + with_train]:
+      try:
+        tree = meta[name].tree
+      except (KeyError, TypeError, AttributeError):
+        tree = None
+      if tree is None:
+        raise load_error(manifest_path, f"payload item '{name}' has no readable metadata")
     if params_target is None:
       params_target = _target_from_metadata(meta["params"].tree)
+    else:
+      _check_target(params_target, meta["params"].tree, manifest_path)
     if with_train and train_target is None:
       train_target = _target_from_metadata(meta["train"].tree)
+  except BaseException:
+    ckptr.close()
+    raise
+  try:
     args = {"params": ocp.args.StandardRestore(with_shardings(params_target)),
             "checksums": ocp.args.JsonRestore(), "loader": ocp.args.JsonRestore(),
             "manifest": ocp.args.JsonRestore()}
