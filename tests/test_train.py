@@ -405,3 +405,20 @@ def test_a_stop_right_after_a_diverged_step_saves_nothing(tmp_path, monkeypatch)
   with pytest.raises(FloatingPointError, match="at step 3: lower training.learning_rate"):
     train(cfg)
   assert list_checkpoints(str(tmp_path)) == []
+
+
+def test_a_failed_run_closes_its_metric_files(tmp_path, tiny_config):
+  # A diverged run left metrics.jsonl and its TensorBoard events file open (and the writer's
+  # threads running): a notebook that retried leaked three descriptors per call.
+  def open_logs():
+    fds = os.listdir("/proc/self/fd")
+    targets = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in fds
+               if os.path.exists(f"/proc/self/fd/{fd}")]
+    return [p for p in targets if p.startswith(str(tmp_path / "ckpt" / "logs"))]
+
+  cfg = _tiny(tmp_path, tiny_config, num_steps=6, learning_rate=1e30, save_every=100,
+              eval_every=100)
+  with pytest.raises(FloatingPointError):
+    train(cfg)
+  assert (tmp_path / "ckpt" / "logs" / "metrics.jsonl").exists()
+  assert open_logs() == []

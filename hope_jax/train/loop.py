@@ -13,6 +13,7 @@ and writes metrics; with one device the step is the plain jitted function.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -386,7 +387,9 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
   t0 = time.perf_counter()
   # The signal handlers stay until the final checkpoint is written: a signal during the
   # final eval only sets the flag, so the finished run is still saved.
-  with _StopRequest(_shared_stop()) as stop:
+  # The metrics writer closes however the run ends: a failed run in a notebook left its
+  # TensorBoard file open and two writer threads running, per call.
+  with _StopRequest(_shared_stop()) as stop, contextlib.closing(writer):
     try:
       for s in range(start_step, end_step):
         if stop.should_stop(s):  # A signal lands here, between steps, never in a donated one.
@@ -445,7 +448,6 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       save(final_step, last_eval, force=True)  # Skipped when that step is already saved.
       log_health(final_step)
     ckpt.wait()  # The last save is committed before a second signal can end the process.
-  writer.close()
   elapsed = time.perf_counter() - t0
   logging.info("Done: step %d in %s", final_step, format_duration(elapsed))
   return {"step": final_step, "losses": losses, "eval": last_eval, "eval_step": last_eval_step,
