@@ -416,3 +416,26 @@ def validate_data_config(d: Any) -> None:
   depth = d.get("passkey_depth")
   if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float))):
     raise ConfigError(f"data.passkey_depth must be a number in [0, 1] or None, got {depth!r}")
+
+
+def model_section(config: Any) -> Any:
+  """The `model` section of a whole run config, or `config` itself when it is one.
+
+  Takes what `hope_jax.build_model` takes: a run config (ConfigDict or dict) with a `model`
+  section, that section alone, or a `ModelConfig`.
+  """
+  if isinstance(config, ModelConfig):
+    return config.to_dict()
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise TypeError(f"config must be a run config, its model section or a ModelConfig, got "
+                    f"{type(config).__name__}")
+  if "model" in config:
+    return config["model"]
+  unknown = sorted(set(config) - set(ModelConfig().to_dict()))
+  if not unknown:  # The model section alone (keys it leaves out take their defaults).
+    return config
+  raise TypeError(f"config must be a run config, its model section or a ModelConfig; this "
+                  f"mapping has no 'model' section and keys that are not model keys: "
+                  f"{', '.join(map(str, unknown[:8]))}")

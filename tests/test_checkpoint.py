@@ -492,3 +492,12 @@ def test_when_no_checkpoint_is_readable_the_error_gives_the_newest_ones_reason(t
     ck.load_model(str(tmp_path))
   with pytest.raises(CheckpointError, match="payload item 'params' has no readable metadata"):
     ck.restore(ck.list_checkpoints(str(tmp_path))[0].manifest_path)
+
+
+def test_restore_takes_a_path_and_reports_a_str(tmp_path):
+  import pathlib
+
+  _save(tmp_path, [5])
+  manifest = pathlib.Path(ck.list_checkpoints(str(tmp_path))[0].manifest_path)
+  got = ck.restore(manifest)
+  assert got.step == 5 and got.manifest_path == str(manifest)

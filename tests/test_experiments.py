@@ -127,3 +127,19 @@ def test_keep_best_takes_every_metric_the_loop_records():
   got = evaluate(lambda params, batch: jnp.float32(1.0), None, np.arange(400) % 256,
                  cfg.training, cfg.data.seq_len, placement)
   assert tuple(got) == LOOP_EVAL_METRICS
+
+
+def test_build_model_takes_a_run_config_its_model_section_or_a_model_config():
+  # As docs/checkpoints.md says restore(config=) does; a run config used to fail with
+  # "unknown config key 'model.data'".
+  import hope_jax
+  from experiments import tiny
+  from hope_jax.config import ModelConfig
+
+  cfg = tiny.get_config()
+  built = [hope_jax.build_model(c).cfg for c in (cfg, cfg.model, cfg.model.to_dict(),
+                                                 ModelConfig.from_config(cfg.model))]
+  assert all(b == built[0] for b in built) and built[0].hidden_size == 32
+  with pytest.raises(TypeError, match="must be a run config, its model section or a "
+                     "ModelConfig, got NoneType"):
+    hope_jax.build_model(None)

@@ -422,3 +422,9 @@ def test_a_failed_run_closes_its_metric_files(tmp_path, tiny_config):
     train(cfg)
   assert (tmp_path / "ckpt" / "logs" / "metrics.jsonl").exists()
   assert open_logs() == []
+
+
+def test_train_takes_a_plain_dict_config(tmp_path, tiny_config):
+  # `cfg.to_dict()` edited as a dict failed with "'dict' object has no attribute 'model'".
+  cfg = _tiny(tmp_path, tiny_config, num_steps=2, save_every=100, eval_every=100).to_dict()
+  assert train(cfg)["step"] == 2

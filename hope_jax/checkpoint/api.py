@@ -66,6 +66,7 @@ def restore(manifest_path: str, config: Any = None, *, with_opt_state: bool = Fa
     CheckpointError: "Failed to load checkpoint: <path>: <reason>", or a model config
       mismatch naming every differing key.
   """
+  manifest_path = os.fspath(manifest_path)  # A pathlib.Path too; `Restored` holds a str.
   manifest, payload = mf.read_manifest(manifest_path)
   if config is not None:
     mf.check_model_config(manifest["config"], config, manifest_path)

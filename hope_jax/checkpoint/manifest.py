@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from absl import logging
 
-from hope_jax.config import SCHEDULE_KEYS, ConfigError, ModelConfig
+from hope_jax.config import SCHEDULE_KEYS, ConfigError, ModelConfig, model_section
 
 FORMAT = "hope_jax.checkpoint/1"
 REQUIRED = ("step", "timestamp", "model_file", "config")
@@ -92,29 +92,6 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
   return out
 
 
-def _model_section(config: Any) -> Any:
-  """The `model` section of a whole run config, or `config` itself when it is one.
-
-  Takes what `hope_jax.build_model` takes: a run config (ConfigDict or dict) with a `model`
-  section, that section alone, or a `ModelConfig`.
-  """
-  if isinstance(config, ModelConfig):
-    return config.to_dict()
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  if not isinstance(config, Mapping):
-    raise TypeError(f"config must be a run config, its model section or a ModelConfig, got "
-                    f"{type(config).__name__}")
-  if "model" in config:
-    return config["model"]
-  unknown = sorted(set(config) - set(ModelConfig().to_dict()))
-  if not unknown:  # The model section alone (keys it leaves out take their defaults).
-    return config
-  raise TypeError(f"config must be a run config, its model section or a ModelConfig; this "
-                  f"mapping has no 'model' section and keys that are not model keys: "
-                  f"{', '.join(map(str, unknown[:8]))}")
-
-
 def check_model_config(saved_config: Mapping[str, Any], current_config: Any, path: str) -> None:
   """Raises CheckpointError naming every `model.*` key whose value differs (but schedule keys).
 
@@ -124,7 +101,7 @@ def check_model_config(saved_config: Mapping[str, Any], current_config: Any, pat
   differ: they are logged.
   """
   saved = canonical(saved_config.get("model", {}))
-  current = canonical(_model_section(current_config))
+  current = canonical(model_section(current_config))
   defaults = canonical(ModelConfig().to_dict())
   for key, value in current.items():
     if key not in saved and key in defaults and value == defaults[key]:

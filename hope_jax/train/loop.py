@@ -19,12 +19,13 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from ml_collections import config_dict
 
 from hope_jax import diagnostics, processes
 from hope_jax.checkpoint import CheckpointManager
@@ -164,6 +165,8 @@ def train(config: Any) -> dict[str, Any]:
     ConfigError: bad configuration or data, before anything is compiled.
     FloatingPointError: the training loss is not finite (after writing that step's metrics).
   """
+  if isinstance(config, Mapping) and not isinstance(config, config_dict.ConfigDict):
+    config = config_dict.ConfigDict(config)  # E.g. `cfg.to_dict()`, edited as a plain dict.
   model_cfg = validate_run_config(config)
   t = config.training
   mesh_cfg = t.get("mesh") or DEFAULT_MESH
