@@ -501,3 +501,9 @@ def test_restore_takes_a_path_and_reports_a_str(tmp_path):
   manifest = pathlib.Path(ck.list_checkpoints(str(tmp_path))[0].manifest_path)
   got = ck.restore(manifest)
   assert got.step == 5 and got.manifest_path == str(manifest)
+
+
+def test_restore_on_a_directory_points_to_restore_latest(tmp_path):
+  with pytest.raises(CheckpointError, match=r"is a directory, not a manifest \(restore_latest\(\) "
+                     r"and load_model\(\) take a run's checkpoint directory\)"):
+    ck.restore(str(tmp_path))

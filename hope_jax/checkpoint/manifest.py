@@ -154,6 +154,9 @@ def read_manifest(path: str) -> tuple[dict[str, Any], str]:
       unreadable file, bad JSON, missing or mistyped fields, a `model_file` that leaves
       the manifest's directory, or a missing payload.
   """
+  if os.path.isdir(path):
+    raise load_error(path, "is a directory, not a manifest (restore_latest() and load_model() "
+                     "take a run's checkpoint directory)")
   try:
     with open(path, encoding="utf-8") as f:
       text = f.read()
