@@ -206,3 +206,16 @@ def test_larger_memory_input_init_runs_the_memories_away():
   assert runaway["health/layer0/drift_w1"] > 100
   assert runaway["health/layer0/eta_max"] == pytest.approx(0.1, abs=1e-3)
   assert "drift W1 " in diagnostics.format_health(runaway)
+
+
+def test_trace_and_health_name_a_wrong_token_shape():
+  # 1-D tokens failed with "not enough values to unpack" / "tuple index out of range".
+  model = hope_jax.build_model(ModelConfig(block="hope", hidden_size=32, num_heads=2,
+                                           num_layers=1, chunk_other=4, chunk_mem=8,
+                                           cms_chunks=(8, 16)))
+  for fn in (diagnostics.trace, diagnostics.health):
+    for bad, shown in ((np.arange(8), r"\(8,\)"), (np.zeros((1, 0), np.int32), r"\(1, 0\)"),
+                       (np.zeros((1, 8)), r"\(1, 8\) of float64")):
+      with pytest.raises(ValueError, match=rf"{fn.__name__}: tokens_BL must be \[batch, length\] "
+                         rf"token ids .* got shape {shown}"):
+        fn(model, bad)
