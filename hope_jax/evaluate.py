@@ -50,6 +50,8 @@ def split_data_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
+  if not isinstance(text, str):  # A Python caller's value, e.g. {"seq_len": 16}.
+    return text
   low = text.strip().lower()
   if low in ("none", "null"):
     return None
@@ -106,7 +108,11 @@ def _score_program(model_cfg: Any) -> tuple[Any, Any]:
 
 def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_size: int,
                          max_windows: int | None) -> tuple[list[dict], list[str]]:
-  """Scores each `CheckpointInfo`; unreadable ones become rows with an `error`."""
+  """Scores each `CheckpointInfo`; unreadable ones become rows with an `error`.
+
+  Raises:
+    ValueError: a bad `batch_size` or `max_windows`, or an entry that is no CheckpointInfo.
+  """
 
   from hope_jax import checkpoint
   from hope_jax.config import ModelConfig, validate_data_config
@@ -114,6 +120,11 @@ def evaluate_checkpoints(entries: list[Any], overrides: dict[str, str], batch_si
   from hope_jax.data.tokenizers import vocabulary_mismatch
   from hope_jax.train import evaluation
 
+  evaluation.check_batching(batch_size, max_windows)
+  for entry in entries:
+    if not isinstance(entry, checkpoint.CheckpointInfo):
+      raise ValueError(f"entries must be CheckpointInfo (from hope_jax.checkpoint."
+                       f"list_checkpoints), got {type(entry).__name__} {entry!r}")
   corpora: dict[str, Any] = {}
   rows, descriptions = [], []
   for entry in entries:

@@ -204,3 +204,23 @@ def test_scoring_again_in_one_process_compiles_nothing(three_checkpoints, caplog
   assert "Compiling jit(" not in caplog.text, caplog.text[-2000:]
   assert scores[0] == scores[1] == pytest.approx(losses, rel=1e-4)
   assert _score_program.cache_info().currsize == 1
+
+
+def test_python_entry_points_name_bad_arguments():
+  # From Python these failed as "range() arg 3 must not be zero", a false "holds no window",
+  # "cannot reshape", "'int' object has no attribute 'strip'" or "'str' has no attribute 'step'".
+  from hope_jax import evaluate
+  from hope_jax.train.evaluation import check_batching
+
+  for batch_size, max_windows, message in ((0, None, "batch_size must be an integer >= 1, got 0"),
+                                           (2, 0, "max_windows must be None .* got 0"),
+                                           (2, -1, "max_windows must be None .* got -1"),
+                                           (2.5, None, "batch_size must be an integer")):
+    with pytest.raises(ValueError, match=message):
+      evaluate.evaluate_checkpoints([], {}, batch_size, max_windows)
+  check_batching(16, None)
+  with pytest.raises(ValueError, match="entries must be CheckpointInfo .* got str"):
+    evaluate.evaluate_checkpoints(["checkpoint_step_1_ts_1.json"], {}, 2, None)
+  from experiments import tiny
+
+  assert evaluate.data_config(tiny.get_config().data, {"seq_len": 16}).seq_len == 16

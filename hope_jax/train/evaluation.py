@@ -86,6 +86,16 @@ def summarize(sums: dict[str, float], tokenizer_name: str = "") -> dict[str, flo
   return out
 
 
+def check_batching(batch_size: Any, max_windows: Any) -> None:
+  """ValueError unless batch_size >= 1 and max_windows is None or >= 1 (integers)."""
+  integer = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  if not integer(batch_size) or batch_size < 1:
+    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+  if max_windows is not None and (not integer(max_windows) or max_windows < 1):
+    raise ValueError(f"max_windows must be None (every window) or an integer >= 1, got "
+                     f"{max_windows!r}")
+
+
 def score(model_def: ModelDef, params: Any, corpus: Corpus, seq_len: int, batch_size: int = 16,
           max_windows: int | None = None, score_step=None) -> dict[str, float]:
   """Scores `params` on the validation split of `corpus`.
@@ -104,6 +114,7 @@ def score(model_def: ModelDef, params: Any, corpus: Corpus, seq_len: int, batch_
     or `eval/bits_per_char` by tokenizer), `eval/perplexity`, `eval/tokens`; for
     tasks `task/accuracy` and `task/exact_match`.
   """
+  check_batching(batch_size, max_windows)
   tokens_NW, answers_NW = validation_windows(corpus, seq_len, max_windows)
   if len(tokens_NW) == 0:
     raise ValueError(f"the validation split ({len(corpus.val)} tokens) holds no window of "
