@@ -15,6 +15,8 @@ import numbers
 import re
 from typing import Any, Mapping
 
+import numpy as np
+
 BLOCKS = ("transformer_pp", "hope", "hope_attention", "titans_lmm")
 
 
@@ -25,6 +27,29 @@ class ConfigError(ValueError):
 def _is_count(value) -> bool:
   """An int >= 0 (not a bool, which is an int to Python)."""
   return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_integer(value) -> bool:
+  """A Python or numpy integer, not a bool (which is an int to Python)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def token_batch(tokens_BL: Any, name: str, vocab_size: int | None = None) -> np.ndarray:
+  """`tokens_BL` as int32 `[B, L]` token ids, or ValueError naming `name` and what is wrong.
+
+  The ids must be integers, the length at least 1 and, given `vocab_size`, every id in
+  [0, vocab_size): the embedding gives ids outside it NaN, which sampling turns into token 0.
+  """
+  tokens_BL = np.asarray(tokens_BL)
+  if tokens_BL.ndim != 2 or tokens_BL.shape[1] == 0 or not np.issubdtype(tokens_BL.dtype,
+                                                                          np.integer):
+    raise ValueError(f"{name} must be [batch, length] token ids (integers, length >= 1), got "
+                     f"shape {tokens_BL.shape} of {tokens_BL.dtype}")
+  if vocab_size is not None and (tokens_BL.min() < 0 or tokens_BL.max() >= vocab_size):
+    bad = int(tokens_BL.min()) if tokens_BL.min() < 0 else int(tokens_BL.max())
+    raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary "
+                     f"[0, {vocab_size})")
+  return tokens_BL.astype(np.int32)
 
 
 AUTO_UNROLL = -1  # `inner_scan_unroll` chosen for the devices (`train.sharding.resolve_schedule`).
@@ -411,7 +436,7 @@ def validate_data_config(d: Any) -> None:
     if not os.path.isfile(d.tokenizer_path):
       raise ConfigError(f"data.tokenizer_path: no such file: {d.tokenizer_path}")
   seed = d.get("task_seed", 0)  # Absent from configs saved before the tasks existed.
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+  if not is_integer(seed) or seed < 0:
     raise ConfigError(f"data.task_seed must be an integer >= 0, got {seed!r}")
   depth = d.get("passkey_depth")
   if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float))):

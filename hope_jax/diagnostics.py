@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hope_jax.config import token_batch
 from hope_jax.model import lm
 from hope_jax.ops import cms as cms_ops
 
@@ -108,16 +109,6 @@ def _inspect_layers(model, inputs) -> list[dict | None]:
           for b, x in zip(model.blocks, inputs, strict=True)]
 
 
-def _token_batch(tokens_BL, who: str) -> np.ndarray:
-  """`tokens_BL` as int32 `[B, L]`; ValueError naming `who` and the shape otherwise."""
-  tokens_BL = np.asarray(tokens_BL)
-  if tokens_BL.ndim != 2 or tokens_BL.shape[1] == 0 or not np.issubdtype(tokens_BL.dtype,
-                                                                          np.integer):
-    raise ValueError(f"{who}: tokens_BL must be [batch, length] token ids (integers, length "
-                     f">= 1), got shape {tokens_BL.shape} of {tokens_BL.dtype}")
-  return tokens_BL.astype(np.int32)
-
-
 def trace(model, tokens_BL) -> dict[str, Any]:
   """Runs `model` over `tokens_BL` and records what its memories do (module docstring).
 
@@ -134,7 +125,7 @@ def trace(model, tokens_BL) -> dict[str, Any]:
   Raises:
     ValueError: L is not a multiple of the chunk.
   """
-  tokens_BL = jnp.asarray(_token_batch(tokens_BL, "trace"))
+  tokens_BL = jnp.asarray(token_batch(tokens_BL, "trace: tokens_BL"))
   b, l = tokens_BL.shape
   c = _grid(model)
   if l % c:
@@ -198,7 +189,7 @@ def health(model, tokens_BL) -> dict[str, float]:
   if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
     return {}
   c = _grid(model)
-  tokens_BL = _token_batch(tokens_BL, "health")
+  tokens_BL = token_batch(tokens_BL, "health: tokens_BL")
   tokens_BL = jnp.asarray(tokens_BL[:, :tokens_BL.shape[1] // c * c])
   if tokens_BL.shape[1] == 0:
     return {}

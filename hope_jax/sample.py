@@ -17,6 +17,7 @@ data folder is not on this machine (see `run_tokenizer`).
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hope_jax.config import ConfigError
+from hope_jax.config import ConfigError, is_integer, token_batch
 from hope_jax.model.attention import Attention
 
 
@@ -66,17 +67,7 @@ def generate(model, prompt_BL, max_new_tokens: int, *, temperature: float = 0.8,
   """
   check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, seed=seed, min_new_tokens=0, exc=ValueError)
-  prompt_BL = np.asarray(prompt_BL)
-  if prompt_BL.ndim != 2 or 0 in prompt_BL.shape or not np.issubdtype(prompt_BL.dtype,
-                                                                       np.integer):
-    raise ValueError("prompt_BL must be [batch, length] token ids (integers, length >= 1), got "
-                     f"shape {prompt_BL.shape} of {prompt_BL.dtype}")
-  vocab = model.cfg.vocab_size
-  if prompt_BL.min() < 0 or prompt_BL.max() >= vocab:
-    bad = int(prompt_BL.min()) if prompt_BL.min() < 0 else int(prompt_BL.max())
-    raise ValueError(f"prompt_BL holds token id {bad}, outside the model's vocabulary "
-                     f"[0, {vocab})")
-  prompt_BL = jnp.asarray(prompt_BL, jnp.int32)
+  prompt_BL = jnp.asarray(token_batch(prompt_BL, "generate: prompt_BL", model.cfg.vocab_size))
   b, l = prompt_BL.shape
   if max_len is not None and max_len < l + max_new_tokens and any(
       isinstance(b.mixer, Attention) for b in model.blocks):
@@ -209,20 +200,18 @@ def encode_prompt(tok, prompt: str, vocab_size: int) -> np.ndarray:
 def check_settings(*, max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens: int = 1,
                    prefix: str = "", exc: type[Exception] = ConfigError) -> None:
   """Raises `exc` naming the first impossible sampling setting (`prefix`: "--" for flags)."""
-  integer = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-  number = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
-      v, bool)
-  if not integer(max_new_tokens) or max_new_tokens < min_new_tokens:
+  number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
+  if not is_integer(max_new_tokens) or max_new_tokens < min_new_tokens:
     raise exc(f"{prefix}max_new_tokens must be an integer >= {min_new_tokens}, got "
               f"{max_new_tokens!r}")
-  if not integer(top_k) or top_k < 0:
+  if not is_integer(top_k) or top_k < 0:
     raise exc(f"{prefix}top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
   if not number(top_p) or not 0.0 < top_p <= 1.0:  # Also rejects nan.
     raise exc(f"{prefix}top_p must be in (0, 1] (1 turns it off), got {top_p!r}")
   if not number(temperature) or not 0.0 <= temperature < float("inf"):
     raise exc(f"{prefix}temperature must be a finite number >= 0 (0 is greedy), got "
               f"{temperature!r}")
-  if not integer(seed):
+  if not is_integer(seed):
     raise exc(f"{prefix}seed must be an integer, got {seed!r}")
 
 

@@ -258,10 +258,7 @@ def read_items(payload_dir: str, manifest_path: str, params_target: Any, train_t
       raise load_error(manifest_path, f"payload item '{name}' is missing in {payload_dir}")
   ckptr = _checkpointer()
   try:
-    try:
-      meta = ckptr.metadata(payload_dir).item_metadata
-    except Exception as e:
-      raise load_error(manifest_path, reason(e)) from e
+    meta = ckptr.metadata(payload_dir).item_metadata
     for name in ARRAY_ITEMS[:1 + with_train]:
       try:
         tree = meta[name].tree
@@ -275,10 +272,6 @@ def read_items(payload_dir: str, manifest_path: str, params_target: Any, train_t
       _check_target(params_target, meta["params"].tree, manifest_path)
     if with_train and train_target is None:
       train_target = _target_from_metadata(meta["train"].tree)
-  except BaseException:
-    ckptr.close()
-    raise
-  try:
     args = {"params": ocp.args.StandardRestore(with_shardings(params_target)),
             "checksums": ocp.args.JsonRestore(), "loader": ocp.args.JsonRestore(),
             "manifest": ocp.args.JsonRestore()}
@@ -287,6 +280,8 @@ def read_items(payload_dir: str, manifest_path: str, params_target: Any, train_t
     restored = ckptr.restore(payload_dir, args=ocp.args.Composite(**args))
     out = {name: restored[name] for name in args}
     jax.block_until_ready([out["params"], out.get("train")])
+  except CheckpointError:  # Ours, already naming the manifest (or a mismatched target).
+    raise
   except Exception as e:  # Orbax/TensorStore raise many types; the message names the cause.
     raise load_error(manifest_path, reason(e)) from e
   finally:

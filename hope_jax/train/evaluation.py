@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hope_jax.config import is_integer
 from hope_jax.data.corpus import Corpus
 from hope_jax.train.state import ModelDef
 from hope_jax.train.step import LN2
@@ -88,10 +89,9 @@ def summarize(sums: dict[str, float], tokenizer_name: str = "") -> dict[str, flo
 
 def check_batching(batch_size: Any, max_windows: Any) -> None:
   """ValueError unless batch_size >= 1 and max_windows is None or >= 1 (integers)."""
-  integer = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-  if not integer(batch_size) or batch_size < 1:
+  if not is_integer(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-  if max_windows is not None and (not integer(max_windows) or max_windows < 1):
+  if max_windows is not None and (not is_integer(max_windows) or max_windows < 1):
     raise ValueError(f"max_windows must be None (every window) or an integer >= 1, got "
                      f"{max_windows!r}")
 
