@@ -98,6 +98,33 @@ def test_layout_manifest_and_exact_roundtrip(tmp_path):
         assert not fh.read(2).startswith(b"\x80"), f"pickle-like file {f}"
 
 
+def test_a_state_donated_as_soon_as_save_returns_is_saved_as_it_was(tmp_path):
+  # The train loop donates the state into its next step once save() returns, while Orbax
+  # still writes. A save that read the device buffers after returning (orbax#626) would
+  # write whatever the next steps put there, or read freed memory. On an accelerator the
+  # donation is real; there the test checks that it happened.
+  state = _state(7, mb=8)  # Large enough that the write is still going on below.
+
+  def scribble(s):
+    return jax.tree.map(
+        lambda x: x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x * 0 - 3, s)
+
+  step = jax.jit(scribble, donate_argnums=0)
+  mgr = CheckpointManager(_config(tmp_path))
+  assert mgr.save(7, state, {"step": 7})
+  leaves = jax.tree.leaves(state["params"])
+  for _ in range(3):
+    state = jax.block_until_ready(step(state))
+  if jax.default_backend() != "cpu":  # XLA:CPU may decline a buffer Orbax still views.
+    assert all(x.is_deleted() for x in leaves)
+  mgr.wait()
+  mgr.close()
+  got = ck.restore(ck.list_checkpoints(str(tmp_path))[0].manifest_path, with_opt_state=True)
+  want = _state(7, mb=8)
+  assert got.step == 7 and _equal(got.params, want["params"])
+  assert _equal(jax.tree.leaves(got.opt_state), jax.tree.leaves(want["opt_state"]))
+
+
 def test_startup_log_lines(tmp_path, absl_log, monkeypatch):
   # A relative checkpoint_dir is shown as given, as the contract's example shows it.
   monkeypatch.chdir(tmp_path)
