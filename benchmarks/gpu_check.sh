@@ -2,7 +2,8 @@
 # The one prepared GPU check of issue 7, for a lent GPU machine (one device call of at most
 # 600 s holds some of its stages, not all: see the end of this header):
 #   bash benchmarks/gpu_check.sh            # from the repository root; logs and JSON in $OUT
-# 1. the card and the library versions;
+# 1. the card and the library versions, then the tests that have not yet run on a GPU
+#    (FIRST_TESTS, under FIRST_TIMEOUT; see 7 for how they run);
 # 2. benchmarks/train_mfu.py at a GPU size (D=1024, 12 layers, 16 heads, L=4096, bfloat16
 #    outer matmuls, float32 inner state, the layer scan `scan_layers` so one block compiles),
 #    MFU against the card's bf16 peak measured in the same process, one train_mfu call per
@@ -21,10 +22,14 @@
 # 5. the time to create a fresh train state (benchmarks/init_time.py: jitted, jitted with the
 #    threefry random bits as one GPU kernel, eager), one call per row of INIT_ROWS
 #    ("modes|arguments", rows separated by ";"; empty: none);
-# 6. the equivalence tests (chunked == per-token, fused == reference, streaming == parallel,
+# 6. training runs of TRAIN_CONFIG (experiments/gpu_d1024.py), one per entry of TRAIN_RUNS
+#    ("name|--config.x=... overrides", entries separated by ";"; empty, the default: none),
+#    each for TRAIN_STEPS steps under TRAIN_TIMEOUT seconds, printing the step, evaluation
+#    and health lines (e.g. the spec's memory_input_std against half of it);
+# 7. the equivalence tests (chunked == per-token, fused == reference, streaming == parallel,
 #    grouped == plain chunk scan) on the GPU, with float32 matmuls at 'highest' precision
-#    (the GPU's default, TF32, is not what those tolerances are for): first those that have
-#    not yet run on a GPU, then the whole set until DEADLINE seconds after the start (570);
+#    (the GPU's default, TF32, is not what those tolerances are for), until DEADLINE
+#    seconds after the start (570);
 #    TEST_ENV=VAR=value sets one environment variable for the tests only (e.g. the XLA_FLAGS
 #    of an MFU row, to check that it computes the same; tests/conftest.py adds its own
 #    compile-time flags to an XLA_FLAGS, so the flags under test are the only change).
@@ -33,6 +38,7 @@
 # MFU_SIZE, the rows with MFU_ROWS, the profile's arguments with PROFILE_ARGS (empty: no
 # profile), the peak's matmul sizes with PEAK_SIZES, the tests run first with FIRST_TESTS
 # (empty: none), and the time limits (seconds) with ROW_TIMEOUT (each MFU row, 150),
+# TRAIN_TIMEOUT (each training run, 150),
 # PROFILE_TIMEOUT (120), MAIN_TIMEOUT (each run of the main job, 150), INIT_TIMEOUT (each
 # init row, 50) and FIRST_TIMEOUT (45). A device call (600 s at most) has room for the MFU
 # rows, the profile and the tests, or for the main job, the init rows and the tests; skip
@@ -61,12 +67,39 @@ INIT_ROWS=${INIT_ROWS-jit,jit_kernel,eager|$GPU_SIZE --set=num_layers=4;jit_kern
 ROW_TIMEOUT=${ROW_TIMEOUT:-150}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-120}
 PEAK_SIZES=${PEAK_SIZES:-4096,8192}
+TRAIN_CONFIG=${TRAIN_CONFIG:-experiments/gpu_d1024.py}
+TRAIN_RUNS=${TRAIN_RUNS-}
+TRAIN_STEPS=${TRAIN_STEPS:-60}
+TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-150}
 PROFILE_ARGS=${PROFILE_ARGS-$GPU_SIZE --set=num_layers=2 --set=dtype=bfloat16 --batch=1 --length=4096}
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 \
   | tee "$OUT/device.txt"
-python3 -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
-'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/device.txt"
+python3 -c "import sys, jax, flax, optax; from importlib.metadata import version
+print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax',
+optax.__version__, 'orbax-checkpoint', version('orbax-checkpoint'), jax.devices())" 2>&1 \
+  | tee -a "$OUT/device.txt"
+
+# The tests that have not yet run on a GPU first, then (last stage) the whole set in the time
+# left. SIGINT at the limit: pytest stops its xdist workers and prints its summary (a plain
+# TERM left the workers compiling on the GPU while the benchmark ran, on 2026-11-26).
+FIRST_TESTS=${FIRST_TESTS-tests/test_titans_layer.py::test_unrolled_chunk_scan_equals_the_loop}
+run_tests() {  # run_tests NAME SECONDS PYTEST_ARGS...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  env ${TEST_ENV:+"$TEST_ENV"} JAX_DEFAULT_MATMUL_PRECISION=highest \
+    timeout -s INT -k 20 "$limit" python3 -m pytest -v -n 8 \
+    -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s; $(grep -c PASSED "$OUT/$name.log") passed," \
+    "$(grep -c FAILED "$OUT/$name.log") failed lines"
+  grep -E "FAILED|Error" "$OUT/$name.log" | head -20
+  tail -3 "$OUT/$name.log"; echo
+}
+if [ -n "$FIRST_TESTS" ]; then
+  echo "== tests not yet run on a GPU"
+  # shellcheck disable=SC2086  # FIRST_TESTS is a list of test ids.
+  run_tests tests_first "$FIRST_TIMEOUT" --dist load $FIRST_TESTS  # Not grouped by file.
+fi
 
 echo "== train MFU (the headline numbers first: the profile and tests take what time is left)"
 row=0
@@ -128,27 +161,21 @@ for spec in "${rows[@]}"; do
   python3 benchmarks/init_time.py --modes="$modes" $extra --timeout="$INIT_TIMEOUT" 2>&1 | tail -6
 done
 
+IFS=';' read -ra rows <<< "$TRAIN_RUNS"
+for spec in "${rows[@]}"; do
+  IFS='|' read -r name extra <<< "$spec"
+  echo "== training run $name: $TRAIN_CONFIG, $TRAIN_STEPS steps, $extra"
+  start=$SECONDS
+  # shellcheck disable=SC2086  # extra is a list of arguments.
+  timeout -k 10 "$TRAIN_TIMEOUT" python3 -m hope_jax.train --config="$TRAIN_CONFIG" \
+    --config.training.num_steps="$TRAIN_STEPS" --config.training.progress_bar=false \
+    --config.training.checkpoint_dir="/tmp/hope_jax_train_$name" $extra > "$OUT/train_$name.log" 2>&1
+  echo "training run $name: exit $? after $((SECONDS - start)) s"
+  grep -E "Model:|step [0-9]+/|eval|health|Done|Error" "$OUT/train_$name.log" | sed 's/^.*\] //' \
+    | tail -30
+done
+
 echo "== equivalence tests on $(python3 -c 'import jax; print(jax.default_backend())')"
-# Two runs: first the tests that have not yet run on a GPU (the last calls' time ran out
-# before them), then the whole set in the time left. SIGINT at the limit: pytest stops its
-# xdist workers and prints its summary (a plain TERM left the workers compiling on the GPU
-# while the benchmark ran, on 2026-11-26).
-FIRST_TESTS=${FIRST_TESTS-tests/test_titans_layer.py::test_unrolled_chunk_scan_equals_the_loop}
-run_tests() {  # run_tests NAME SECONDS PYTEST_ARGS...
-  local name=$1 limit=$2 start=$SECONDS
-  shift 2
-  env ${TEST_ENV:+"$TEST_ENV"} JAX_DEFAULT_MATMUL_PRECISION=highest \
-    timeout -s INT -k 20 "$limit" python3 -m pytest -v -n 8 \
-    -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: exit $? after $((SECONDS - start)) s; $(grep -c PASSED "$OUT/$name.log") passed," \
-    "$(grep -c FAILED "$OUT/$name.log") failed lines"
-  grep -E "FAILED|Error" "$OUT/$name.log" | head -20
-  tail -3 "$OUT/$name.log"; echo
-}
-if [ -n "$FIRST_TESTS" ]; then
-  # shellcheck disable=SC2086  # FIRST_TESTS is a list of test ids.
-  run_tests tests_first "$FIRST_TIMEOUT" --dist load $FIRST_TESTS  # Not grouped by file.
-fi
 left=$((DEADLINE - SECONDS))
 if [ "$left" -ge 30 ]; then
   run_tests tests "$left" tests/test_lm.py tests/test_titans_ops.py tests/test_titans_layer.py \
