@@ -528,6 +528,15 @@ def test_restore_takes_a_path_and_reports_a_str(tmp_path):
   manifest = pathlib.Path(ck.list_checkpoints(str(tmp_path))[0].manifest_path)
   got = ck.restore(manifest)
   assert got.step == 5 and got.manifest_path == str(manifest)
+  assert ck.restore_latest(tmp_path).step == 5 and len(ck.list_checkpoints(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("call", ["list_checkpoints", "restore", "restore_latest",
+                                  "load_model"])
+def test_a_path_that_is_not_a_path_names_the_argument(call):
+  arg = {"restore": "manifest_path", "load_model": "path"}.get(call, "directory")
+  with pytest.raises(TypeError, match=rf"^{call}: {arg} must be a path .*not NoneType: None$"):
+    getattr(ck, call)(None)
 
 
 def test_restore_on_a_directory_points_to_restore_latest(tmp_path):

@@ -40,13 +40,22 @@ class Restored:
   manifest_path: str
 
 
+def _path(value: Any, what: str) -> str:
+  """`value` as a str path; a TypeError naming the argument for None, a number and the like."""
+  try:
+    return os.fspath(value)
+  except TypeError:
+    raise TypeError(f"{what} must be a path (str or os.PathLike), not "
+                    f"{type(value).__name__}: {value!r}") from None
+
+
 def list_checkpoints(directory: str) -> list[CheckpointInfo]:
   """Checkpoints in `directory`, oldest first: `.step`, `.timestamp`, `.manifest_path`, `.valid`.
 
   Validity is a cheap check (manifest parses, fields present, payload exists); array
   contents are checked against their checksums by `restore`.
   """
-  return mf.scan(directory)
+  return mf.scan(_path(directory, "list_checkpoints: directory"))
 
 
 def restore(manifest_path: str, config: Any = None, *, with_opt_state: bool = False,
@@ -66,7 +75,7 @@ def restore(manifest_path: str, config: Any = None, *, with_opt_state: bool = Fa
     CheckpointError: "Failed to load checkpoint: <path>: <reason>", or a model config
       mismatch naming every differing key.
   """
-  manifest_path = os.fspath(manifest_path)  # A pathlib.Path too; `Restored` holds a str.
+  manifest_path = _path(manifest_path, "restore: manifest_path")  # `Restored` holds a str.
   manifest, payload = mf.read_manifest(manifest_path)
   if config is not None:
     mf.check_model_config(manifest["config"], config, manifest_path)
@@ -94,6 +103,7 @@ def restore_latest(directory: str, config: Any = None, **kwargs) -> Restored:
 
   A model config mismatch is not skipped: it raises.
   """
+  directory = _path(directory, "restore_latest: directory")
   entries = mf.scan(directory)
   newest = None  # Why the newest one failed: said in the error, not only in a warning.
   for e in reversed(entries):
@@ -128,6 +138,7 @@ def load_model(path: str):
 
   import hope_jax
 
+  path = _path(path, "load_model: path")
   restored = restore(path) if os.path.isfile(path) else restore_latest(path)
   model = hope_jax.build_model(restored.config.model)
   state = nnx.state(model)
