@@ -1,5 +1,7 @@
 """`hope_jax.diagnostics.trace`: the replay equals the model, and its records are consistent."""
 
+import re
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +9,10 @@ import pytest
 from flax import nnx
 
 import hope_jax
-from experiments import tiny
-from hope_jax import diagnostics
-from hope_jax.config import ModelConfig
-from hope_jax.model.lm import LanguageModel
+from experiments import gpu_d1024, tiny
+from hope_jax import check_init, diagnostics
+from hope_jax.config import ConfigError, ModelConfig
+from tests.conftest import run_cli
 
 
 def _model(block="hope", num_layers=2, scan_layers=False):
@@ -189,23 +191,42 @@ def test_health_is_empty_where_it_does_not_apply():
 
 
 def test_larger_memory_input_init_runs_the_memories_away():
-  # The spec's W_in init (std 0.02) at D=256 keeps the memories near their meta-init; twice
-  # that makes them run away within 512 tokens, as the spec's init does at D=1024
+  # The spec's W_in init (std 0.02) at D=256 keeps the memories near their meta-init on random
+  # bytes; twice that makes them run away within 512 tokens, as the spec's init does at D=1024
   # (docs/architecture.md, "Runaway fast weights"): W1's drift grows past 100 (calm: ~0.8)
-  # and the inner rates reach eta_max.
-  def health(std):
-    cfg = ModelConfig(block="hope", hidden_size=256, num_heads=4, num_layers=1,
-                      cms_signal="static", memory_input_std=std)
-    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-    assert float(np.std(np.asarray(model.blocks[0].mixer.w_in.kernel[...]))) == pytest.approx(
-        std, rel=0.02)
-    return diagnostics.health(model, _tokens(1, 512))
+  # and the inner rates reach eta_max. `check_init` marks the one and not the other.
+  cfg = gpu_d1024.get_config()  # The model of ModelConfig's defaults, at D=256 here.
+  cfg.model.update(hidden_size=256, num_heads=4, num_layers=1, cms_signal="static",
+                   dtype="float32", scan_layers=False)
+  calm, runaway = check_init.check(cfg, (0.02, 0.04), _tokens(1, 512))
+  assert (calm["memory_input_std"], runaway["memory_input_std"]) == (0.02, 0.04)
+  assert calm["drift_w1"] < 2 and calm["eta_max"] < 0.02 and not calm["runaway"]
+  assert runaway["drift_w1"] > 100 and runaway["runaway"]
+  assert runaway["eta_max"] == pytest.approx(0.1, abs=1e-3)
+  text = check_init.table([calm, runaway]).splitlines()
+  assert text[2].startswith("| 0.02 | 0 | ") and text[2].endswith("| calm |")
+  assert text[3].startswith("| 0.04 | 0 | ") and text[3].endswith("| runs away |")
+  model = hope_jax.build_model(cfg)  # check() left the last std in the config.
+  assert float(np.std(np.asarray(model.blocks[0].mixer.w_in.kernel[...]))) == pytest.approx(
+      0.04, rel=0.02)
 
-  calm, runaway = health(0.02), health(0.04)
-  assert calm["health/layer0/drift_w1"] < 2 and calm["health/layer0/eta_max"] < 0.02
-  assert runaway["health/layer0/drift_w1"] > 100
-  assert runaway["health/layer0/eta_max"] == pytest.approx(0.1, abs=1e-3)
-  assert "drift W1 " in diagnostics.format_health(runaway)
+
+def test_check_init_cli_prints_a_table_and_names_bad_input():
+  proc = run_cli(["-m", "hope_jax.check_init", "--config=experiments/tiny.py",
+                  "--config.model.block=hope", "--stds=0.02,0.2", "--tokens=64"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "hope, D=32, 1 layer(s), 64 validation tokens, parameter seed 0"
+  assert [l.split(" | ")[:2] for l in lines[3:]] == [["| 0.02", "0"], ["| 0.2", "0"]]
+  for text, why in (("0.02,x", "--stds must be comma-separated numbers, got '0.02,x'"),
+                    ("0,0.01", "--stds must be positive numbers, got '0,0.01'")):
+    with pytest.raises(ConfigError, match=re.escape(why)):
+      check_init.parse_stds(text, 0.02)
+  assert check_init.parse_stds(None, 0.02) == [0.02]
+  for length, why in ((0, "--tokens must be at least 1, got 0"),
+                      (10**7, "--tokens=10000000 is longer than the validation split")):
+    with pytest.raises(ConfigError, match=re.escape(why)):
+      check_init.tokens_for(tiny.get_config(), "validation", length)
 
 
 def test_trace_and_health_name_a_wrong_token_shape():
