@@ -2,12 +2,15 @@
 
 At D=1024 the spec's W_in init (std 0.02) makes the self-modifying memories' fast weights
 run away within a few hundred tokens (docs/architecture.md, "Runaway fast weights"); the
-`health` lines after each evaluation show it. Half that std keeps them calm. Compare:
+`health` lines after each evaluation show it. On the default corpus half that std runs away
+too (it is calm only on random tokens); a quarter of it, 0.005, keeps the fresh model calm.
+Check an init before a run, then compare:
 
 Run:
+  python -m hope_jax.check_init --config=experiments/gpu_d1024.py --stds=0.02,0.01,0.005
   python -m hope_jax.train --config=experiments/gpu_d1024.py
   python -m hope_jax.train --config=experiments/gpu_d1024.py \\
-      --config.model.memory_input_std=0.01 --config.training.checkpoint_dir=./checkpoints/gpu_d1024_calm
+      --config.model.memory_input_std=0.005 --config.training.checkpoint_dir=./checkpoints/gpu_d1024_calm
 
 The model follows the spec's defaults (hope-spec.md §6 and §9) rather than the CPU-sized
 base run's choices: C_m=64 with chunk-start reads, CMS chunks (64, 256, 1024, 4096), the

@@ -93,8 +93,9 @@ class ModelConfig:
   frozen_memories: tuple[str, ...] = ()  # Memories never updated in context ("w/o inner-k/v/q").
   memory_target: str = "self"  # "self" | "v"
   memory_input: str = "proj"  # "proj" | "identity"
-  # Init std of W_in, the memory-input projection (unused with memory_input="identity"). The
-  # spec's 0.02 let the self-modifying memories run away at D=1024 (docs/architecture.md).
+  # Init std of W_in, the memory-input projection (unused with memory_input="identity"). On
+  # text the spec's 0.02 lets the self-modifying memories run away at D=512 and 1024
+  # (docs/architecture.md); `python -m hope_jax.check_init` shows it for a config.
   memory_input_std: float = 0.02
   conv_position: str = "pre_memory"  # "pre_memory" | "post_memory"
   conv_width: int = 4  # Causal depthwise conv window on the memory-input and q streams.
