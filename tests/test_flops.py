@@ -61,7 +61,8 @@ def test_train_mfu_benchmark_runs_and_never_recompiles(tmp_path):
          "--lengths=32", "--tokens_per_step=64", "--steps=2", "--set=hidden_size=32",
          "--set=num_layers=1", "--set=num_heads=2", "--set=chunk_other=4",
          "--set=chunk_mem=8", "--set=cms_chunks=[8,16]", "--bandwidth_mib=16",
-         "--peak_sizes=256", "--peak_seconds=0.1", f"--json={out}"]
+         "--peak_sizes=256", "--peak_seconds=0.1", "--set=inner_scan_unroll=1",
+         f"--json={out}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]

@@ -67,7 +67,8 @@ def test_profile_step_traces_a_tiny_hope_step(tmp_path):
   out = tmp_path / "trace"
   cmd = [sys.executable, "benchmarks/profile_step.py", "--set=hidden_size=32",
          "--set=num_layers=1", "--set=num_heads=2", "--set=chunk_other=4", "--set=chunk_mem=8",
-         "--set=cms_chunks=[8,16]", "--batch=2", "--length=32", f"--out={out}"]
+         "--set=cms_chunks=[8,16]", "--set=inner_scan_unroll=1", "--batch=2", "--length=32",
+         f"--out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "hope: one step" in proc.stdout
