@@ -25,7 +25,8 @@
 # 6. training runs of TRAIN_CONFIG (experiments/gpu_d1024.py), one per entry of TRAIN_RUNS
 #    ("name|--config.x=... overrides", entries separated by ";"; empty, the default: none),
 #    each for TRAIN_STEPS steps under TRAIN_TIMEOUT seconds, printing the step, evaluation
-#    and health lines (e.g. the spec's memory_input_std against half of it);
+#    and health lines (e.g. the spec's memory_input_std against 0.005, which keeps the
+#    fresh model calm on the default corpus); each run starts from an empty checkpoint folder;
 # 7. the equivalence tests (chunked == per-token, fused == reference, streaming == parallel,
 #    grouped == plain chunk scan) on the GPU, with float32 matmuls at 'highest' precision
 #    (the GPU's default, TF32, is not what those tolerances are for), until DEADLINE
@@ -166,6 +167,7 @@ for spec in "${rows[@]}"; do
   IFS='|' read -r name extra <<< "$spec"
   echo "== training run $name: $TRAIN_CONFIG, $TRAIN_STEPS steps, $extra"
   start=$SECONDS
+  rm -rf "/tmp/hope_jax_train_$name"  # A warm machine keeps the last call's: no quiet resume.
   # shellcheck disable=SC2086  # extra is a list of arguments.
   timeout -k 10 "$TRAIN_TIMEOUT" python3 -m hope_jax.train --config="$TRAIN_CONFIG" \
     --config.training.num_steps="$TRAIN_STEPS" --config.training.progress_bar=false \

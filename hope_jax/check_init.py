@@ -10,13 +10,16 @@ config's model fresh and replays it over the first validation window of the conf
 window the train loop's health line reads) or over uniformly random token ids, then prints the
 spec's health metrics per layer (`hope_jax.diagnostics.health`) as a markdown table. A layer
 whose W1 drift passes `RUNAWAY` is marked "runs away": calm memories stay within about the norm
-of their initial W1 (~0.8). Random tokens hide runaways that real text shows (at D=512 and
-1024 the spec's init stays calm on random bytes and runs away on text: docs/architecture.md,
-"Runaway fast weights"), so the validation window is the default.
+of their initial W1 (~0.8). Random tokens hide runaways that text shows (at D=512 the spec's
+init, and at D=1024 half of it, stay calm on random bytes and run away on text:
+docs/architecture.md, "Runaway fast weights"), so the validation window is the default.
+The fresh parameters come from `hope_jax.build_model(config, seed)`, not the train loop's
+jitted init, so they are a sample of the same init rather than a run's own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,29 +43,44 @@ def tokens_for(config: Any, data: str, length: int | None, seed: int = 0) -> np.
   from hope_jax.data.sampler import eval_batches
 
   val = load_corpus(config.data, vocab).val
-  if len(val) < length + 1:
-    raise ConfigError(f"--tokens={length} is longer than the validation split "
-                      f"({len(val)} tokens); give a smaller --tokens")
+  if len(val) < length + 1:  # A window holds its inputs and the next token.
+    raise ConfigError(f"--tokens must be at most {len(val) - 1} (the validation split holds "
+                      f"{len(val)} tokens), got {length}")
   return np.asarray(next(eval_batches(val, 1, length, 1))[:, :length])
 
 
 def check(config: Any, stds: Sequence[float], tokens_BL: np.ndarray,
           seed: int = 0) -> list[dict[str, Any]]:
-  """One row per (std, self-modifying layer): its health metrics and `runaway`."""
+  """One row per (std, self-modifying layer): its health metrics, `runaway` and `tokens`.
+
+  `config` (a run config or its model section) is left as it was. `tokens` is the number of
+  tokens replayed: the longest prefix of `tokens_BL` that fills whole chunks.
+
+  Raises:
+    ConfigError: the model has no self-modifying memory, or `tokens_BL` fills no chunk.
+  """
   import hope_jax
   from hope_jax import diagnostics
+  from hope_jax.config import ModelConfig, model_section
 
+  base = ModelConfig.from_config(model_section(config))
   rows = []
   for std in stds:
-    config.model.memory_input_std = float(std)
-    metrics = diagnostics.health(hope_jax.build_model(config, seed=seed), tokens_BL)
+    model = hope_jax.build_model(dataclasses.replace(base, memory_input_std=float(std)), seed)
+    if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
+      raise ConfigError(f"model.block={base.block!r} has no self-modifying memory to check")
+    chunk, length = diagnostics.replay_chunk(model), tokens_BL.shape[1]
+    if length < chunk:
+      raise ConfigError(f"{length} token(s) fill no chunk of the replay: give at least {chunk} "
+                        "(--tokens)")
+    metrics = diagnostics.health(model, tokens_BL)
     layers: dict[int, dict[str, Any]] = {}
     for key, value in metrics.items():
       _, layer, name = key.split("/")
       layers.setdefault(int(layer.removeprefix("layer")), {})[name] = value
     for j, m in sorted(layers.items()):
       rows.append({"memory_input_std": float(std), "layer": j, **m,
-                   "runaway": m["drift_w1"] > RUNAWAY})
+                   "runaway": m["drift_w1"] > RUNAWAY, "tokens": length // chunk * chunk})
   return rows
 
 
@@ -91,6 +109,16 @@ def parse_stds(text: str | None, default: float) -> list[float]:
   return stds
 
 
+def check_flags(config: Any, stds: str | None, seed: int) -> list[float]:
+  """The stds to check, from `--stds`; ConfigError for a bad `--stds` or `--seed`."""
+  if seed < 0:
+    raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
+  if stds and config.model.memory_input == "identity":
+    raise ConfigError("--stds sets the init of W_in, which model.memory_input='identity' "
+                      "does not have")
+  return parse_stds(stds, config.model.memory_input_std)
+
+
 def main(argv: list[str]) -> None:
   from absl import flags
 
@@ -98,14 +126,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ConfigError(f"unexpected argument(s): {' '.join(argv[1:])}")
   config = F.config
-  stds = parse_stds(F.stds, config.model.memory_input_std)
+  stds = check_flags(config, F.stds, F.seed)
   tokens_BL = tokens_for(config, F.data, F.tokens, F.seed)
   rows = check(config, stds, tokens_BL, F.seed)
-  if not rows:
-    raise ConfigError(f"model.block={config.model.block!r} has no self-modifying memory, or "
-                      f"{tokens_BL.shape[1]} tokens fill no chunk: nothing to check")
   print(f"{config.model.block}, D={config.model.hidden_size}, {config.model.num_layers} "
-        f"layer(s), {tokens_BL.shape[1]} {F.data} tokens, parameter seed {F.seed}")
+        f"layer(s), {rows[0]['tokens']} {F.data} tokens, parameter seed {F.seed}")
   print(table(rows))
 
 

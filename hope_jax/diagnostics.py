@@ -69,6 +69,11 @@ def _grid(model) -> int:
   return max(int(getattr(b.mixer, "align", 1)) for b in model.blocks)
 
 
+def replay_chunk(model) -> int:
+  """The chunk length `trace` and `health` replay in: they read the longest prefix of whole chunks."""
+  return _grid(model)
+
+
 def _like_the_params(model, tree):
   """`tree` placed as every parameter is, where they share one replicated placement.
 

@@ -206,27 +206,45 @@ def test_larger_memory_input_init_runs_the_memories_away():
   text = check_init.table([calm, runaway]).splitlines()
   assert text[2].startswith("| 0.02 | 0 | ") and text[2].endswith("| calm |")
   assert text[3].startswith("| 0.04 | 0 | ") and text[3].endswith("| runs away |")
-  model = hope_jax.build_model(cfg)  # check() left the last std in the config.
+  assert calm["tokens"] == runaway["tokens"] == 512
+  assert cfg.model.memory_input_std == 0.02  # check() leaves the config as it was.
+  cfg.model.memory_input_std = 0.04
+  model = hope_jax.build_model(cfg)
   assert float(np.std(np.asarray(model.blocks[0].mixer.w_in.kernel[...]))) == pytest.approx(
       0.04, rel=0.02)
 
 
 def test_check_init_cli_prints_a_table_and_names_bad_input():
   proc = run_cli(["-m", "hope_jax.check_init", "--config=experiments/tiny.py",
-                  "--config.model.block=hope", "--stds=0.02,0.2", "--tokens=64"])
+                  "--config.model.block=hope", "--stds=0.02,0.2", "--tokens=70"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.splitlines()
+  # 64 of the 70 tokens fill whole chunks of C_1 = 8: the replayed count is shown.
   assert lines[0] == "hope, D=32, 1 layer(s), 64 validation tokens, parameter seed 0"
   assert [l.split(" | ")[:2] for l in lines[3:]] == [["| 0.02", "0"], ["| 0.2", "0"]]
-  for text, why in (("0.02,x", "--stds must be comma-separated numbers, got '0.02,x'"),
-                    ("0,0.01", "--stds must be positive numbers, got '0,0.01'")):
+  cfg = tiny.get_config()
+  for stds, seed, why in (("0.02,x", 0, "--stds must be comma-separated numbers, got '0.02,x'"),
+                          ("0,0.01", 0, "--stds must be positive numbers, got '0,0.01'"),
+                          (None, -1, "--seed must be a non-negative integer, got -1")):
     with pytest.raises(ConfigError, match=re.escape(why)):
-      check_init.parse_stds(text, 0.02)
-  assert check_init.parse_stds(None, 0.02) == [0.02]
+      check_init.check_flags(cfg, stds, seed)
+  assert check_init.check_flags(cfg, None, 0) == [0.02]
+  cfg.model.update(block="hope", memory_input="identity", num_heads=1)
+  with pytest.raises(ConfigError, match=r"^--stds sets the init of W_in, which model\.memory_in"):
+    check_init.check_flags(cfg, "0.02,0.5", 0)
+  n = len(check_init.tokens_for(tiny.get_config(), "validation", 64)[0])
   for length, why in ((0, "--tokens must be at least 1, got 0"),
-                      (10**7, "--tokens=10000000 is longer than the validation split")):
+                      (10**7, "--tokens must be at most ")):
     with pytest.raises(ConfigError, match=re.escape(why)):
       check_init.tokens_for(tiny.get_config(), "validation", length)
+  assert n == 64
+  cfg = tiny.get_config()  # transformer_pp
+  with pytest.raises(ConfigError, match=r"^model\.block='transformer_pp' has no self-modifying"):
+    check_init.check(cfg, [0.02], _tokens(1, 16))
+  cfg.model.block = "hope"  # Its replay chunk is C_1 = 8.
+  with pytest.raises(ConfigError, match=r"^5 token\(s\) fill no chunk of the replay: give at "
+                     r"least 8 \(--tokens\)$"):
+    check_init.check(cfg, [0.02], _tokens(1, 5))
 
 
 def test_trace_and_health_name_a_wrong_token_shape():
