@@ -9,8 +9,8 @@ For each W_in init std (`--stds`, default: the config's `model.memory_input_std`
 config's model fresh and replays it over the first validation window of the config's data (the
 window the train loop's health line reads) or over uniformly random token ids, then prints the
 spec's health metrics per layer (`hope_jax.diagnostics.health`) as a markdown table. A layer
-whose W1 drift passes `RUNAWAY` is marked "runs away": calm memories stay within about the norm
-of their initial W1 (~0.8). Random tokens hide runaways that text shows (at D=512 the spec's
+whose W1 drift passes `diagnostics.RUNAWAY_DRIFT` (10) is marked "runs away": calm memories
+stay within about the norm of their initial W1 (~0.8). Random tokens hide runaways that text shows (at D=512 the spec's
 init, and at D=1024 half of it, stay calm on random bytes and run away on text:
 docs/architecture.md, "Runaway fast weights"), so the validation window is the default.
 The fresh parameters come from `hope_jax.build_model(config, seed)`, not the train loop's
@@ -25,8 +25,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from hope_jax.config import ConfigError
-
-RUNAWAY = 10.0  # W1 drift that no calm memory reaches: 10x its initial norm.
 
 
 def tokens_for(config: Any, data: str, length: int | None, seed: int = 0) -> np.ndarray:
@@ -80,7 +78,8 @@ def check(config: Any, stds: Sequence[float], tokens_BL: np.ndarray,
       layers.setdefault(int(layer.removeprefix("layer")), {})[name] = value
     for j, m in sorted(layers.items()):
       rows.append({"memory_input_std": float(std), "layer": j, **m,
-                   "runaway": m["drift_w1"] > RUNAWAY, "tokens": length // chunk * chunk})
+                   "runaway": m["drift_w1"] > diagnostics.RUNAWAY_DRIFT,
+                   "tokens": length // chunk * chunk})
   return rows
 
 

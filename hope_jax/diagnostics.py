@@ -30,6 +30,9 @@ from hope_jax.config import token_batch
 from hope_jax.model import lm
 from hope_jax.ops import cms as cms_ops
 
+# A W1 drift no calm memory reaches: about 10x the norm of its initial W1 (~0.8).
+RUNAWAY_DRIFT = 10.0
+
 
 @nnx.jit
 def _chunk_step(model, tokens_BC, targets_BC, mask_BC, states, fast, tokens_seen):
@@ -216,6 +219,16 @@ def health(model, tokens_BL) -> dict[str, float]:
       alpha = np.asarray(got["alpha_BLH"])
       out[key + "alpha_mean"], out[key + "alpha_min"] = float(alpha.mean()), float(alpha.min())
   return out
+
+
+def runaway_layers(metrics: dict[str, float]) -> dict[int, float]:
+  """{layer: W1 drift} of the layers in `health`'s metrics whose drift passes RUNAWAY_DRIFT."""
+  out = {}
+  for key, value in metrics.items():
+    _, layer, name = key.split("/")
+    if name == "drift_w1" and value > RUNAWAY_DRIFT:
+      out[int(layer.removeprefix("layer"))] = float(value)
+  return dict(sorted(out.items()))
 
 
 def format_health(metrics: dict[str, float]) -> str:

@@ -95,6 +95,30 @@ def test_failing_health_metrics_never_cost_the_run(tmp_path, tiny_config, caplog
   assert (tmp_path / "ckpt" / "checkpoint_step_4").is_dir()  # The final save still ran.
 
 
+def test_a_runaway_in_the_health_metrics_is_warned_once(tmp_path, tiny_config, monkeypatch,
+                                                         caplog):
+  # The metrics are given: a real runaway needs D >= 256 (test_diagnostics pins that one).
+  drifts = iter([{0: 0.9, 1: 683.4}, {0: 0.9, 1: 900.0}])
+
+  def health(model, tokens):
+    return {f"health/layer{j}/{k}": v for j, w1 in next(drifts).items()
+            for k, v in (("drift_w1", w1), ("drift_w2", 16.0), ("eta_mean", 0.01),
+                         ("eta_max", 0.1))}
+
+  monkeypatch.setattr(diagnostics, "health", health)
+  with caplog.at_level("INFO"):
+    train(_tiny(tmp_path, tiny_config, num_steps=4, eval_every=2, save_every=100))
+  warned = [m for m in caplog.messages if "ran away" in m]
+  assert warned == ["health at step 2: the self-modifying memories of layer(s) 1 ran away "
+                    "(W1 drift 683.4, over 10). Training goes on; see docs/architecture.md, "
+                    "\"Runaway fast weights\", and check an init with "
+                    "`python -m hope_jax.check_init`"]
+  assert sum(m.startswith("health at step ") and "|" in m for m in caplog.messages) == 2
+  assert diagnostics.runaway_layers({"health/layer0/drift_w1": 10.0,
+                                     "health/layer3/drift_w1": 10.5,
+                                     "health/layer3/eta_max": 99.0}) == {3: 10.5}
+
+
 def test_health_off_is_never_measured(tmp_path, tiny_config, monkeypatch):
   calls = []
   monkeypatch.setattr(diagnostics, "health", lambda model, tokens: calls.append(1) or {})

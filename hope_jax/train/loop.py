@@ -349,10 +349,11 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
 
   # The replay that measures it is not written for several processes' global arrays.
   check_health = bool(t.health) and jax.process_count() == 1
+  warned_runaway = False  # Warned once per run; every health line still shows the drifts.
 
   def log_health(step: int) -> None:
     """Runs after the step's save, and not once a stop is asked for: it may compile."""
-    nonlocal check_health
+    nonlocal check_health, warned_runaway
     if not check_health or stop.signum is not None:
       return
     try:
@@ -366,6 +367,15 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
     if health:
       writer.write(step, health)
       logging.info("health at step %d | %s", step, diagnostics.format_health(health))
+      runaway = diagnostics.runaway_layers(health)
+      if runaway and not warned_runaway:
+        warned_runaway = True
+        logging.warning(
+            "health at step %d: the self-modifying memories of layer(s) %s ran away (W1 drift "
+            "%s, over %g). Training goes on; see docs/architecture.md, \"Runaway fast "
+            "weights\", and check an init with `python -m hope_jax.check_init`", step,
+            ", ".join(map(str, runaway)), ", ".join(f"{v:.4g}" for v in runaway.values()),
+            diagnostics.RUNAWAY_DRIFT)
 
   # The last step's (step, metrics), recorded once the next step is dispatched, so that
   # reading them back does not stall the device.
