@@ -216,7 +216,8 @@ def test_larger_memory_input_init_runs_the_memories_away():
 
 def test_check_init_cli_prints_a_table_and_names_bad_input():
   proc = run_cli(["-m", "hope_jax.check_init", "--config=experiments/tiny.py",
-                  "--config.model.block=hope", "--stds=0.02,0.2", "--tokens=70"])
+                  "--config.model.block=hope", "--config.model.cms_signal=static",
+                  "--stds=0.02,0.2", "--tokens=70"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.splitlines()
   # 64 of the 70 tokens fill whole chunks of C_1 = 8: the replayed count is shown.
