@@ -37,14 +37,14 @@ def tokens_for(config: Any, data: str, length: int | None, seed: int = 0) -> np.
   vocab = ModelConfig.from_config(model_section(config)).vocab_size
   if data == "random":
     return np.random.default_rng(seed).integers(0, vocab, (1, length)).astype(np.int32)
+  from hope_jax import diagnostics
   from hope_jax.data import load_corpus
-  from hope_jax.data.sampler import eval_batches
 
   val = load_corpus(config.data, vocab).val
   if len(val) < length + 1:  # A window holds its inputs and the next token.
     raise ConfigError(f"--tokens must be at most {len(val) - 1} (the validation split holds "
                       f"{len(val)} tokens), got {length}")
-  return np.asarray(next(eval_batches(val, 1, length, 1))[:, :length])
+  return diagnostics.health_window(val, length)
 
 
 def check(config: Any, stds: Sequence[float], tokens_BL: np.ndarray,
@@ -72,13 +72,9 @@ def check(config: Any, stds: Sequence[float], tokens_BL: np.ndarray,
       raise ConfigError(f"{length} token(s) fill no chunk of the replay: give at least {chunk} "
                         "(--tokens)")
     metrics = diagnostics.health(model, tokens_BL)
-    layers: dict[int, dict[str, Any]] = {}
-    for key, value in metrics.items():
-      _, layer, name = key.split("/")
-      layers.setdefault(int(layer.removeprefix("layer")), {})[name] = value
-    for j, m in sorted(layers.items()):
-      rows.append({"memory_input_std": float(std), "layer": j, **m,
-                   "runaway": m["drift_w1"] > diagnostics.RUNAWAY_DRIFT,
+    runaway = diagnostics.runaway_layers(metrics)
+    for j, m in diagnostics.by_layer(metrics).items():
+      rows.append({"memory_input_std": float(std), "layer": j, **m, "runaway": j in runaway,
                    "tokens": length // chunk * chunk})
   return rows
 

@@ -65,16 +65,14 @@ def _inspect(mixer, u_BLD):
   return mixer.inspect(u_BLD)
 
 
-def _grid(model) -> int:
-  """The chunk length of the replay: C_1 with in-context CMS, else the mixers' grid."""
+def replay_chunk(model) -> int:
+  """The chunk length of the replay: C_1 with in-context CMS, else the mixers' grid.
+
+  `trace` and `health` replay whole chunks of it (`health` the longest prefix that fills them).
+  """
   if model.fast_cms:
     return int(model.cfg.cms_chunks[0])
   return max(int(getattr(b.mixer, "align", 1)) for b in model.blocks)
-
-
-def replay_chunk(model) -> int:
-  """The chunk length `trace` and `health` replay in: they read the longest prefix of whole chunks."""
-  return _grid(model)
 
 
 def _like_the_params(model, tree):
@@ -135,7 +133,7 @@ def trace(model, tokens_BL) -> dict[str, Any]:
   """
   tokens_BL = jnp.asarray(token_batch(tokens_BL, "trace: tokens_BL"))
   b, l = tokens_BL.shape
-  c = _grid(model)
+  c = replay_chunk(model)
   if l % c:
     raise ValueError(f"trace: sequence length {l} must be a multiple of the chunk {c} "
                      "(cms_chunks[0], or the mixers' chunk grid)")
@@ -196,7 +194,7 @@ def health(model, tokens_BL) -> dict[str, float]:
   """
   if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
     return {}
-  c = _grid(model)
+  c = replay_chunk(model)
   tokens_BL = token_batch(tokens_BL, "health: tokens_BL")
   tokens_BL = jnp.asarray(tokens_BL[:, :tokens_BL.shape[1] // c * c])
   if tokens_BL.shape[1] == 0:
@@ -221,14 +219,26 @@ def health(model, tokens_BL) -> dict[str, float]:
   return out
 
 
-def runaway_layers(metrics: dict[str, float]) -> dict[int, float]:
-  """{layer: W1 drift} of the layers in `health`'s metrics whose drift passes RUNAWAY_DRIFT."""
-  out = {}
+def health_window(val_tokens: np.ndarray, length: int) -> np.ndarray:
+  """`[1, length]`: the validation window the train loop's health lines read (its first)."""
+  from hope_jax.data.sampler import eval_batches
+
+  return np.asarray(next(eval_batches(val_tokens, 1, length, 1))[:, :length])
+
+
+def by_layer(metrics: dict[str, float]) -> dict[int, dict[str, float]]:
+  """`health`'s flat metrics as {layer: {"drift_w1": ..., ...}}, in layer order."""
+  layers: dict[int, dict[str, float]] = {}
   for key, value in metrics.items():
     _, layer, name = key.split("/")
-    if name == "drift_w1" and value > RUNAWAY_DRIFT:
-      out[int(layer.removeprefix("layer"))] = float(value)
-  return dict(sorted(out.items()))
+    layers.setdefault(int(layer.removeprefix("layer")), {})[name] = value
+  return dict(sorted(layers.items()))
+
+
+def runaway_layers(metrics: dict[str, float]) -> dict[int, float]:
+  """{layer: W1 drift} of the layers in `health`'s metrics whose drift passes RUNAWAY_DRIFT."""
+  return {j: float(m["drift_w1"]) for j, m in by_layer(metrics).items()
+          if m.get("drift_w1", 0.0) > RUNAWAY_DRIFT}
 
 
 def format_health(metrics: dict[str, float]) -> str:
@@ -236,13 +246,9 @@ def format_health(metrics: dict[str, float]) -> str:
 
   Drifts keep four significant digits, so a runaway shows as 1113, not 1.11e+03.
   """
-  layers: dict[str, dict[str, float]] = {}
-  for key, value in metrics.items():
-    _, layer, name = key.split("/")
-    layers.setdefault(layer, {})[name] = value
   parts = []
-  for layer, m in layers.items():
-    text = (f"{layer.replace('layer', 'layer ')}: drift W1 {m['drift_w1']:.4g} "
+  for layer, m in by_layer(metrics).items():
+    text = (f"layer {layer}: drift W1 {m['drift_w1']:.4g} "
             f"W2 {m['drift_w2']:.4g}, eta {m['eta_mean']:.3g} (max {m['eta_max']:.3g})")
     if "alpha_min" in m:
       text += f", alpha {m['alpha_mean']:.3g} (min {m['alpha_min']:.3g})"

@@ -358,8 +358,8 @@ def _train(config: Any, model_cfg: Any, corpus: Any, ckpt: CheckpointManager,
       return
     try:
       with progress.paused():  # On the first validation window.
-        batch = next(eval_batches(corpus.val, 1, d.seq_len, 1))
-        health = diagnostics.health(model_def.bind(state["params"]), batch[:, :d.seq_len])
+        health = diagnostics.health(model_def.bind(state["params"]),
+                                    diagnostics.health_window(corpus.val, d.seq_len))
     except Exception as e:  # A diagnostic must never cost the run: warn, and stop measuring.
       check_health = False
       logging.warning("health metrics failed at step %d and are off for this run: %r", step, e)
