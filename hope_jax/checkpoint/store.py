@@ -44,7 +44,9 @@ class _QuietOrbax(py_logging.Filter):
 
   Orbax's warnings and errors keep their first line but lose their tracebacks (unless
   --v>=1): a failed save logged one from each of its background threads, about 500 lines
-  around the one-line "Failed to save checkpoint" that names the cause.
+  around the one-line "Failed to save checkpoint" that names the cause. asyncio's reports of
+  Orbax's unretrieved task exceptions (one per array, when a loaded machine exits before
+  Orbax's tasks are collected) are dropped unless --v>=1.
   """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
@@ -57,6 +59,10 @@ class _QuietOrbax(py_logging.Filter):
       return True
     if record.levelno < py_logging.WARNING:
       return not from_orbax
+    if from_orbax and record.name == "asyncio":
+      # "Task exception was never retrieved", one per array of a failed save, logged when the
+      # interpreter collects Orbax's tasks: the "Failed to save" error already names the cause.
+      return False
     if from_orbax and (record.exc_info or "\n" in record.getMessage()):
       record.msg, record.args = record.getMessage().splitlines()[0][:500], None
       record.exc_info = record.exc_text = None
