@@ -406,10 +406,14 @@ def count_params(params: Any) -> int:
 
 
 def key_impl_name(rng: Any) -> str | None:
-  try:
-    return str(jax.random.key_impl(rng))
-  except Exception:  # A raw uint32 key or no key at all.
+  """The impl of a typed key (to rewrap its data on restore); None for a raw uint32 key.
+
+  `jax.random.key_impl` answers the default impl for a raw key too, which made `restore`
+  return a raw key typed.
+  """
+  if not jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
     return None
+  return str(jax.random.key_impl(rng))
 
 
 
