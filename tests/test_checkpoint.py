@@ -98,6 +98,34 @@ def test_layout_manifest_and_exact_roundtrip(tmp_path):
         assert not fh.read(2).startswith(b"\x80"), f"pickle-like file {f}"
 
 
+@pytest.mark.parametrize("kind", ["raw_uint32", "typed_rbg"])
+def test_the_rng_comes_back_as_the_kind_of_key_it_was_saved_as(tmp_path, kind):
+  # The manifest's "rng_impl" says how to rewrap a typed key's data; a raw uint32 key (the
+  # old jax.random.PRNGKey) has no impl and must come back raw, not wrapped as threefry.
+  rng = (jax.random.PRNGKey(7) if kind == "raw_uint32"
+         else jax.random.key(7, impl="rbg"))
+  want = dict(_state(3, seed=3), rng=rng)
+  mgr = CheckpointManager(_config(tmp_path))
+  mgr.save(3, want, {"step": 3})
+  mgr.close()
+  entry = ck.list_checkpoints(str(tmp_path))[0]
+  impl = json.load(open(entry.manifest_path)).get("rng_impl")
+  r = ck.restore(entry.manifest_path, with_opt_state=True)
+  typed = jnp.issubdtype(r.rng.dtype, jax.dtypes.prng_key)
+  if kind == "raw_uint32":
+    assert impl is None and not typed and r.rng.dtype == jnp.uint32
+    assert bool(jnp.array_equal(r.rng, rng))
+  else:
+    assert impl == str(jax.random.key_impl(rng)) and typed
+    assert str(jax.random.key_impl(r.rng)) == impl
+    assert bool(jnp.array_equal(jax.random.key_data(r.rng), jax.random.key_data(rng)))
+  # Into the training structure too, where the target's own dtype decides.
+  mgr = CheckpointManager(_config(tmp_path))
+  state, _, _ = mgr.restore_for_training(jax.eval_shape(lambda: want))
+  mgr.close()
+  assert _equal(state, want) and state["rng"].dtype == rng.dtype
+
+
 def test_a_state_donated_as_soon_as_save_returns_is_saved_as_it_was(tmp_path):
   # The train loop donates the state into its next step once save() returns, while Orbax
   # still writes. A save that read the device buffers after returning (orbax#626) would
@@ -421,6 +449,13 @@ def test_retention_keeps_last_n_and_best_and_always_the_newest(tmp_path, keep_be
   assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(".json") and
                 n.startswith("checkpoint")) == [f"checkpoint_step_{s}" for s in want]
   assert all(e.valid for e in ck.list_checkpoints(str(tmp_path)))
+
+
+def test_keep_best_without_keep_last_keeps_every_one_and_says_so(tmp_path, absl_log):
+  _save(tmp_path, [1, 2, 3], metrics=[5.0, 1.0, 4.0], keep_best="eval/loss")
+  assert [e.step for e in ck.list_checkpoints(str(tmp_path))] == [1, 2, 3]
+  assert any(level == py_logging.WARNING and "deletes nothing without training.keep_last" in m
+             for level, m in absl_log), absl_log
 
 
 def test_max_mode_keeps_the_highest(tmp_path):
