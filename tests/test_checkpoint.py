@@ -3,6 +3,7 @@
 import json
 import logging as py_logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,11 @@ def test_layout_manifest_and_exact_roundtrip(tmp_path):
   assert entries[1].manifest_path.endswith(f"checkpoint_step_20_ts_{manifest['timestamp']}.json")
   assert manifest["config"]["model"]["hidden_size"] == 32
   assert manifest["num_params"] > 0 and manifest["versions"]["orbax_checkpoint"]
+  # docs/checkpoints.md names every field and every package in `versions`.
+  doc = open(os.path.join(REPO, "docs", "checkpoints.md")).read()
+  named = set(re.findall(r"`(\w+)`", doc[doc.index("The manifest has"):
+                                        doc.index("The payload holds")]))
+  assert set(manifest) | set(manifest["versions"]) <= named, named
   # Exact restore into the training structure (optax named tuples, typed key).
   want = _state(20, seed=20)
   mgr = CheckpointManager(_config(tmp_path))

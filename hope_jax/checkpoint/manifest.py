@@ -6,7 +6,7 @@ A save at step 500 at unix time 1234567894 in `checkpoint_dir` is
   checkpoint_step_500/                     # the Orbax payload it names in `model_file`
 
 The manifest has the four documented fields (`step`, `timestamp`, `model_file`,
-`config`) plus extras (`format`, `versions`, `num_params`, `metrics`).
+`config`) plus extras (`format`, `versions`, `num_params`, `rng_impl`, `metrics`).
 """
 
 from __future__ import annotations
