@@ -7,9 +7,24 @@ Override any key from the command line, e.g.
   python -m hope_jax.train --config=experiments/base.py --config.training.num_steps=50
 """
 
+import os
+
 from ml_collections import config_dict
 
 from hope_jax.config import ModelConfig
+
+
+def own_checkpoint_dir(config_file: str) -> str:
+  """./checkpoints/<the file's path under experiments/>: every other experiment's own folder.
+
+  A run of another model in the main job's ./checkpoints would stop on the model mismatch
+  (or, with resume_from=None, refuse the non-empty folder).
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  name = os.path.splitext(os.path.relpath(os.path.abspath(config_file), here))[0]
+  if name.startswith(".."):  # A config file of one's own, outside experiments/.
+    name = os.path.splitext(os.path.basename(config_file))[0]
+  return "./checkpoints/" + name.replace(os.sep, "/")
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -51,7 +66,9 @@ def get_config() -> config_dict.ConfigDict:
   # one validation sequence (spec §6; hope_jax.diagnostics.health; skipped with several processes).
   t.health = True
   t.seed = 0  # Seeds parameters, the RNG state and the batch order.
-  t.checkpoint_dir = "./checkpoints"  # One directory per experiment; logs go under it too.
+  # One directory per experiment (every other experiments/ file sets ./checkpoints/<its
+  # name>); logs go under it too.
+  t.checkpoint_dir = "./checkpoints"
   t.save_every = 100  # Steps between checkpoints; one is always written at the end.
   # "latest" (default: rerunning the same command after a crash finishes the job; starts
   # fresh on an empty checkpoint_dir), a manifest path, or None (fresh; refuses to overwrite).

@@ -27,4 +27,5 @@ def get_config():
   cfg.training.eval_batches = 2
   cfg.training.save_every = 10
   cfg.data.seq_len = 32
+  cfg.training.checkpoint_dir = base.own_checkpoint_dir(__file__)
   return cfg

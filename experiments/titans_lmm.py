@@ -24,4 +24,5 @@ def get_config():
   m.frozen_memories = ()
   m.chunk_other = 16
   m.chunk_mem = 32
+  cfg.training.checkpoint_dir = base.own_checkpoint_dir(__file__)
   return cfg

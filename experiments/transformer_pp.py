@@ -10,4 +10,5 @@ from experiments import base
 def get_config():
   cfg = base.get_config()
   cfg.model.block = "transformer_pp"
+  cfg.training.checkpoint_dir = base.own_checkpoint_dir(__file__)
   return cfg

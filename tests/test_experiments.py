@@ -39,6 +39,14 @@ def test_experiment_builds(path):
   assert out.shape == (2, cfg.data.seq_len, model_cfg.vocab_size)
 
 
+def test_every_experiment_has_a_checkpoint_dir_of_its_own():
+  # In a shared one, a run of another model would stop on the model mismatch.
+  dirs = {path: load(path).get_config().training.checkpoint_dir for path in FILES}
+  assert len(set(dirs.values())) == len(dirs), dirs
+  assert dirs["experiments/base.py"] == "./checkpoints"
+  assert dirs["experiments/ablations/no_dgd.py"] == "./checkpoints/ablations/no_dgd"
+
+
 def test_model_section_mirrors_model_config():
   from experiments import base
 

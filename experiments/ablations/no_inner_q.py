@@ -8,11 +8,12 @@ Run:
   python -m hope_jax.train --config=experiments/ablations/no_inner_q.py
 """
 
-from experiments import hope
+from experiments import base, hope
 
 
 def get_config():
   cfg = hope.get_config()
   cfg.model.adaptive_q = True
   cfg.model.frozen_memories = ("q",)
+  cfg.training.checkpoint_dir = base.own_checkpoint_dir(__file__)
   return cfg
