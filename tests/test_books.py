@@ -241,6 +241,18 @@ def test_ocr_of_image_only_pdf(library, tmp_path):
   assert text.split() == " ".join(bookmaker.OCR_LINES).split(), text
 
 
+@pytest.mark.skipif(not HAVE_TESSERACT, reason="tesseract/pdftoppm not on PATH")
+def test_ocr_language_not_installed_names_the_setting_of_both_entry_points():
+  from hope_jax.config import ConfigError
+  from hope_jax.data.readers import ocr
+
+  with pytest.raises(ConfigError) as err:
+    ocr.check_available("eng+xx_none")
+  message = str(err.value)
+  assert "['xx_none'] are not installed" in message and "\n" not in message
+  assert "preprocess_books --lang" in message and "data.ocr_lang" in message
+
+
 def test_train_cli_on_preprocessed_books(preprocessed, tmp_path):
   out, _ = preprocessed
   vocab_size = json.load(open(os.path.join(out, "metadata.json")))["vocab_size"]

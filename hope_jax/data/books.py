@@ -4,7 +4,7 @@
   corpus.jsonl   one JSON object per book: its text, token ids and statistics
   vocab.json     the character vocabulary (PAD=0, UNK=1), any Unicode script
   metadata.json  corpus statistics: books read/skipped (with reasons), pages, ...
-  tokens.bin     every book's ids back to back (uint16/uint32), memory-mapped in training
+  tokens.bin     every book's ids back to back (uint8/uint16/uint32), memory-mapped in training
   text/<book>.txt  the extracted text of each book (`a/b.pdf` -> `a__b.pdf.txt`)
 
 `load_books_corpus` reads such a folder (memory-mapped) or parses a folder

@@ -31,7 +31,7 @@ def check_available(lang: str) -> None:
     raise ConfigError(
         f"OCR language(s) {missing} are not installed for tesseract (installed: "
         f"{sorted(have)}); install e.g. `apt-get install tesseract-ocr-{missing[0].replace('_', '-')}`"
-        f" or pass --lang with installed ones")
+        f" or choose installed ones (preprocess_books --lang, or data.ocr_lang in training)")
 
 
 def ocr_pdf_page(path: str, page_number: int, lang: str, dpi: int) -> str:
