@@ -69,17 +69,17 @@ class CheckpointManager:
       raise CheckpointError(f"training.keep_last must be >= 1 or None, got {keep_last}")
     if mode not in ("min", "max"):
       raise CheckpointError(f"training.keep_best_mode must be 'min' or 'max', got {mode!r}")
-    if self.keep_best and keep_last is None:
-      # Orbax keeps the best ones on top of the newest keep_last: without it, every one.
-      logging.warning("training.keep_best=%r deletes nothing without training.keep_last: every "
-                      "checkpoint is kept (set keep_last=N to keep the newest N and the best)",
-                      self.keep_best)
     self._abs = os.path.abspath(self.directory)
     try:
       os.makedirs(self._abs, exist_ok=True)
     except OSError as e:
       raise CheckpointError(f'Cannot create checkpoint_dir "{self.directory}": {e}') from None
     self._primary = store.is_primary()
+    if self.keep_best and keep_last is None and self._primary:
+      # Orbax keeps the best ones on top of the newest keep_last: without it, every one.
+      logging.warning("training.keep_best=%r deletes nothing without training.keep_last: every "
+                      "checkpoint is kept (set keep_last=N to keep the newest N and the best)",
+                      self.keep_best)
     self._lock_fd, error = None, None
     self._pending: dict[str, Any] | None = None
     self._closed = False
