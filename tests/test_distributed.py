@@ -191,7 +191,11 @@ def _free_port() -> int:
 
 
 def _start_two_processes(d, steps: int, stderr, **overrides) -> list[subprocess.Popen]:
-  """The CLI in two processes joined on a loopback port, 2 devices each, a 2 x 2 mesh."""
+  """The CLI in two processes joined on a loopback port, 2 devices each, a 2 x 2 mesh.
+
+  `d` is the checkpoint_dir of both, or a list of one per process (hosts with local disks).
+  """
+  dirs = d if isinstance(d, list) else [d, d]
   port = _free_port()
   overrides = {"training.mesh.data": 2, "training.mesh.fsdp": 2, **overrides}
   procs = []
@@ -200,7 +204,7 @@ def _start_two_processes(d, steps: int, stderr, **overrides) -> list[subprocess.
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid), **devices_env(2))
     procs.append(subprocess.Popen(
-        [sys.executable, *cli_args(d, steps, **overrides)],
+        [sys.executable, *cli_args(dirs[pid], steps, **overrides)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True))
   return procs
 
@@ -297,6 +301,22 @@ def test_what_process_0_alone_cannot_do_stops_both_processes(tmp_path, case):
           "log_dir": ("training.log_dir: cannot write the logs", "process 0 cannot write the logs")}
   for out, found, message in zip(outs, errors, want[case], strict=True):
     assert len(found) == 1 and message in found[0], out[-3000:]
+
+
+def test_processes_that_list_different_checkpoints_stop_before_restoring(tmp_path):
+  # As on hosts whose checkpoint_dir is a local disk each: the same path, other contents.
+  # Each restore attempt is a collective, so a process going its own way would hang the rest.
+  dirs = [tmp_path / "host0", tmp_path / "host1"]
+  for d in dirs:
+    d.mkdir()
+  (dirs[0] / "checkpoint_step_5_ts_1.json").write_text("{}")  # Listed (broken) on host 0.
+  codes, outs = _run_two_processes(dirs, 2)
+  assert codes == [2, 2], outs[0][-3000:] + outs[1][-3000:]
+  for pid, out in enumerate(outs):
+    (error,) = [l for l in out.splitlines() if l.startswith("hope_jax.train: error: ")]
+    assert "the processes list different checkpoints in it" in error, out[-3000:]
+    assert f"(this one: steps {[5] if pid == 0 else []})" in error
+    assert "every host sees alike" in error and "Traceback" not in out
 
 
 def _two_processes_with_sigterm(d, watch: int, when: str) -> list[str]:
