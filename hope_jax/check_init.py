@@ -10,9 +10,10 @@ config's model fresh and replays it over the first validation window of the conf
 window the train loop's health line reads) or over uniformly random token ids, then prints the
 spec's health metrics per layer (`hope_jax.diagnostics.health`) as a markdown table. A layer
 whose W1 drift passes `diagnostics.RUNAWAY_DRIFT` (10) is marked "runs away": calm memories
-stay within about the norm of their initial W1 (~0.8). Random tokens hide runaways that text shows (at D=512 the spec's
-init, and at D=1024 half of it, stay calm on random bytes and run away on text:
-docs/architecture.md, "Runaway fast weights"), so the validation window is the default.
+stay within about the norm of their initial W1 (~0.8). Random tokens hide runaways that text
+shows (at D=512 the spec's init, and at D=1024 half of it, stay calm on random bytes and run
+away on text: docs/architecture.md, "Runaway fast weights"), so the validation window is the
+default.
 The fresh parameters come from `hope_jax.build_model(config, seed)`, not the train loop's
 jitted init, so they are a sample of the same init rather than a run's own.
 """
@@ -65,13 +66,13 @@ def check(config: Any, stds: Sequence[float], tokens_BL: np.ndarray,
   rows = []
   for std in stds:
     model = hope_jax.build_model(dataclasses.replace(base, memory_input_std=float(std)), seed)
-    if not any(hasattr(b.mixer, "inspect") for b in model.blocks):
-      raise ConfigError(f"model.block={base.block!r} has no self-modifying memory to check")
     chunk, length = diagnostics.replay_chunk(model), tokens_BL.shape[1]
     if length < chunk:
       raise ConfigError(f"{length} token(s) fill no chunk of the replay: give at least {chunk} "
                         "(--tokens)")
-    metrics = diagnostics.health(model, tokens_BL)
+    metrics = diagnostics.health(model, tokens_BL)  # {} for a model without such memories.
+    if not metrics:
+      raise ConfigError(f"model.block={base.block!r} has no self-modifying memory to check")
     runaway = diagnostics.runaway_layers(metrics)
     for j, m in diagnostics.by_layer(metrics).items():
       rows.append({"memory_input_std": float(std), "layer": j, **m, "runaway": j in runaway,

@@ -81,7 +81,6 @@ def make(block: str, overrides: dict, tiny: bool = False) -> config_dict.ConfigD
   t.batch_size = 8
   t.num_steps = 400  # 400 x 8 x 128 = 409,600 training tokens per model and data set.
   t.warmup_steps = 50
-  t.checkpoint_dir = f"./checkpoints/compare/{block}"  # benchmarks/compare.py sets its own.
   t.eval_every = 10**9  # Scored once at the end, by the comparison itself.
   t.save_every = 10**9
   t.log_every = 50

@@ -4,7 +4,7 @@ Run alone:
   python -m hope_jax.train --config=experiments/compare/titans_lmm.py
 """
 
-from experiments import compare
+from experiments import base, compare
 
 # The Titans-LMM preset of spec §9 (Baselines).
 OVERRIDES = {"static_projections": True, "memory_target": "v", "dgd_precond": "none",
@@ -12,4 +12,6 @@ OVERRIDES = {"static_projections": True, "memory_target": "v", "dgd_precond": "n
 
 
 def get_config(tiny: bool = False):
-  return compare.make("titans_lmm", OVERRIDES, tiny)
+  cfg = compare.make("titans_lmm", OVERRIDES, tiny)
+  cfg.training.checkpoint_dir = base.own_checkpoint_dir(__file__)  # compare.py sets its own.
+  return cfg

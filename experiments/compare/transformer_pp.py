@@ -4,10 +4,12 @@ Run alone:
   python -m hope_jax.train --config=experiments/compare/transformer_pp.py
 """
 
-from experiments import compare
+from experiments import base, compare
 
 OVERRIDES = {}
 
 
 def get_config(tiny: bool = False):
-  return compare.make("transformer_pp", OVERRIDES, tiny)
+  cfg = compare.make("transformer_pp", OVERRIDES, tiny)
+  cfg.training.checkpoint_dir = base.own_checkpoint_dir(__file__)  # compare.py sets its own.
+  return cfg
